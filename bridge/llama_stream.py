@@ -1,0 +1,369 @@
+"""One streamed answer from llama-server: SSE events in, typed deltas out.
+
+:class:`Stream` opens its request lazily (on the first ``next()`` or an explicit
+:meth:`Stream.open`), so the caller holds a cancellable handle even while
+llama-server keeps the request queued without sending headers.
+
+Idle accounting counts only the time spent *blocked on the socket* since the last
+data event: keep-alive pings do not reset it, and time the consumer spends with
+a delta (publishing it over MQTT, say) does not use it up.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from types import TracebackType
+from typing import Any, Literal
+
+import requests
+import urllib3.exceptions
+from pydantic import ValidationError
+
+from bridge.exceptions import BackendProtocolError, BridgeError, IdleTimeout
+from bridge.llama_http import CallInfo, cancelled_error, stream_error
+from bridge.llama_types import (
+    Delta,
+    Generation,
+    ReasoningDelta,
+    StreamEnd,
+    TextDelta,
+    ToolCallDelta,
+)
+from bridge.sse import DEFAULT_MAX_EVENT_BYTES, SSEComment, SSEParser
+from bridge.wire import Usage
+
+Kind = Literal["chat", "completion"]
+READ_SIZE = 64 * 1024
+
+
+class Stream:
+    """Iterable of :data:`Delta` for one streamed request; ends with one :class:`StreamEnd`.
+
+    Use as a context manager so the connection is always released::
+
+        with client.generate_stream(messages) as stream:
+            for delta in stream:
+                ...
+
+    :meth:`cancel` may be called from any thread at any time; the iterating thread
+    then gets :class:`~bridge.exceptions.StreamCancelled`. Iterate, :meth:`open` and
+    :meth:`close` from one thread only.
+
+    Args:
+        opener: performs the request (with retries) and returns the 200 response.
+        info: the call's URL, cancel token and timings.
+        kind: ``"chat"`` (``/v1/chat/completions``) or ``"completion"`` (``/v1/completions``).
+        idle: the idle timeout in seconds.
+        max_event_bytes: bound on one SSE event.
+    """
+
+    def __init__(self, opener: Callable[[CallInfo], requests.Response], info: CallInfo,
+                 kind: Kind, idle: float,
+                 max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self._opener = opener
+        self._info = info
+        self._kind = kind
+        self._idle = idle
+        self._max_event_bytes = max_event_bytes
+        self._response: requests.Response | None = None
+        self._gen: Iterator[Delta] | None = None
+        self._closed = False
+        self.pings = 0
+        """Keep-alive comment frames received (for diagnostics)."""
+        self.first_delta_at: float | None = None
+        """``time.monotonic()`` of the first text/reasoning/tool delta."""
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def url(self) -> str:
+        """The URL this stream requests."""
+        return self._info.url
+
+    @property
+    def attempts(self) -> int:
+        """Connection attempts made so far (retries before the first byte included)."""
+        return self._info.attempts
+
+    @property
+    def started_at(self) -> float:
+        """``time.monotonic()`` when the stream object was created."""
+        return self._info.started_at
+
+    @property
+    def first_byte_at(self) -> float | None:
+        """``time.monotonic()`` when llama-server's response headers arrived."""
+        return self._info.first_byte_at
+
+    @property
+    def cancelled(self) -> bool:
+        """True once :meth:`cancel` was called."""
+        return self._info.token.cancelled
+
+    def open(self) -> None:
+        """Send the request now (otherwise the first ``next()`` does).
+
+        Raises:
+            BackendError: any subclass, e.g. :class:`BackendHTTPError` for a 4xx answer.
+        """
+        if self._response is not None:
+            return
+        if self.cancelled:
+            raise cancelled_error(self._info)
+        if self._closed:
+            raise RuntimeError(f"stream to {self.url} is closed; start a new one")
+        try:
+            self._response = self._opener(self._info)
+        except BaseException:
+            self._closed = True
+            raise
+
+    def cancel(self) -> None:
+        """Stop the stream from any thread: closes the connection so llama-server frees
+        the slot. The iterating thread's next read raises ``StreamCancelled``."""
+        self._info.token.cancel()
+
+    def close(self) -> None:
+        """Release the connection (closing it unless the answer was read to the end)."""
+        self._closed = True
+        if self._gen is not None:
+            gen, self._gen = self._gen, None
+            close = getattr(gen, "close", None)
+            if close is not None:
+                close()
+        self._info.token.detach()
+        if self._response is not None:
+            self._response.close()
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Delta:
+        if self._gen is None:
+            if self._closed:
+                raise StopIteration
+            self._gen = self._run()
+        try:
+            return next(self._gen)
+        except StopIteration:
+            self.close()
+            raise
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _run(self) -> Iterator[Delta]:
+        self.open()
+        assert self._response is not None
+        content_type = self._response.headers.get("Content-Type", "")
+        if "text/event-stream" not in content_type:
+            raise BackendProtocolError(
+                f"llama-server at {self.url} answered a streamed request with "
+                f"Content-Type {content_type!r}, not an event stream: is this URL a "
+                "llama-server (or a proxy that buffers/rewrites responses)?"
+            )
+        raw = self._response.raw
+        parser = SSEParser(self._max_event_bytes)
+        acc = _Accumulator(self._kind, self.url)
+        waited = 0.0  # seconds blocked on the socket since the last data event
+        while True:
+            remaining = self._idle - waited
+            if remaining <= 0:
+                raise self._idle_error()
+            sock = self._info.token.sock
+            if sock is not None:
+                # Each read may wait only for what is left of the idle budget. (A socket
+                # closed by a cancel refuses; the read below then reports the cancel.)
+                with suppress(OSError):
+                    sock.settimeout(remaining)
+            before = time.monotonic()
+            try:
+                chunk = raw.read1(READ_SIZE)
+            except Exception as exc:
+                raise self._read_error(exc) from exc
+            waited += time.monotonic() - before
+            if self.cancelled:
+                raise cancelled_error(self._info)
+            items = parser.feed(chunk) if chunk else parser.finish()
+            for item in items:
+                if isinstance(item, SSEComment):
+                    self.pings += 1
+                    continue
+                waited = 0.0
+                deltas = acc.event(item.data, item.event)
+                for delta in deltas:
+                    if self.cancelled:  # cancelled while the consumer held a delta
+                        raise cancelled_error(self._info)
+                    if self.first_delta_at is None:
+                        self.first_delta_at = time.monotonic()
+                    yield delta
+                if acc.done:
+                    yield acc.end()
+                    return
+            if not chunk:
+                # EOF: a stream that reported its finish_reason is complete even
+                # without [DONE] (the native /completion endpoint never sends one).
+                yield acc.end()
+                return
+
+    def _idle_error(self) -> IdleTimeout:
+        what = (f"only {self.pings} keep-alive ping(s)" if self.pings else "nothing")
+        return IdleTimeout(
+            f"llama-server at {self.url} sent no data for idle={self._idle:g} s mid-stream "
+            f"({what} since the last event); the server may be stuck or overloaded: check "
+            "its log and /slots, or raise the idle timeout"
+        )
+
+    def _read_error(self, exc: Exception) -> BridgeError:
+        if self.cancelled:
+            return cancelled_error(self._info)
+        if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
+            return self._idle_error()
+        return BackendProtocolError(
+            f"connection to llama-server at {self.url} broke mid-stream ({exc}); not retried "
+            "because part of the answer was already received: check the server's log "
+            "(crash, restart, out of memory?)"
+        )
+
+
+class _Accumulator:
+    """Turns decoded OpenAI stream chunks into deltas and remembers how it ended."""
+
+    def __init__(self, kind: Kind, url: str) -> None:
+        self.kind = kind
+        self.url = url
+        self.done = False
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.timings: dict[str, Any] | None = None
+
+    def event(self, data: str, event: str) -> list[Delta]:
+        if event == "error":
+            raise stream_error(_loads(data, self.url, lenient=True), self.url)
+        if data.strip() == "[DONE]":
+            self.done = True
+            return []
+        chunk = _loads(data, self.url)
+        if not isinstance(chunk, dict):
+            raise BackendProtocolError(
+                f"llama-server at {self.url} sent a stream event that is not a JSON object: "
+                f"{data[:200]!r}"
+            )
+        if "error" in chunk:
+            raise stream_error(chunk, self.url)
+        if chunk.get("usage") is not None:
+            self.usage = parse_usage(chunk["usage"], self.url)
+        if isinstance(chunk.get("timings"), dict):
+            self.timings = chunk["timings"]
+        out: list[Delta] = []
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            if choice.get("finish_reason"):
+                self.finish_reason = str(choice["finish_reason"])
+            if self.kind == "completion":
+                text = choice.get("text")
+                if isinstance(text, str) and text:
+                    out.append(TextDelta(text))
+                continue
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                continue
+            reasoning = delta.get("reasoning_content")
+            if isinstance(reasoning, str) and reasoning:
+                out.append(ReasoningDelta(reasoning))
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                out.append(TextDelta(content))
+            for call in delta.get("tool_calls") or ():
+                if not isinstance(call, dict):
+                    continue
+                fn = call.get("function")
+                if not isinstance(fn, dict):
+                    fn = {}
+                index = call.get("index", 0)
+                if not isinstance(index, int):
+                    raise BackendProtocolError(
+                        f"llama-server at {self.url} sent a tool call without an integer "
+                        f"index: {call!r:.200}")
+                out.append(ToolCallDelta(index=index, id=_opt_str(call.get("id")),
+                                         name=_opt_str(fn.get("name")),
+                                         arguments=_opt_str(fn.get("arguments"))))
+        return out
+
+    def end(self) -> StreamEnd:
+        if self.finish_reason is None:
+            raise BackendProtocolError(
+                f"stream from llama-server at {self.url} was cut off: it ended without a "
+                "finish_reason; the server may have crashed or a proxy closed the connection"
+            )
+        return StreamEnd(self.finish_reason, self.usage, self.timings)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _loads(data: str, url: str, *, lenient: bool = False) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+        if lenient:
+            return data  # an error event's text is still worth reporting as is
+        raise BackendProtocolError(
+            f"llama-server at {url} sent malformed JSON in a stream event ({exc}): "
+            f"{data[:200]!r}"
+        ) from exc
+
+
+def parse_usage(value: Any, url: str) -> Usage:
+    """Validate a ``usage`` object (extra counters are ignored)."""
+    try:
+        return Usage.model_validate(value)
+    except ValidationError as exc:
+        raise BackendProtocolError(f"llama-server at {url} sent a bad usage object: {exc}") from exc
+
+
+def parse_generation(body: bytes, kind: Kind, url: str) -> Generation:
+    """Decode the JSON answer of a non-streamed call.
+
+    Args:
+        body: the response body.
+        kind: ``"chat"`` or ``"completion"``.
+        url: for error messages.
+
+    Returns:
+        The answer.
+    """
+    payload = _loads(body.decode("utf-8", "replace"), url)
+    if isinstance(payload, dict) and "error" in payload:
+        raise stream_error(payload, url)
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    if not choices or not isinstance(choices[0], dict):
+        raise BackendProtocolError(f"llama-server at {url} answered without choices: "
+                                   f"{body[:200]!r}")
+    choice = choices[0]
+    if kind == "completion":
+        content, tool_calls, reasoning = choice.get("text"), None, None
+    else:
+        message = choice.get("message") or {}
+        content = message.get("content")
+        tool_calls = message.get("tool_calls") or None
+        reasoning = message.get("reasoning_content") or None
+    usage = parse_usage(payload["usage"], url) if payload.get("usage") is not None else None
+    timings = payload.get("timings") if isinstance(payload.get("timings"), dict) else None
+    return Generation(content=content, tool_calls=tool_calls,
+                      finish_reason=str(choice.get("finish_reason") or "stop"),
+                      usage=usage, timings=timings, reasoning=reasoning)
