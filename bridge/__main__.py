@@ -1,0 +1,5 @@
+"""``python -m bridge run|ask|status``."""
+
+from bridge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,336 @@
+"""The bridge's MQTT connection: connect, subscribe, flow-controlled publish (SPEC §7 "MQTT link").
+
+One paho 2 client in its own network thread. What this module guarantees:
+
+* MQTT 5 when the broker accepts it, else 3.1.1 (amqtt speaks only 3.1.1);
+* persistent session (replies queued during a broker outage are delivered after it)
+  and re-subscription on every reconnect;
+* a retained status topic with a Last Will that marks the bridge offline;
+* publishes never exceed the broker's Maximum Packet Size (paho 2.2 loops
+  reconnecting on an oversized publish) nor ``max_message_bytes``;
+* flow control: at most ``max_queued`` replies are waiting for the broker; a
+  worker that publishes more blocks, so a slow broker slows generation down
+  instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from bridge.config import DeploymentConfig
+
+log = logging.getLogger("bridge.mqtt")
+
+JSON_CONTENT_TYPE = "application/json"
+# Fixed header + topic length + packet id + a generous allowance for v5 properties
+# (content type, correlation data up to 256 bytes): what a payload must leave room for.
+_PACKET_OVERHEAD = 5 + 2 + 2 + 400
+
+
+class PublishError(Exception):
+    """A message could not be handed to the broker (too large, or the link is closing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One message received on a subscribed topic.
+
+    Attributes:
+        topic: the topic it arrived on.
+        payload: raw bytes, not yet decoded or trusted.
+        response_topic: MQTT 5 Response Topic, if set.
+        correlation_data: MQTT 5 Correlation Data, echoed on every reply.
+        expires_at: ``time.monotonic()`` when its Message Expiry Interval ends, if set.
+        received_at: ``time.monotonic()`` at arrival.
+    """
+
+    topic: str
+    payload: bytes
+    response_topic: str | None
+    correlation_data: bytes | None
+    expires_at: float | None
+    received_at: float
+
+
+class MqttLink:
+    """The bridge's connection to the broker.
+
+    Args:
+        config: the deployment configuration (``[mqtt]`` and topics).
+        on_message: called in paho's network thread for each inbound message;
+            must not block on publishing (hand the work to another thread).
+        will_payload: retained payload the broker publishes on the status topic
+            if the bridge disappears.
+    """
+
+    def __init__(
+        self,
+        config: DeploymentConfig,
+        on_message: Callable[[Inbound], None],
+        *,
+        will_payload: bytes,
+        subscriptions: list[str],
+        on_connected: Callable[[], None] | None = None,
+    ) -> None:
+        self._cfg = config
+        self._on_message = on_message
+        self._on_connected = on_connected
+        self._will = will_payload
+        self._subscriptions = subscriptions
+        self._status_topic = config.topics.status(config.bridge_id)
+        # Messages handed to paho and not yet acknowledged (or sent, at QoS 0).
+        self._outstanding = 0
+        self._window = threading.Condition()
+        self._connected = threading.Event()
+        self._first_connack = threading.Event()
+        self._connack_failure: str | None = None
+        self._closing = False
+        self.is_v5 = False
+        self.broker_max_packet: int | None = None
+        self.published = 0
+        self._client: mqtt.Client | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Connect (trying MQTT 5 first when ``protocol = "auto"``) and start the network thread.
+
+        Raises:
+            ConnectionError: the broker refused or could not be reached within
+                ``connect_timeout_s`` (the message names host, port and reason).
+        """
+        wanted = self._cfg.mqtt.protocol
+        if wanted in ("auto", "5"):
+            try:
+                self._connect(v5=True)
+                return
+            except ConnectionError as exc:
+                if wanted == "5" or "protocol" not in str(exc).lower():
+                    raise
+                log.info("broker does not accept MQTT 5 (%s); using MQTT 3.1.1", exc)
+        self._connect(v5=False)
+
+    def _connect(self, *, v5: bool) -> None:
+        m = self._cfg.mqtt
+        host = m.host or "127.0.0.1"
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self._cfg.mqtt_client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else False,
+        )
+        # paho's own queue is unbounded here because _window bounds it for us.
+        client.max_inflight_messages_set(m.max_inflight)
+        client.max_queued_messages_set(0)
+        client.reconnect_delay_set(int(max(1, m.reconnect_min_s)), int(m.reconnect_max_s))
+        if m.username:
+            secret = m.password.get_secret_value() if m.password else None
+            client.username_pw_set(m.username, secret)
+        if m.tls:
+            client.tls_set(
+                ca_certs=str(m.ca_file) if m.ca_file else None,
+                certfile=str(m.cert_file) if m.cert_file else None,
+                keyfile=str(m.key_file) if m.key_file else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        will_props = None
+        if v5:
+            will_props = Properties(PacketTypes.WILLMESSAGE)
+            will_props.ContentType = JSON_CONTENT_TYPE
+        client.will_set(self._status_topic, self._will, qos=1, retain=True, properties=will_props)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+
+        self._first_connack.clear()
+        self._connack_failure = None
+        self.is_v5 = v5
+        self._client = client
+        extra: dict[str, Any] = {}
+        if v5:  # 3.1.1 gets the same persistence from clean_session=False above
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = m.session_expiry_s
+            extra = {"clean_start": False, "properties": props}
+        try:
+            client.connect(host, m.port, keepalive=m.keepalive_s, **extra)
+        except OSError as exc:
+            raise ConnectionError(
+                f"cannot reach MQTT broker at {host}:{m.port}: {exc}; "
+                "check --mqtt-host/--mqtt-port and that the broker runs"
+            ) from exc
+        client.loop_start()
+        if not self._first_connack.wait(m.connect_timeout_s) or self._connack_failure:
+            reason = self._connack_failure or f"no CONNACK within {m.connect_timeout_s} s"
+            client.loop_stop()
+            client.disconnect()
+            raise ConnectionError(f"MQTT broker {host}:{m.port} refused the bridge: {reason}")
+
+    def close(self, offline_payload: bytes, timeout: float = 5.0) -> None:
+        """Publish the offline status (retained), wait for it, disconnect and stop the thread."""
+        client = self._client
+        if client is None:
+            return
+        self._closing = True
+        try:
+            if self._connected.is_set():
+                info = client.publish(self._status_topic, offline_payload, qos=1, retain=True,
+                                      properties=self._props(None))
+                info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError) as exc:
+            log.warning("could not publish offline status: %s", exc)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+            with self._window:  # wake any worker waiting for room
+                self._window.notify_all()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # ------------------------------------------------------------------ publishing
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """The largest payload this link will publish (config and broker limit)."""
+        limit = self._cfg.max_message_bytes
+        if self.broker_max_packet:
+            limit = min(limit, self.broker_max_packet - _PACKET_OVERHEAD)
+        return limit
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        correlation_data: bytes | None = None,
+        retain: bool = False,
+        flow_controlled: bool = True,
+        deadline: float | None = None,
+    ) -> None:
+        """Hand one message to paho at the configured QoS.
+
+        Args:
+            topic: where to publish.
+            payload: the encoded message.
+            correlation_data: MQTT 5 Correlation Data to echo (ignored at 3.1.1).
+            retain: set the retain flag (status only).
+            flow_controlled: wait for room in the publish window. Only the
+                request intake passes False: it must never wait on the network thread.
+            deadline: ``time.monotonic()`` after which waiting gives up.
+        Raises:
+            PublishError: payload too large for the broker, or the link is closing
+                / the deadline passed while waiting for room.
+        """
+        client = self._client
+        if client is None or self._closing:
+            raise PublishError("MQTT link is closed")
+        if len(payload) + len(topic.encode()) > self.max_payload_bytes:
+            raise PublishError(
+                f"message of {len(payload)} bytes exceeds the limit of {self.max_payload_bytes}"
+            )
+        with self._window:
+            if flow_controlled:
+                limit = self._cfg.mqtt.max_queued
+                while self._outstanding >= limit:
+                    if self._closing or (deadline is not None and time.monotonic() > deadline):
+                        raise PublishError("gave up waiting for the broker to accept messages")
+                    self._window.wait(0.5)
+            # Intake messages (start/error) count but never wait: they come from the
+            # thread that must not depend on the network thread's progress.
+            self._outstanding += 1
+        info = client.publish(
+            topic, payload, qos=self._cfg.mqtt.qos, retain=retain,
+            properties=self._props(correlation_data),
+        )
+        if info.rc == mqtt.MQTT_ERR_NO_CONN and self._cfg.mqtt.qos == 0:
+            self._release()  # paho drops QoS 0 while disconnected: no on_publish will come
+        elif info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            # NO_CONN at QoS>0 is fine: paho queues the message and resends after reconnecting.
+            self._release()
+            raise PublishError(f"paho refused the publish: {mqtt.error_string(info.rc)}")
+        self.published += 1
+
+    @property
+    def outstanding(self) -> int:
+        """Messages handed to paho and not yet acknowledged by the broker."""
+        return self._outstanding
+
+    def _release(self) -> None:
+        with self._window:
+            self._outstanding -= 1
+            self._window.notify()
+
+    def _props(self, correlation_data: bytes | None) -> Properties | None:
+        if not self.is_v5:
+            return None
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = JSON_CONTENT_TYPE
+        if correlation_data is not None:
+            props.CorrelationData = correlation_data
+        return props
+
+    # ------------------------------------------------------------------ paho callbacks
+
+    def _handle_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if reason.is_failure:
+            self._connack_failure = str(reason)
+            self._first_connack.set()
+            log.error("broker refused connection: %s", reason)
+            return
+        if self.is_v5 and props is not None and hasattr(props, "MaximumPacketSize"):
+            self.broker_max_packet = int(props.MaximumPacketSize)
+        for topic in self._subscriptions:
+            client.subscribe(topic, qos=self._cfg.mqtt.qos if self._cfg.mqtt.qos else 1)
+        self._connected.set()
+        self._first_connack.set()
+        log.info(
+            "connected to MQTT broker (MQTT %s, session present: %s)",
+            "5" if self.is_v5 else "3.1.1",
+            getattr(flags, "session_present", None),
+        )
+        if self._on_connected is not None:
+            self._on_connected()
+
+    def _handle_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        self._connected.clear()
+        if not self._closing:
+            log.warning("MQTT connection lost (%s); paho reconnects by itself", reason)
+
+    def _handle_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any
+    ) -> None:
+        self._release()
+
+    def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        now = time.monotonic()
+        response_topic = correlation = expires = None
+        props = getattr(msg, "properties", None)
+        if self.is_v5 and props is not None:
+            response_topic = getattr(props, "ResponseTopic", None)
+            correlation = getattr(props, "CorrelationData", None)
+            interval = getattr(props, "MessageExpiryInterval", None)
+            if interval is not None:
+                expires = now + float(interval)
+        try:
+            self._on_message(
+                Inbound(msg.topic, bytes(msg.payload), response_topic, correlation, expires, now)
+            )
+        except Exception:  # a bug in a handler must not kill paho's network thread
+            log.exception("error handling message on %r", msg.topic)

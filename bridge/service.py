@@ -1,0 +1,512 @@
+"""The bridge: the path of one request, top to bottom (SPEC §4–§7).
+
+1. paho's network thread receives a message and hands it to the intake queue
+   (:meth:`Bridge._on_inbound`) — it never publishes or blocks on the network.
+2. The intake thread validates it (:func:`bridge.intake.parse_request`), answers
+   bad input with one ``error``, applies duplicates and per-client limits, and
+   queues the request, publishing ``start`` (:meth:`Bridge._accept`).
+3. A worker runs it against the best backend and streams ``chunk``s, ending with
+   ``done``/``reply``/``error`` (:meth:`Bridge._run`, :meth:`_stream`, :meth:`_answer_once`).
+4. The ticker thread flushes coalesced text when ``flush_ms`` is up, sends
+   ``progress`` heartbeats and enforces ``max_generation_s`` (:meth:`Bridge._tick`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge import __version__
+from bridge.backends import BackendPool
+from bridge.config import DeploymentConfig
+from bridge.exceptions import BackendUnavailable, BridgeError, StreamCancelled
+from bridge.intake import Accepted, Rejected, parse_cancel, parse_request
+from bridge.limits import ClientLimits, DedupeCache
+from bridge.llama_client import ReasoningDelta, StreamEnd, TextDelta
+from bridge.mqtt_link import Inbound, MqttLink, PublishError
+from bridge.reply import ReplyChannel
+from bridge.scheduler import FairQueue, QueueFull, WorkerPool
+from bridge.wire import ErrorCode, ErrorMsg, Timings, Usage, encode
+
+log = logging.getLogger("bridge")
+request_log = logging.getLogger("bridge.requests")
+
+_INTAKE_BOUND = 10_000  # inbound messages waiting for validation
+
+
+@dataclass(eq=False)
+class Job:
+    """One accepted request and its live state."""
+
+    acc: Accepted
+    channel: ReplyChannel
+    deadline: float
+    state: str = "queued"  # queued → running → finished
+    started_at: float | None = None
+    stream: Any = None
+    cancelled: bool = False
+    timed_out: bool = False
+    shutting_down: bool = False
+    backend: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    outcome: str = "?"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.acc.client, self.acc.request_id)
+
+
+class Bridge:
+    """A running bridge: MQTT link, intake, workers, ticker and backends.
+
+    Args:
+        config: the deployment configuration.
+        llama_urls: the llama-server base URLs to use (``config.llama.urls`` or embedded).
+    """
+
+    def __init__(self, config: DeploymentConfig, llama_urls: list[str]) -> None:
+        self.cfg = config
+        self.topics = config.topics
+        self.pool = BackendPool(config.llama, llama_urls, on_change=self.publish_status)
+        self.limits = ClientLimits(config.client_max_inflight, config.client_rate_per_min)
+        self.dedupe = DedupeCache(config.dedupe_ttl_s)
+        self.queue: FairQueue[tuple[str, str]] = FairQueue(config.queue_size)
+        self.workers: WorkerPool | None = None
+        self.jobs: dict[tuple[str, str], Job] = {}
+        self.stats = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "cancelled": 0}
+        self._jobs_lock = threading.Lock()
+        self._intake: queue.Queue[Inbound | None] = queue.Queue(_INTAKE_BOUND)
+        self._wake = threading.Condition()
+        self._stopping = threading.Event()
+        self._started = time.time()
+        self._threads: list[threading.Thread] = []
+        self.link = MqttLink(
+            config, self._on_inbound,
+            will_payload=self._status_payload("offline", reason="connection lost"),
+            subscriptions=[self.topics.request_filter(config.shared_group),
+                           self.topics.cancel_filter()],
+            on_connected=self.publish_status,
+        )
+
+    # ================================================================= lifecycle
+
+    def start(self) -> None:
+        """Probe backends, connect to the broker, start intake, workers and ticker."""
+        self.pool.start()
+        size = self.cfg.max_concurrent or self.pool.total_slots
+        self.workers = WorkerPool(self.queue, size)
+        self.workers.start()
+        for target, name in ((self._intake_loop, "bridge-intake"),
+                             (self._tick_loop, "bridge-ticker")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self.link.start()
+        log.info("bridge %s serving %s/request/+ with %d concurrent requests on %s",
+                 self.cfg.bridge_id, self.cfg.prefix, size,
+                 ", ".join(b.url for b in self.pool.backends))
+
+    def stop(self) -> None:
+        """Answer what is queued or running, mark the bridge offline, stop every thread."""
+        self._stopping.set()
+        self._intake.put(None)
+        for key in self.queue.drain():
+            job = self.jobs.get(key)
+            if job is not None:
+                self._end_unrun(job, ErrorCode.backend_unavailable,
+                                "the bridge is shutting down; send the request again", True)
+        with self._jobs_lock:
+            running = [j for j in self.jobs.values() if j.state == "running"]
+        for job in running:
+            job.shutting_down = True
+            if job.stream is not None:
+                job.stream.cancel()
+        if self.workers is not None:
+            self.workers.stop()
+        with self._wake:
+            self._wake.notify_all()
+        for thread in self._threads:
+            thread.join(5)
+        self.link.close(self._status_payload("offline", reason="shutdown"))
+        self.pool.stop()
+        log.info("bridge %s stopped", self.cfg.bridge_id)
+
+    # ================================================================= 1. receive
+
+    def _on_inbound(self, msg: Inbound) -> None:
+        # paho's thread: only hand over. The intake thread never waits on paho, so this
+        # blocking put cannot deadlock, and it slows the broker down when we are flooded.
+        self._intake.put(msg)
+
+    def _intake_loop(self) -> None:
+        while True:
+            msg = self._intake.get()
+            if msg is None or self._stopping.is_set():
+                return
+            try:
+                if (client := self.topics.client_of(msg.topic, "request")) is not None:
+                    self._accept(msg, client)
+                elif (client := self.topics.client_of(msg.topic, "cancel")) is not None:
+                    self._cancel(msg, client)
+                else:
+                    log.warning("ignored message on %r: the client level must match "
+                                "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", msg.topic[:200])
+            except PublishError as exc:
+                log.warning("could not answer message on %r: %s", msg.topic[:200], exc)
+            except Exception:  # never let one message kill the intake
+                log.exception("internal error handling message on %r", msg.topic[:200])
+
+    # ================================================================= 2. accept
+
+    def _accept(self, msg: Inbound, client: str) -> None:
+        result = parse_request(msg, client, self.cfg, self.link.max_payload_bytes)
+        if isinstance(result, Rejected):
+            self._reject(result.reply_topic, result.request_id, result.correlation_data,
+                         result.code, result.message, client)
+            return
+        acc, req = result, result.request
+        if req.session is not None or req.profile is not None:
+            what = "session" if req.session is not None else "profile"
+            self._reject(acc.reply_topic, acc.request_id, acc.correlation_data,
+                         ErrorCode.bad_request,
+                         f"'{what}' is not available on this bridge: no {what}s are configured",
+                         client)
+            return
+        key = (client, acc.request_id)
+        seen = self.dedupe.check_and_add(key)
+        if seen is not None:
+            self._duplicate(acc, seen.finished, seen.record)
+            return
+        admitted, why, retry_ms = self.limits.admit(client)
+        if not admitted:
+            self.dedupe.forget(key)
+            self._reject(acc.reply_topic, acc.request_id, acc.correlation_data,
+                         ErrorCode.rate_limited, why, client, retry_after_ms=retry_ms)
+            return
+        channel = ReplyChannel(self.link, acc.reply_topic, acc.request_id,
+                               correlation_data=acc.correlation_data, chunk_bytes=acc.chunk_bytes,
+                               flush_s=self.cfg.flush_ms / 1000.0,
+                               deadline=acc.received_at + self.cfg.max_generation_s,
+                               record=self.cfg.dedupe_ttl_s > 0)
+        job = Job(acc, channel, deadline=acc.received_at + self.cfg.max_generation_s)
+        with self._jobs_lock:
+            self.jobs[key] = job
+        workers = self.workers
+        try:
+            with channel.lock:  # `start` must precede anything the worker publishes
+                ahead = self.queue.put(client, key, lambda: self._run(job))
+                free = (workers.size - workers.busy) if workers else 0
+                position = 0 if ahead < free else ahead - free + 1
+                channel.start_locked(self.pool.model_name, position)
+        except QueueFull:
+            self._forget(job)
+            self._reject(acc.reply_topic, acc.request_id, acc.correlation_data, ErrorCode.busy,
+                         f"the bridge's queue is full ({self.cfg.queue_size} waiting): retry later",
+                         client, retryable=True, retry_after_ms=2000)
+            return
+        self.stats["accepted"] += 1
+
+    def _reject(self, topic: str, request_id: str, correlation: bytes | None, code: ErrorCode,
+                message: str, client: str, *, retryable: bool = False,
+                retry_after_ms: int | None = None) -> None:
+        self.stats["rejected"] += 1
+        request_log.info("request id=%s client=%s outcome=error code=%s message=%r",
+                         request_id, client, code.value, message)
+        payload = encode(ErrorMsg(id=request_id, seq=0, code=code, message=message,
+                                  retryable=retryable, retry_after_ms=retry_after_ms))
+        self.link.publish(topic, payload, correlation_data=correlation, flow_controlled=False)
+
+    def _duplicate(self, acc: Accepted, finished: bool, record: list[bytes] | None) -> None:
+        if not finished:
+            log.info("duplicate of running request %s/%s ignored: its answer is on its way",
+                     acc.client, acc.request_id)
+        elif record:
+            log.info("duplicate of finished request %s/%s: replaying %d messages",
+                     acc.client, acc.request_id, len(record))
+            for payload in record:
+                self.link.publish(acc.reply_topic, payload,
+                                  correlation_data=acc.correlation_data, flow_controlled=False)
+        else:
+            self._reject(acc.reply_topic, acc.request_id, acc.correlation_data,
+                         ErrorCode.bad_request,
+                         "this id was already answered and the answer is no longer kept: "
+                         "use a new id", acc.client)
+
+    def _cancel(self, msg: Inbound, client: str) -> None:
+        request_id = parse_cancel(msg.payload)
+        if request_id is None:
+            log.warning("cancel from %s ignored: payload must be {\"id\": ...} or a bare id",
+                        client)
+            return
+        with self._jobs_lock:
+            job = self.jobs.get((client, request_id))
+            if job is None:
+                log.info("cancel for %s/%s: no such request running", client, request_id)
+                return
+            job.cancelled = True
+            queued = job.state == "queued" and self.queue.remove(client, job.key)
+            stream = job.stream
+        if queued:
+            job.outcome = "cancelled"
+            job.channel.done("cancelled", None, self._timings(job, None))
+            self._finish(job)
+        elif stream is not None:
+            stream.cancel()  # closes the HTTP connection: llama-server frees the slot
+
+    # ================================================================= 3. run
+
+    def _run(self, job: Job) -> None:
+        with self._jobs_lock:
+            if job.state != "queued":
+                return  # cancelled while queued: already answered
+            job.state = "running"
+            job.started_at = time.monotonic()
+        try:
+            if job.cancelled:  # cancel raced with the worker taking the job
+                job.outcome = "cancelled"
+                job.channel.done("cancelled", None, self._timings(job, None))
+                return
+            if job.acc.expires_at is not None and job.started_at > job.acc.expires_at:
+                job.outcome = "expired"
+                job.channel.error(ErrorCode.expired, "the request expired while queued "
+                                  "(MQTT Message Expiry Interval); it was not run")
+            elif job.acc.request.wants_single_reply:
+                self._with_backend(job, self._answer_once)
+            else:
+                self._with_backend(job, self._stream)
+        except BridgeError as exc:
+            job.outcome = f"error:{exc.code.value}"
+            job.channel.fail(exc)
+        except PublishError as exc:
+            job.outcome = "publish_failed"
+            log.warning("request %s: stopped publishing: %s", job.acc.request_id, exc)
+        except Exception as exc:
+            job.outcome = "error:internal"
+            log.exception("request %s failed", job.acc.request_id)
+            job.channel.error(ErrorCode.internal, f"internal error: {type(exc).__name__}")
+        finally:
+            self._finish(job)
+
+    def _with_backend(self, job: Job, serve: Any) -> None:
+        """Run ``serve(job, backend)``, failing over to another backend before the first byte."""
+        tried: set[str] = set()
+        while True:
+            backend = self.pool.acquire(exclude=tried)
+            job.backend = backend.url
+            try:
+                serve(job, backend)
+                return
+            except BackendUnavailable as exc:
+                self.pool.mark_failed(backend, exc)
+                tried.add(backend.url)
+                if job.channel.first_text_at is not None or len(tried) >= len(self.pool.backends):
+                    raise
+            finally:
+                self.pool.release(backend)
+
+    def _llama_params(self, job: Job) -> dict[str, Any]:
+        req = job.acc.request
+        params = req.sampling()
+        params["max_tokens"] = job.acc.max_tokens
+        if req.think is False:
+            params["chat_template_kwargs"] = {"enable_thinking": False}
+        if req.model is not None:
+            params["model"] = req.model
+        return params
+
+    def _stream(self, job: Job, backend: Any) -> None:
+        req, channel = job.acc.request, job.channel
+        params = self._llama_params(job)
+        if req.prompt is not None:
+            stream = backend.client.complete_stream(req.prompt, **params)
+        else:
+            messages = [m.model_dump(exclude_none=True) for m in req.messages or []]
+            stream = backend.client.generate_stream(messages, **params)
+        with self._jobs_lock:
+            job.stream = stream
+            stop_now = job.cancelled or job.timed_out or job.shutting_down
+        if stop_now:
+            stream.cancel()
+        end: StreamEnd | None = None
+        try:
+            with stream:
+                for delta in stream:
+                    if isinstance(delta, TextDelta):
+                        if channel.text(delta.text):
+                            self._wake_at(channel.due())
+                    elif isinstance(delta, ReasoningDelta) and req.reasoning:
+                        if channel.reasoning(delta.text):
+                            self._wake_at(channel.due())
+                    elif isinstance(delta, StreamEnd):
+                        end = delta
+        except StreamCancelled:
+            if job.timed_out:
+                job.outcome = "error:timeout"
+                channel.error(ErrorCode.timeout,
+                              f"the answer took longer than max_generation_s "
+                              f"({self.cfg.max_generation_s:g} s); ask for fewer max_tokens")
+            elif job.shutting_down:
+                job.outcome = "error:shutdown"
+                channel.error(ErrorCode.backend_unavailable,
+                              "the bridge is shutting down; send the request again",
+                              retryable=True)
+            else:
+                job.outcome = "cancelled"
+                channel.done("cancelled", None, self._timings(job, None))
+            return
+        job.usage = (end.usage if end and end.usage else None) or Usage()
+        job.outcome = "done"
+        finish = (end.finish_reason if end else None) or "stop"
+        channel.done(finish, job.usage, self._timings(job, job.usage))
+
+    def _answer_once(self, job: Job, backend: Any) -> None:
+        req, channel = job.acc.request, job.channel
+        params = self._llama_params(job)
+        if req.prompt is not None:
+            gen = backend.client.complete(req.prompt, **params)
+        else:
+            messages = [m.model_dump(exclude_none=True) for m in req.messages or []]
+            gen = backend.client.generate(messages, tools=req.tools, tool_choice=req.tool_choice,
+                                          **params)
+        job.usage = gen.usage or Usage()
+        if job.cancelled:
+            job.outcome = "cancelled"
+            channel.done("cancelled", job.usage, self._timings(job, job.usage))
+            return
+        fields: dict[str, Any] = {"content": gen.content, "tool_calls": gen.tool_calls,
+                                  "finish_reason": gen.finish_reason or "stop",
+                                  "usage": job.usage, "timings": self._timings(job, job.usage)}
+        if gen.content and channel.reply_size(**fields) > self.link.max_payload_bytes:
+            # Too big for one message: the text goes as chunks, then a reply without content.
+            channel.chunks(gen.content)
+            fields["content"] = None
+        job.outcome = "reply"
+        channel.reply(**fields)
+
+    # ================================================================= bookkeeping
+
+    def _timings(self, job: Job, usage: Usage | None) -> Timings:
+        now = time.monotonic()
+        t0 = job.acc.received_at
+        first = job.channel.first_text_at
+        tps = None
+        if usage and usage.completion_tokens and first is not None and now > first:
+            tps = round(usage.completion_tokens / (now - first), 2)
+        return Timings(queue_ms=round(((job.started_at or now) - t0) * 1000, 2),
+                       ttft_ms=round((first - t0) * 1000, 2) if first is not None else None,
+                       total_ms=round((now - t0) * 1000, 2), tokens_per_s=tps)
+
+    def _end_unrun(self, job: Job, code: ErrorCode, message: str, retryable: bool) -> None:
+        job.outcome = f"error:{code.value}"
+        try:
+            job.channel.error(code, message, retryable=retryable)
+        except PublishError as exc:
+            log.warning("could not answer %s: %s", job.acc.request_id, exc)
+        self._finish(job)
+
+    def _forget(self, job: Job) -> None:
+        with self._jobs_lock:
+            self.jobs.pop(job.key, None)
+        self.limits.finished(job.acc.client)
+        self.dedupe.forget(job.key)
+
+    def _finish(self, job: Job) -> None:
+        with self._jobs_lock:
+            if job.state == "finished":
+                return
+            job.state = "finished"
+            self.jobs.pop(job.key, None)
+        self.limits.finished(job.acc.client)
+        self.dedupe.finish(job.key, job.channel.record)
+        kind = job.outcome.split(":")[0]
+        self.stats["done" if kind in ("done", "reply") else
+                   "cancelled" if kind == "cancelled" else "errors"] += 1
+        t = self._timings(job, job.usage)
+        request_log.info(
+            "request id=%s client=%s outcome=%s backend=%s prompt_tokens=%d "
+            "completion_tokens=%d messages=%d queue_ms=%.0f ttft_ms=%s total_ms=%.0f",
+            job.acc.request_id, job.acc.client, job.outcome, job.backend,
+            job.usage.prompt_tokens, job.usage.completion_tokens, job.channel.seq.next,
+            t.queue_ms, "-" if t.ttft_ms is None else f"{t.ttft_ms:.0f}", t.total_ms)
+
+    # ================================================================= 4. ticker
+
+    def _wake_at(self, due: float | None) -> None:
+        if due is not None and due < self._next_wake:
+            with self._wake:
+                self._next_wake = due
+                self._wake.notify()
+
+    _next_wake = 0.0
+
+    def _tick_loop(self) -> None:
+        next_status = time.monotonic() + self.cfg.status_interval_s
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            with self._wake:
+                self._next_wake = now + 0.25
+            wake = self._tick(now)
+            if now >= next_status:
+                next_status = now + self.cfg.status_interval_s
+                self.publish_status()
+            with self._wake:
+                self._next_wake = min(self._next_wake, wake, next_status)
+                self._wake.wait(max(0.0, self._next_wake - time.monotonic()))
+
+    def _tick(self, now: float) -> float:
+        """Flush due text, send heartbeats, stop overlong answers; returns the next wake time."""
+        hb = self.cfg.heartbeat_s
+        wake = now + 0.25
+        with self._jobs_lock:
+            jobs = list(self.jobs.values())
+        for job in jobs:
+            ch = job.channel
+            if job.state == "running" and now >= job.deadline and not job.timed_out:
+                job.timed_out = True
+                if job.stream is not None:
+                    job.stream.cancel()
+            due = ch.due()
+            if due is not None:
+                if due <= now:
+                    ch.poll()
+                else:
+                    wake = min(wake, due)
+            if not ch.finished and now - ch.last_sent >= hb:
+                try:
+                    if job.state == "queued":
+                        ch.progress(queued_ms=round((now - job.acc.received_at) * 1000))
+                    elif job.state == "running" and ch.first_text_at is None:
+                        ch.progress(prompt_progress={
+                            "waiting_ms": round((now - (job.started_at or now)) * 1000)})
+                except PublishError as exc:
+                    log.debug("heartbeat for %s skipped: %s", job.acc.request_id, exc)
+        return wake
+
+    # ================================================================= status
+
+    def _status_payload(self, state: str, **extra: Any) -> bytes:
+        body: dict[str, Any] = {"state": state, "bridge_id": self.cfg.bridge_id,
+                                "version": __version__, "prefix": self.cfg.prefix, **extra}
+        if state == "online":
+            body.update(
+                started_at=round(self._started, 3), mqtt="5" if self.link.is_v5 else "3.1.1",
+                backends=[b.snapshot() for b in self.pool.backends],
+                queued=len(self.queue), active=self.workers.busy if self.workers else 0,
+                stats=dict(self.stats), published=self.link.published,
+            )
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    def publish_status(self) -> None:
+        """Publish the retained online status (on connect, periodically, on backend change)."""
+        if self._stopping.is_set() or not self.link.connected:
+            return
+        try:
+            self.link.publish(self.topics.status(self.cfg.bridge_id),
+                              self._status_payload("online"), retain=True, flow_controlled=False)
+        except PublishError as exc:
+            log.warning("status not published: %s", exc)

@@ -1,0 +1,39 @@
+"""Start a real :class:`bridge.service.Bridge` in-process against a broker and llama-server."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from bridge.config import load_config
+from bridge.service import Bridge
+
+_ids = itertools.count(1)
+
+
+@contextmanager
+def running_bridge(host: str, port: int, llama_urls: list[str], *, protocol: str = "auto",
+                   mqtt: dict[str, Any] | None = None, **overrides: Any) -> Iterator[Bridge]:
+    """A started bridge; stopped (offline status published) on exit.
+
+    Args:
+        host, port: the broker.
+        llama_urls: backends.
+        protocol: ``auto``, ``5`` or ``3.1.1``.
+        mqtt: extra ``[mqtt]`` settings (credentials, TLS).
+        overrides: top-level settings (``chunk_bytes``, ``max_tokens_cap`` …).
+    """
+    overrides.setdefault("bridge_id", f"test-bridge-{next(_ids)}")
+    overrides.setdefault("max_tokens_cap", 48)
+    overrides.setdefault("dedupe_ttl_s", 60)
+    cfg = load_config(mqtt={"host": host, "port": port, "protocol": protocol,
+                            "reconnect_min_s": 1, "reconnect_max_s": 2, **(mqtt or {})},
+                      llama={"urls": llama_urls}, **overrides)
+    bridge = Bridge(cfg, llama_urls)
+    bridge.start()
+    try:
+        yield bridge
+    finally:
+        bridge.stop()
