@@ -13,7 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from bridge.config import MIN_CHUNK_BYTES, DeploymentConfig
+from bridge.chunker import MIN_CHUNK_BYTES
+from bridge.config import DeploymentConfig
 from bridge.mqtt_link import Inbound
 from bridge.topics import is_valid_id
 from bridge.wire import BridgeRequest, ChatMessage, ErrorCode

@@ -27,7 +27,7 @@ from bridge.config import DeploymentConfig
 from bridge.exceptions import BackendUnavailable, BridgeError, StreamCancelled
 from bridge.intake import Accepted, Rejected, parse_cancel, parse_request
 from bridge.limits import ClientLimits, DedupeCache
-from bridge.llama_client import ReasoningDelta, StreamEnd, TextDelta
+from bridge.llama_client import CancelToken, ReasoningDelta, StreamEnd, TextDelta
 from bridge.mqtt_link import Inbound, MqttLink, PublishError
 from bridge.reply import ReplyChannel
 from bridge.scheduler import FairQueue, QueueFull, WorkerPool
@@ -48,7 +48,8 @@ class Job:
     deadline: float
     state: str = "queued"  # queued → running → finished
     started_at: float | None = None
-    stream: Any = None
+    # Cancels the HTTP call (streamed or not) from any thread, even before it starts.
+    token: CancelToken = field(default_factory=CancelToken)
     cancelled: bool = False
     timed_out: bool = False
     shutting_down: bool = False
@@ -124,8 +125,7 @@ class Bridge:
             running = [j for j in self.jobs.values() if j.state == "running"]
         for job in running:
             job.shutting_down = True
-            if job.stream is not None:
-                job.stream.cancel()
+            job.token.cancel()
         if self.workers is not None:
             self.workers.stop()
         with self._wake:
@@ -250,13 +250,12 @@ class Bridge:
                 return
             job.cancelled = True
             queued = job.state == "queued" and self.queue.remove(client, job.key)
-            stream = job.stream
         if queued:
             job.outcome = "cancelled"
             job.channel.done("cancelled", None, self._timings(job, None))
             self._finish(job)
-        elif stream is not None:
-            stream.cancel()  # closes the HTTP connection: llama-server frees the slot
+        else:
+            job.token.cancel()  # closes the HTTP connection: llama-server frees the slot
 
     # ================================================================= 3. run
 
@@ -279,6 +278,8 @@ class Bridge:
                 self._with_backend(job, self._answer_once)
             else:
                 self._with_backend(job, self._stream)
+        except StreamCancelled:
+            self._cancelled(job)
         except BridgeError as exc:
             job.outcome = f"error:{exc.code.value}"
             job.channel.fail(exc)
@@ -323,42 +324,21 @@ class Bridge:
         req, channel = job.acc.request, job.channel
         params = self._llama_params(job)
         if req.prompt is not None:
-            stream = backend.client.complete_stream(req.prompt, **params)
+            stream = backend.client.complete_stream(req.prompt, cancel_token=job.token, **params)
         else:
             messages = [m.model_dump(exclude_none=True) for m in req.messages or []]
-            stream = backend.client.generate_stream(messages, **params)
-        with self._jobs_lock:
-            job.stream = stream
-            stop_now = job.cancelled or job.timed_out or job.shutting_down
-        if stop_now:
-            stream.cancel()
+            stream = backend.client.generate_stream(messages, cancel_token=job.token, **params)
         end: StreamEnd | None = None
-        try:
-            with stream:
-                for delta in stream:
-                    if isinstance(delta, TextDelta):
-                        if channel.text(delta.text):
-                            self._wake_at(channel.due())
-                    elif isinstance(delta, ReasoningDelta) and req.reasoning:
-                        if channel.reasoning(delta.text):
-                            self._wake_at(channel.due())
-                    elif isinstance(delta, StreamEnd):
-                        end = delta
-        except StreamCancelled:
-            if job.timed_out:
-                job.outcome = "error:timeout"
-                channel.error(ErrorCode.timeout,
-                              f"the answer took longer than max_generation_s "
-                              f"({self.cfg.max_generation_s:g} s); ask for fewer max_tokens")
-            elif job.shutting_down:
-                job.outcome = "error:shutdown"
-                channel.error(ErrorCode.backend_unavailable,
-                              "the bridge is shutting down; send the request again",
-                              retryable=True)
-            else:
-                job.outcome = "cancelled"
-                channel.done("cancelled", None, self._timings(job, None))
-            return
+        with stream:
+            for delta in stream:
+                if isinstance(delta, TextDelta):
+                    if channel.text(delta.text):
+                        self._wake_at(channel.due())
+                elif isinstance(delta, ReasoningDelta) and req.reasoning:
+                    if channel.reasoning(delta.text):
+                        self._wake_at(channel.due())
+                elif isinstance(delta, StreamEnd):
+                    end = delta
         job.usage = (end.usage if end and end.usage else None) or Usage()
         job.outcome = "done"
         finish = (end.finish_reason if end else None) or "stop"
@@ -368,16 +348,12 @@ class Bridge:
         req, channel = job.acc.request, job.channel
         params = self._llama_params(job)
         if req.prompt is not None:
-            gen = backend.client.complete(req.prompt, **params)
+            gen = backend.client.complete(req.prompt, cancel_token=job.token, **params)
         else:
             messages = [m.model_dump(exclude_none=True) for m in req.messages or []]
             gen = backend.client.generate(messages, tools=req.tools, tool_choice=req.tool_choice,
-                                          **params)
+                                          cancel_token=job.token, **params)
         job.usage = gen.usage or Usage()
-        if job.cancelled:
-            job.outcome = "cancelled"
-            channel.done("cancelled", job.usage, self._timings(job, job.usage))
-            return
         fields: dict[str, Any] = {"content": gen.content, "tool_calls": gen.tool_calls,
                                   "finish_reason": gen.finish_reason or "stop",
                                   "usage": job.usage, "timings": self._timings(job, job.usage)}
@@ -387,6 +363,22 @@ class Bridge:
             fields["content"] = None
         job.outcome = "reply"
         channel.reply(**fields)
+
+    def _cancelled(self, job: Job) -> None:
+        """The HTTP call was cancelled: say why, as the terminal message."""
+        channel = job.channel
+        if job.timed_out:
+            job.outcome = "error:timeout"
+            channel.error(ErrorCode.timeout,
+                          f"the answer took longer than max_generation_s "
+                          f"({self.cfg.max_generation_s:g} s); ask for fewer max_tokens")
+        elif job.shutting_down:
+            job.outcome = "error:shutdown"
+            channel.error(ErrorCode.backend_unavailable,
+                          "the bridge is shutting down; send the request again", retryable=True)
+        else:
+            job.outcome = "cancelled"
+            channel.done("cancelled", job.usage, self._timings(job, job.usage))
 
     # ================================================================= bookkeeping
 
@@ -468,8 +460,7 @@ class Bridge:
             ch = job.channel
             if job.state == "running" and now >= job.deadline and not job.timed_out:
                 job.timed_out = True
-                if job.stream is not None:
-                    job.stream.cancel()
+                job.token.cancel()
             due = ch.due()
             if due is not None:
                 if due <= now:
