@@ -8,7 +8,7 @@
 3. A worker runs it against the best backend and streams ``chunk``s, ending with
    ``done``/``reply``/``error`` (:meth:`Bridge._run`, :meth:`_stream`, :meth:`_answer_once`).
 4. The ticker thread flushes coalesced text when ``flush_ms`` is up, sends
-   ``progress`` heartbeats and enforces ``max_generation_s`` (:meth:`Bridge._tick`).
+   ``progress`` heartbeats and enforces ``max_generation_s`` (:mod:`bridge.ticker`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from bridge import __version__
@@ -26,40 +25,19 @@ from bridge.backends import BackendPool
 from bridge.config import DeploymentConfig
 from bridge.exceptions import BackendUnavailable, BridgeError, StreamCancelled
 from bridge.intake import Accepted, Rejected, parse_cancel, parse_request
+from bridge.job import Job
 from bridge.limits import ClientLimits, DedupeCache
-from bridge.llama_client import CancelToken, ReasoningDelta, StreamEnd, TextDelta
+from bridge.llama_client import ReasoningDelta, StreamEnd, TextDelta
 from bridge.mqtt_link import Inbound, MqttLink, PublishError
 from bridge.reply import ReplyChannel
 from bridge.scheduler import FairQueue, QueueFull, WorkerPool
-from bridge.wire import ErrorCode, ErrorMsg, Timings, Usage, encode
+from bridge.ticker import Ticker
+from bridge.wire import ErrorCode, ErrorMsg, Usage, encode
 
 log = logging.getLogger("bridge")
 request_log = logging.getLogger("bridge.requests")
 
 _INTAKE_BOUND = 10_000  # inbound messages waiting for validation
-
-
-@dataclass(eq=False)
-class Job:
-    """One accepted request and its live state."""
-
-    acc: Accepted
-    channel: ReplyChannel
-    deadline: float
-    state: str = "queued"  # queued → running → finished
-    started_at: float | None = None
-    # Cancels the HTTP call (streamed or not) from any thread, even before it starts.
-    token: CancelToken = field(default_factory=CancelToken)
-    cancelled: bool = False
-    timed_out: bool = False
-    shutting_down: bool = False
-    backend: str | None = None
-    usage: Usage = field(default_factory=Usage)
-    outcome: str = "?"
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.acc.client, self.acc.request_id)
 
 
 class Bridge:
@@ -82,10 +60,12 @@ class Bridge:
         self.stats = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "cancelled": 0}
         self._jobs_lock = threading.Lock()
         self._intake: queue.Queue[Inbound | None] = queue.Queue(_INTAKE_BOUND)
-        self._wake = threading.Condition()
         self._stopping = threading.Event()
         self._started = time.time()
-        self._threads: list[threading.Thread] = []
+        self._intake_thread = threading.Thread(target=self._intake_loop, name="bridge-intake",
+                                               daemon=True)
+        self.ticker = Ticker(self._live_jobs, config.heartbeat_s, self.publish_status,
+                             config.status_interval_s)
         self.link = MqttLink(
             config, self._on_inbound,
             will_payload=self._status_payload("offline", reason="connection lost"),
@@ -102,11 +82,8 @@ class Bridge:
         size = self.cfg.max_concurrent or self.pool.total_slots
         self.workers = WorkerPool(self.queue, size)
         self.workers.start()
-        for target, name in ((self._intake_loop, "bridge-intake"),
-                             (self._tick_loop, "bridge-ticker")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._intake_thread.start()
+        self.ticker.start()
         self.link.start()
         log.info("bridge %s serving %s/request/+ with %d concurrent requests on %s",
                  self.cfg.bridge_id, self.cfg.prefix, size,
@@ -128,10 +105,8 @@ class Bridge:
             job.token.cancel()
         if self.workers is not None:
             self.workers.stop()
-        with self._wake:
-            self._wake.notify_all()
-        for thread in self._threads:
-            thread.join(5)
+        self.ticker.stop()
+        self._intake_thread.join(5)
         self.link.close(self._status_payload("offline", reason="shutdown"))
         self.pool.stop()
         log.info("bridge %s stopped", self.cfg.bridge_id)
@@ -252,7 +227,7 @@ class Bridge:
             queued = job.state == "queued" and self.queue.remove(client, job.key)
         if queued:
             job.outcome = "cancelled"
-            job.channel.done("cancelled", None, self._timings(job, None))
+            job.channel.done("cancelled", None, job.timings(None))
             self._finish(job)
         else:
             job.token.cancel()  # closes the HTTP connection: llama-server frees the slot
@@ -268,7 +243,7 @@ class Bridge:
         try:
             if job.cancelled:  # cancel raced with the worker taking the job
                 job.outcome = "cancelled"
-                job.channel.done("cancelled", None, self._timings(job, None))
+                job.channel.done("cancelled", None, job.timings(None))
                 return
             if job.acc.expires_at is not None and job.started_at > job.acc.expires_at:
                 job.outcome = "expired"
@@ -333,16 +308,16 @@ class Bridge:
             for delta in stream:
                 if isinstance(delta, TextDelta):
                     if channel.text(delta.text):
-                        self._wake_at(channel.due())
+                        self.ticker.wake_at(channel.due())
                 elif isinstance(delta, ReasoningDelta) and req.reasoning:
                     if channel.reasoning(delta.text):
-                        self._wake_at(channel.due())
+                        self.ticker.wake_at(channel.due())
                 elif isinstance(delta, StreamEnd):
                     end = delta
         job.usage = (end.usage if end and end.usage else None) or Usage()
         job.outcome = "done"
         finish = (end.finish_reason if end else None) or "stop"
-        channel.done(finish, job.usage, self._timings(job, job.usage))
+        channel.done(finish, job.usage, job.timings(job.usage))
 
     def _answer_once(self, job: Job, backend: Any) -> None:
         req, channel = job.acc.request, job.channel
@@ -356,7 +331,7 @@ class Bridge:
         job.usage = gen.usage or Usage()
         fields: dict[str, Any] = {"content": gen.content, "tool_calls": gen.tool_calls,
                                   "finish_reason": gen.finish_reason or "stop",
-                                  "usage": job.usage, "timings": self._timings(job, job.usage)}
+                                  "usage": job.usage, "timings": job.timings(job.usage)}
         if gen.content and channel.reply_size(**fields) > self.link.max_payload_bytes:
             # Too big for one message: the text goes as chunks, then a reply without content.
             channel.chunks(gen.content)
@@ -378,20 +353,9 @@ class Bridge:
                           "the bridge is shutting down; send the request again", retryable=True)
         else:
             job.outcome = "cancelled"
-            channel.done("cancelled", job.usage, self._timings(job, job.usage))
+            channel.done("cancelled", job.usage, job.timings(job.usage))
 
     # ================================================================= bookkeeping
-
-    def _timings(self, job: Job, usage: Usage | None) -> Timings:
-        now = time.monotonic()
-        t0 = job.acc.received_at
-        first = job.channel.first_text_at
-        tps = None
-        if usage and usage.completion_tokens and first is not None and now > first:
-            tps = round(usage.completion_tokens / (now - first), 2)
-        return Timings(queue_ms=round(((job.started_at or now) - t0) * 1000, 2),
-                       ttft_ms=round((first - t0) * 1000, 2) if first is not None else None,
-                       total_ms=round((now - t0) * 1000, 2), tokens_per_s=tps)
 
     def _end_unrun(self, job: Job, code: ErrorCode, message: str, retryable: bool) -> None:
         job.outcome = f"error:{code.value}"
@@ -418,7 +382,7 @@ class Bridge:
         kind = job.outcome.split(":")[0]
         self.stats["done" if kind in ("done", "reply") else
                    "cancelled" if kind == "cancelled" else "errors"] += 1
-        t = self._timings(job, job.usage)
+        t = job.timings(job.usage)
         request_log.info(
             "request id=%s client=%s outcome=%s backend=%s prompt_tokens=%d "
             "completion_tokens=%d messages=%d queue_ms=%.0f ttft_ms=%s total_ms=%.0f",
@@ -426,57 +390,9 @@ class Bridge:
             job.usage.prompt_tokens, job.usage.completion_tokens, job.channel.seq.next,
             t.queue_ms, "-" if t.ttft_ms is None else f"{t.ttft_ms:.0f}", t.total_ms)
 
-    # ================================================================= 4. ticker
-
-    def _wake_at(self, due: float | None) -> None:
-        if due is not None and due < self._next_wake:
-            with self._wake:
-                self._next_wake = due
-                self._wake.notify()
-
-    _next_wake = 0.0
-
-    def _tick_loop(self) -> None:
-        next_status = time.monotonic() + self.cfg.status_interval_s
-        while not self._stopping.is_set():
-            now = time.monotonic()
-            with self._wake:
-                self._next_wake = now + 0.25
-            wake = self._tick(now)
-            if now >= next_status:
-                next_status = now + self.cfg.status_interval_s
-                self.publish_status()
-            with self._wake:
-                self._next_wake = min(self._next_wake, wake, next_status)
-                self._wake.wait(max(0.0, self._next_wake - time.monotonic()))
-
-    def _tick(self, now: float) -> float:
-        """Flush due text, send heartbeats, stop overlong answers; returns the next wake time."""
-        hb = self.cfg.heartbeat_s
-        wake = now + 0.25
+    def _live_jobs(self) -> list[Job]:
         with self._jobs_lock:
-            jobs = list(self.jobs.values())
-        for job in jobs:
-            ch = job.channel
-            if job.state == "running" and now >= job.deadline and not job.timed_out:
-                job.timed_out = True
-                job.token.cancel()
-            due = ch.due()
-            if due is not None:
-                if due <= now:
-                    ch.poll()
-                else:
-                    wake = min(wake, due)
-            if not ch.finished and now - ch.last_sent >= hb:
-                try:
-                    if job.state == "queued":
-                        ch.progress(queued_ms=round((now - job.acc.received_at) * 1000))
-                    elif job.state == "running" and ch.first_text_at is None:
-                        ch.progress(prompt_progress={
-                            "waiting_ms": round((now - (job.started_at or now)) * 1000)})
-                except PublishError as exc:
-                    log.debug("heartbeat for %s skipped: %s", job.acc.request_id, exc)
-        return wake
+            return list(self.jobs.values())
 
     # ================================================================= status
 

@@ -118,7 +118,8 @@ def test_tools_or_no_stream_give_one_reply(broker: Any, llama_server: str) -> No
                                   "max_tokens": 16, "temperature": 0}, idle_timeout=TIMEOUT))
     for msgs in (with_tools, no_stream):
         check_reply_stream(msgs)
-        assert [m.type for m in msgs] == ["start", "reply"]
+        # heartbeats may come between them when the machine is slow; nothing else may
+        assert [m.type for m in msgs if m.type != "progress"] == ["start", "reply"]
         assert msgs[-1].usage.completion_tokens > 0
     assert no_stream[-1].content
 
