@@ -32,7 +32,8 @@ _toml_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextV
 
 
 def _default_bridge_id() -> str:
-    host = "".join(c if c.isalnum() or c in "_.-" else "-" for c in socket.gethostname())
+    host = "".join(c if (c.isascii() and c.isalnum()) or c in "_.-" else "-"
+                   for c in socket.gethostname())
     return (host or "bridge")[:48]
 
 
@@ -64,9 +65,16 @@ class MqttSettings(BaseModel):
     max_queued: int = Field(
         1000, ge=10, description="Publishes waiting in paho; a full queue blocks generation."
     )
-    reconnect_min_s: float = Field(1.0, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
+    reconnect_min_s: float = Field(1.0, ge=1, description="paho counts whole seconds.")
+    reconnect_max_s: float = Field(30.0, ge=1)
     connect_timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> MqttSettings:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(f"reconnect_max_s ({self.reconnect_max_s}) must be >= "
+                             f"reconnect_min_s ({self.reconnect_min_s})")
+        return self
 
 
 class LlamaSettings(BaseModel):
@@ -126,7 +134,7 @@ class DeploymentConfig(BaseSettings):
     max_concurrent: int | None = Field(
         None, ge=1, description="Requests run at once. Default: llama-server's total_slots."
     )
-    queue_size: int = Field(64, ge=0, description="Requests waiting; beyond it: 'busy'.")
+    queue_size: int = Field(64, ge=1, description="Requests waiting; beyond it: 'busy'.")
     max_request_bytes: int = Field(65536, ge=256)
     max_tokens_cap: int = Field(4096, ge=1, description="Upper bound on a request's max_tokens.")
     max_generation_s: float = Field(600.0, gt=0, description="Hard limit per request.")

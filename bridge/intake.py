@@ -69,10 +69,15 @@ def parse_request(
     """
     topics = config.topics
     fallback_id = new_request_id()
+    # A valid MQTT 5 Response Topic is where the device listens: errors go there too.
+    response_ok = (msg.response_topic is not None
+                   and topics.is_allowed_response_topic(client, msg.response_topic))
 
     def reject(code: ErrorCode, message: str, request_id: str = fallback_id) -> Rejected:
-        return Rejected(client, request_id, topics.reply(client, request_id),
-                        msg.correlation_data, code, message[:_MAX_ERROR_CHARS])
+        topic = msg.response_topic if response_ok and msg.response_topic else \
+            topics.reply(client, request_id)
+        return Rejected(client, request_id, topic, msg.correlation_data, code,
+                        message[:_MAX_ERROR_CHARS])
 
     size = len(msg.payload)
     if size > config.max_request_bytes:
@@ -99,6 +104,14 @@ def parse_request(
             return reject(ErrorCode.bad_request, f"invalid JSON: {exc}")
         if not isinstance(parsed, dict):  # e.g. '{"a":1} x' never gets here; belt and braces
             return reject(ErrorCode.bad_request, "a JSON request must be an object")
+        try:
+            # "\ud800" escapes decode to lone surrogates, which llama-server can't be sent.
+            json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return reject(ErrorCode.bad_request, "JSON contains a lone surrogate escape "
+                          "(\\ud800-\\udfff without its pair): send valid Unicode")
+        except RecursionError:
+            return reject(ErrorCode.bad_request, "JSON is nested too deeply")
         data = parsed
     else:
         data = {"messages": [{"role": "user", "content": text}]}
@@ -114,7 +127,7 @@ def parse_request(
 
     reply_topic = topics.reply(client, request_id)
     if msg.response_topic is not None:
-        if not topics.is_allowed_response_topic(client, msg.response_topic):
+        if not response_ok:
             return reject(ErrorCode.bad_request,
                           f"Response Topic {msg.response_topic[:100]!r} is not allowed: it must "
                           f"lie under {topics.reply_namespace(client)} and have no wildcards",
@@ -122,7 +135,9 @@ def parse_request(
         reply_topic = msg.response_topic
 
     wanted_chunk = request.chunk_bytes or config.chunk_bytes
-    chunk_bytes = max(MIN_CHUNK_BYTES, min(wanted_chunk, config.max_chunk_bytes, max_payload))
+    # The link counts the topic against its limit, so a full chunk must leave room for it.
+    room = max_payload - len(reply_topic.encode())
+    chunk_bytes = max(MIN_CHUNK_BYTES, min(wanted_chunk, config.max_chunk_bytes, room))
     max_tokens = min(request.max_tokens or config.max_tokens_cap, config.max_tokens_cap)
     return Accepted(client, request, request_id, reply_topic, msg.correlation_data,
                     msg.expires_at, msg.received_at, chunk_bytes, max_tokens)

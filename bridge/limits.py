@@ -113,8 +113,10 @@ class DedupeCache:
         now = time.monotonic()
         with self._lock:
             seen = self._seen.get(key)
-            if seen is not None and now - seen.at <= self.ttl_s:
-                return seen
+            if seen is not None:
+                if now - seen.at <= self.ttl_s:
+                    return seen
+                self._bytes -= _size(seen.record)  # expired: its record is replaced
             self._seen[key] = _Seen(at=now, record=None)
             self._seen.move_to_end(key)
             while len(self._seen) > self.max_entries:

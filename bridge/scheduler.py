@@ -40,18 +40,31 @@ class FairQueue(Generic[K]):
     def __len__(self) -> int:
         return self._size
 
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`drain`: no job will ever come again."""
+        return self._closed
+
     def put(self, client: str, key: K, job: Callable[[], None]) -> int:
         """Queue ``job`` for ``client``.
 
         Returns:
-            how many jobs wait in the queue ahead of this one.
+            how many waiting jobs will be taken before this one (round-robin order).
         Raises:
             QueueFull: the queue is at capacity.
         """
         with self._cond:
             if self._closed or self._size >= self.capacity:
                 raise QueueFull
-            ahead = self._size
+            mine = self._by_client.get(client)
+            k = len(mine) if mine else 0  # this job's index in its client's line
+            # Clients earlier in the rotation get k+1 turns before ours, later ones k turns.
+            ahead, before = k, True
+            for other, jobs in self._by_client.items():
+                if other == client:
+                    before = False
+                    continue
+                ahead += min(len(jobs), k + 1 if before else k)
             self._by_client.setdefault(client, deque()).append((key, job))
             self._size += 1
             self._cond.notify()
@@ -132,6 +145,8 @@ class WorkerPool:
         while not self._stop.is_set():
             job = self._queue.get(timeout=0.5)
             if job is None:
+                if self._queue.closed:
+                    return  # drained: nothing more will come, don't spin until stop()
                 continue
             with self._lock:
                 self._busy += 1

@@ -14,7 +14,8 @@ from bridge.wire import CLIENT_PATTERN, ID_PATTERN
 
 _CLIENT_RE = re.compile(CLIENT_PATTERN)
 _ID_RE = re.compile(ID_PATTERN)
-_PREFIX_RE = re.compile(r"^[^#+\x00/][^#+\x00]*$")
+# No wildcards, no leading '/', and no leading '$' ($SYS, $share belong to the broker).
+_PREFIX_RE = re.compile(r"^[^#+\x00/$][^#+\x00]*$")
 
 
 def is_valid_client(name: str) -> bool:
@@ -41,7 +42,7 @@ class Topics:
         if not _PREFIX_RE.fullmatch(self.prefix) or self.prefix.endswith("/"):
             raise ValueError(
                 f"invalid topic prefix {self.prefix!r}: use levels like 'llm' or 'site/llm', "
-                "without '+', '#', or a leading/trailing '/'"
+                "without '+', '#', a leading '$', or a leading/trailing '/'"
             )
 
     # -- filters the bridge subscribes to
