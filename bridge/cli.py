@@ -113,14 +113,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(cfg: DeploymentConfig, stop: threading.Event | None = None) -> int:
     """Start the bridge (and embedded broker / llama.cpp if none is configured) until signalled."""
-    from bridge.service import Bridge
-
     logging.basicConfig(level=cfg.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("bridge.run")
     stop = stop or threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    try:
+        return _run_until(cfg, stop, log)
+    except RuntimeError as exc:  # embedded broker / llama.cpp could not start: says why
+        log.error("%s", exc)
+        return EXIT_NO_ANSWER
+
+
+def _run_until(cfg: DeploymentConfig, stop: threading.Event, log: logging.Logger) -> int:
+    from bridge.service import Bridge
+
     with ExitStack() as stack:
         if cfg.mqtt.host is None:
             from bridge.embedded_broker import EmbeddedBroker

@@ -38,6 +38,9 @@ JSON_CONTENT_TYPE = "application/json"
 _PACKET_OVERHEAD = 5 + 2 + 2 + 400
 
 
+_V5_PROBE_S = 3.0  # how long `protocol = "auto"` waits for a v5 CONNACK before trying 3.1.1
+
+
 class PublishError(Exception):
     """A message could not be handed to the broker (too large, or the link is closing)."""
 
@@ -111,17 +114,23 @@ class MqttLink:
                 ``connect_timeout_s`` (the message names host, port and reason).
         """
         wanted = self._cfg.mqtt.protocol
-        if wanted in ("auto", "5"):
-            try:
-                self._connect(v5=True)
-                return
-            except ConnectionError as exc:
-                if wanted == "5" or "protocol" not in str(exc).lower():
-                    raise
-                log.info("broker does not accept MQTT 5 (%s); using MQTT 3.1.1", exc)
-        self._connect(v5=False)
+        if wanted == "3.1.1":
+            self._connect(v5=False, timeout=self._cfg.mqtt.connect_timeout_s)
+            return
+        # A v3-only broker may refuse a v5 CONNECT, close the connection, or (amqtt 0.12
+        # with a Will) wait forever for bytes it mis-parsed: probe with a short timeout.
+        probe = self._cfg.mqtt.connect_timeout_s if wanted == "5" else \
+            min(self._cfg.mqtt.connect_timeout_s, _V5_PROBE_S)
+        try:
+            self._connect(v5=True, timeout=probe)
+            return
+        except ConnectionError as exc:
+            if wanted == "5":
+                raise
+            log.info("MQTT 5 connection failed (%s); trying MQTT 3.1.1", exc)
+        self._connect(v5=False, timeout=self._cfg.mqtt.connect_timeout_s)
 
-    def _connect(self, *, v5: bool) -> None:
+    def _connect(self, *, v5: bool, timeout: float) -> None:
         m = self._cfg.mqtt
         host = m.host or "127.0.0.1"
         client = mqtt.Client(
@@ -171,8 +180,8 @@ class MqttLink:
                 "check --mqtt-host/--mqtt-port and that the broker runs"
             ) from exc
         client.loop_start()
-        if not self._first_connack.wait(m.connect_timeout_s) or self._connack_failure:
-            reason = self._connack_failure or f"no CONNACK within {m.connect_timeout_s} s"
+        if not self._first_connack.wait(timeout) or self._connack_failure:
+            reason = self._connack_failure or f"no CONNACK within {timeout:g} s"
             client.loop_stop()
             client.disconnect()
             raise ConnectionError(f"MQTT broker {host}:{m.port} refused the bridge: {reason}")
@@ -310,6 +319,10 @@ class MqttLink:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
         self._connected.clear()
+        if not self._first_connack.is_set():  # closed before CONNACK: the broker said no
+            self._connack_failure = f"connection closed before CONNACK ({reason})"
+            self._first_connack.set()
+            return
         if not self._closing:
             log.warning("MQTT connection lost (%s); paho reconnects by itself", reason)
 

@@ -275,3 +275,14 @@ def test_mqtt5_response_topic_correlation_and_expiry(broker: Any, llama_server: 
     finally:
         dev.disconnect()
         dev.loop_stop()
+
+
+def test_auto_protocol_picks_v5_where_the_broker_speaks_it(broker: Any,
+                                                           llama_server: str) -> None:
+    """``protocol = "auto"`` (the default): MQTT 5 on Mosquitto, 3.1.1 on amqtt, both serve."""
+    with running_bridge(broker.host, broker.port, [llama_server], protocol="auto") as bridge, \
+            BridgeClient(_settings(broker), client="dev-auto") as dev:
+        assert bridge.link.is_v5 == (broker.kind == "mosquitto")
+        msgs = list(dev.ask({"prompt": "Hi", "max_tokens": 4}, idle_timeout=TIMEOUT))
+    check_reply_stream(msgs)
+    assert msgs[-1].type == "done"

@@ -1,0 +1,154 @@
+"""The command line as a user runs it (README quick start): real processes, real sockets.
+
+``run`` with no ``--mqtt-host`` starts the embedded amqtt broker and, with no
+``--llama-url``, an embedded llama.cpp: exactly the quick-start path.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.processes import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT = 120.0
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bridge", *args]
+
+
+class RunningBridge:
+    """``llamacpp-mqtt-bridge run`` in a child process, with its output collected."""
+
+    def __init__(self, *args: str) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(_cli("run", *args), cwd=ROOT, env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if " ready: " in line:
+                self.ready.set()
+        self.ready.set()  # EOF: wake the waiter, who checks the exit code
+
+    def wait_ready(self) -> None:
+        assert self.ready.wait(READY_TIMEOUT), "bridge not ready:\n" + "".join(self.lines)
+        assert self.proc.poll() is None, "bridge exited:\n" + "".join(self.lines)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(10)
+            self._reader.join(10)
+
+
+@pytest.fixture
+def embedded_bridge(tmp_path: Path) -> Iterator[tuple[RunningBridge, int]]:
+    """The quick-start bridge: embedded broker on a free port, embedded llama.cpp."""
+    port = free_port()
+    bridge = RunningBridge("--mqtt-port", str(port), "--bridge-id", "cli-test",
+                           "--sessions-db", str(tmp_path / "s.db"))
+    try:
+        bridge.wait_ready()
+        yield bridge, port
+    finally:
+        bridge.stop()
+
+
+def test_run_ask_status_on_embedded_defaults(embedded_bridge: tuple[RunningBridge, int]) -> None:
+    bridge, port = embedded_bridge
+    ask = subprocess.run(_cli("ask", "Say hello.", "--mqtt-port", str(port), "--max-tokens", "16",
+                              "--temperature", "0"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert ask.returncode == 0, ask.stderr
+    assert ask.stdout.strip(), "no answer text printed"
+    assert "tokens, first token" in ask.stderr and "tokens/s" in ask.stderr, ask.stderr
+
+    status = subprocess.run(_cli("status", "--mqtt-port", str(port)), cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert "llm/status/cli-test: online" in status.stdout, status.stdout
+    assert "ok (" in status.stdout  # the backend is healthy
+
+    assert bridge.stop() == 0
+    log = "".join(bridge.lines)
+    assert "outcome=done" in log, log
+    assert "Traceback" not in log, log
+
+
+def test_ask_reports_errors_with_exit_codes(embedded_bridge: tuple[RunningBridge, int]) -> None:
+    _, port = embedded_bridge
+    bad = subprocess.run(_cli("ask", "x", "--mqtt-port", str(port), "--chunk-bytes", "1",
+                              "--max-tokens", "0"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1, bad
+    assert "error [bad_request]" in bad.stderr and "max_tokens" in bad.stderr, bad.stderr
+
+
+def test_ask_without_a_bridge_says_so() -> None:
+    port = free_port()  # nothing listens there
+    result = subprocess.run(_cli("ask", "hi", "--mqtt-port", str(port)), cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert f"127.0.0.1:{port}" in result.stderr
+
+
+def test_bad_configuration_exits_2_without_starting(tmp_path: Path) -> None:
+    conf = tmp_path / "bridge.toml"
+    conf.write_text("chunk_bytes = 5\n")
+    result = subprocess.run(_cli("run", "--config", str(conf)), cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert "chunk_bytes" in result.stderr
+
+
+def test_embedded_broker_port_taken_is_a_clear_error(llama_server: str) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(_cli("run", "--mqtt-port", str(port), "--llama-url", llama_server),
+                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert "already in use" in result.stderr and "--mqtt-host" in result.stderr
+
+
+@pytest.mark.parametrize("entry", [["-m", "bridge"], ["llamacpp_mqtt_deploy.py"]])
+def test_entry_points_show_help(entry: list[str]) -> None:
+    result = subprocess.run([sys.executable, *entry, "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0
+    for command in ("run", "ask", "status"):
+        assert command in result.stdout
+
+
+def test_deploy_script_reexports_the_client_and_config() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "from llamacpp_mqtt_deploy import LlamaCppClient, DeploymentConfig; "
+         "print(LlamaCppClient.__name__, DeploymentConfig().prefix)"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["LlamaCppClient", "llm"]
