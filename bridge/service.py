@@ -84,7 +84,11 @@ class Bridge:
         self.workers.start()
         self._intake_thread.start()
         self.ticker.start()
-        self.link.start()
+        try:
+            self.link.start()
+        except BaseException:
+            self.stop()  # leave no thread behind when the broker refuses us
+            raise
         log.info("bridge %s serving %s/request/+ with %d concurrent requests on %s",
                  self.cfg.bridge_id, self.cfg.prefix, size,
                  ", ".join(b.url for b in self.pool.backends))

@@ -24,6 +24,7 @@ from bridge.llama_client import LlamaCppClient
 from bridge.wire import TERMINAL_TYPES
 from tests.support.bridge_proc import running_bridge
 from tests.support.recorder import Recorder, check_reply_stream, text_of
+from tests.support.waiting import poll_until
 
 SEED = 42
 TIMEOUT = 120.0
@@ -194,17 +195,12 @@ def test_cancel_mid_stream_frees_the_slot(broker: Any, llama_server: str) -> Non
             seen.append(msg)
             if msg.type == "chunk" and len(seen) == 3:
                 dev.cancel(rid)
-        slots = requests.get(f"{llama_server}/slots", timeout=5).json()
     check_reply_stream(seen)
     assert seen[-1].type == "done" and seen[-1].finish_reason == "cancelled"
     # llama-server frees the slot within about a second of the connection closing
-    import time
-
-    deadline = time.monotonic() + 10
-    while any(s["is_processing"] for s in slots) and time.monotonic() < deadline:
-        time.sleep(0.2)
-        slots = requests.get(f"{llama_server}/slots", timeout=5).json()
-    assert not any(s["is_processing"] for s in slots)
+    slots = poll_until(lambda: requests.get(f"{llama_server}/slots", timeout=5).json(),
+                       lambda s: not any(slot["is_processing"] for slot in s), timeout=10)
+    assert not any(slot["is_processing"] for slot in slots)
 
 
 def test_status_retained_and_offline_on_shutdown(broker: Any, llama_server: str) -> None:
@@ -286,3 +282,34 @@ def test_auto_protocol_picks_v5_where_the_broker_speaks_it(broker: Any,
         msgs = list(dev.ask({"prompt": "Hi", "max_tokens": 4}, idle_timeout=TIMEOUT))
     check_reply_stream(msgs)
     assert msgs[-1].type == "done"
+
+
+@pytest.mark.parametrize("broker", ["mosquitto-v5"], indirect=True)
+def test_mqtt5_request_that_expires_while_queued_is_not_run(broker: Any,
+                                                            llama_server: str) -> None:
+    with running_bridge(broker.host, broker.port, [llama_server], protocol="5",
+                        max_concurrent=1, heartbeat_s=0.5, max_tokens_cap=2000) as bridge, \
+            BridgeClient(_settings(broker), client="dev-exp") as dev:
+        dev.subscribe("llm/reply/dev-exp/+")
+        long_id = dev.send({"prompt": "Count: one, two, three,", "max_tokens": 2000},
+                           subscribe=False)
+        props = Properties(PacketTypes.PUBLISH)
+        props.MessageExpiryInterval = 1
+        dev._mqtt.publish("llm/request/dev-exp", json.dumps({"id": "short", "prompt": "x"}),
+                          qos=1, properties=props).wait_for_publish(10)
+        # The short request waits behind the long one; once its heartbeat says it has
+        # been queued for over a second, free the worker by cancelling the long one.
+        short: list[dict[str, Any]] = []
+        while not short or short[-1]["type"] not in TERMINAL_TYPES:
+            got = dev.next_message(timeout=TIMEOUT)
+            assert got is not None, f"the short request got no terminal message: {short}"
+            body = json.loads(got[1])
+            if body["id"] != "short":
+                continue
+            short.append(body)
+            if body["type"] == "progress" and body["queued_ms"] > 1000:
+                dev.cancel(long_id)
+        assert bridge.stats["accepted"] == 2
+    assert [m["seq"] for m in short] == list(range(len(short)))
+    assert short[0]["type"] == "start" and short[0]["queue"] == 1
+    assert short[-1]["type"] == "error" and short[-1]["code"] == "expired", short[-1]
