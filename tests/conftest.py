@@ -1,0 +1,178 @@
+"""Shared fixtures: a real llama.cpp server, real brokers (amqtt, Mosquitto).
+
+Nothing here skips: the suite is about the real things, and CI installs them
+(``.ci/run``). A missing piece fails with a message saying how to install it.
+
+Markers (declared in pyproject.toml) are added automatically: ``llama`` to every
+test that uses the ``llama_server`` fixture, ``mosquitto`` to every test that
+uses a Mosquitto broker -- so ``pytest -m "not llama"`` gives a fast run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.processes import (
+    BrokerInfo,
+    EmbeddedBroker,
+    EmbeddedLlama,
+    EmbeddedLlamaUnavailable,
+    MosquittoProcess,
+    mosquitto_available,
+)
+
+_LLAMA_FIXTURES = {"llama_server", "llama", "make_llama"}
+_MOSQUITTO_FIXTURES = {"mosquitto", "mosquitto_secure"}
+
+BROKER_KINDS = ["amqtt", "mosquitto-v311", "mosquitto-v5"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the markers (again -- harmless -- so they exist even without pyproject)."""
+    config.addinivalue_line(
+        "markers", "llama: needs the real llama.cpp server (xllamacpp + Gemma 3 270M)"
+    )
+    config.addinivalue_line("markers", "mosquitto: needs the mosquitto binary")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests by the real servers they use, so they can be selected with ``-m``."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & _LLAMA_FIXTURES:
+            item.add_marker(pytest.mark.llama)
+        callspec = getattr(item, "callspec", None)
+        broker_param = callspec.params.get("broker") if callspec is not None else None
+        if names & _MOSQUITTO_FIXTURES or (
+            "broker" in names and str(broker_param).startswith("mosquitto")
+        ):
+            item.add_marker(pytest.mark.mosquitto)
+
+
+# ---------------------------------------------------------------------------- llama.cpp
+
+
+def _llama_threads() -> int:
+    # Two slots decode together; more threads than cores only adds contention.
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _start_llama(log_dir: Path, **kwargs: Any) -> EmbeddedLlama:
+    kwargs.setdefault("threads", _llama_threads())
+    llama = EmbeddedLlama(log_path=log_dir / "llama-server.log", **kwargs)
+    try:
+        llama.start()
+    except EmbeddedLlamaUnavailable as exc:
+        pytest.fail(
+            f"{exc}\nThe test suite needs the real llama.cpp server; it does not skip. "
+            f"scripts/setup installs everything.",
+            pytrace=False,
+        )
+    return llama
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedLlama]:
+    """The session's llama.cpp server (2 slots, 4096 context), as an :class:`EmbeddedLlama`.
+
+    Do not kill or restart it (other tests share it): use ``make_llama`` for that.
+    """
+    server = _start_llama(tmp_path_factory.mktemp("llama"), parallel=2, ctx=4096)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_server(llama: EmbeddedLlama) -> str:
+    """Base URL of the session's real llama.cpp server (Gemma 3 270M, 2 slots, ctx 4096)."""
+    return llama.url
+
+
+@pytest.fixture
+def make_llama(tmp_path: Path) -> Iterator[Callable[..., EmbeddedLlama]]:
+    """A factory of private llama.cpp servers (for fault tests and special templates).
+
+    ``make_llama(parallel=1, chat_template=...)`` returns a started
+    :class:`EmbeddedLlama`; all are stopped at teardown.
+    """
+    started: list[EmbeddedLlama] = []
+
+    def factory(**kwargs: Any) -> EmbeddedLlama:
+        log_dir = tmp_path / f"llama-{len(started)}"
+        log_dir.mkdir()
+        server = _start_llama(log_dir, **kwargs)
+        started.append(server)
+        return server
+
+    try:
+        yield factory
+    finally:
+        for server in started:
+            server.stop()
+
+
+# ---------------------------------------------------------------------------- brokers
+
+
+def _require_mosquitto() -> None:
+    if not mosquitto_available():
+        pytest.fail(
+            "mosquitto is not installed; the test suite needs it and does not skip. "
+            "Install it with: apt-get install -y mosquitto mosquitto-clients",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    """A private Mosquitto (``plain`` preset: anonymous, MQTT 3.1.1 + 5) on 127.0.0.1."""
+    _require_mosquitto()
+    proc = MosquittoProcess(tmp_path / "mosquitto", "plain").start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def mosquitto_secure(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    """A private Mosquitto (``secure`` preset: TLS + passwords + the shipped ACL)."""
+    _require_mosquitto()
+    proc = MosquittoProcess(tmp_path / "mosquitto-secure", "secure").start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def amqtt_broker() -> Iterator[EmbeddedBroker]:
+    """The embedded amqtt broker on a free 127.0.0.1 port."""
+    broker = EmbeddedBroker("127.0.0.1", 0)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(params=BROKER_KINDS)
+def broker(request: pytest.FixtureRequest) -> BrokerInfo:
+    """Each test runs against amqtt (3.1.1), Mosquitto at 3.1.1 and Mosquitto at 5.
+
+    Returns:
+        Where the broker is and which protocol version to use.
+    """
+    kind: str = request.param
+    if kind == "amqtt":
+        amqtt: EmbeddedBroker = request.getfixturevalue("amqtt_broker")
+        return BrokerInfo(amqtt.host, amqtt.port, "3.1.1", "amqtt")
+    proc: MosquittoProcess = request.getfixturevalue("mosquitto")
+    return BrokerInfo(proc.host, proc.port, "5" if kind == "mosquitto-v5" else "3.1.1", "mosquitto")

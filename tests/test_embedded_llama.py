@@ -1,0 +1,110 @@
+"""EmbeddedLlama: llama.cpp's HTTP server (xllamacpp) in a child process.
+
+Uses a private server (``make_llama``) where the test kills or restarts it, the
+session server (``llama``) otherwise.
+"""
+
+from __future__ import annotations
+
+import select
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from bridge.embedded_llama import EmbeddedLlama, EmbeddedLlamaError
+
+TIMEOUT = 10.0
+
+
+def test_session_server_is_healthy_with_two_slots(llama: EmbeddedLlama) -> None:
+    health = requests.get(llama.url + "/health", timeout=TIMEOUT)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    props = requests.get(llama.url + "/props", timeout=TIMEOUT).json()
+    assert props["total_slots"] == 2
+    # Listens on loopback only.
+    assert llama.url.startswith("http://127.0.0.1:")
+    conns = psutil.Process(llama.pid).net_connections(kind="tcp")
+    listening = {c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN}
+    assert listening == {"127.0.0.1"}, listening
+
+
+def test_kill_restart_and_stop(make_llama: Callable[..., EmbeddedLlama]) -> None:
+    server = make_llama(parallel=1, ctx=1024)
+    url, pid = server.url, server.pid
+    assert requests.get(url + "/props", timeout=TIMEOUT).json()["total_slots"] == 1
+
+    server.kill()
+    assert server.pid is None and not server.running()
+    assert pid is not None and not psutil.pid_exists(pid)  # killed and reaped
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/health", timeout=TIMEOUT)
+
+    assert server.restart() == url  # same port: clients reconnect to the same URL
+    assert requests.get(url + "/health", timeout=TIMEOUT).status_code == 200
+
+    child_pid = server.pid
+    server.stop()
+    assert child_pid is not None and not psutil.pid_exists(child_pid)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/health", timeout=TIMEOUT)
+    server.stop()  # idempotent
+
+
+def _readline(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """One line of the child's stdout, waiting at most ``timeout`` seconds."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"no output within {timeout} s"
+    return proc.stdout.readline().decode().strip()
+
+
+def test_child_exits_when_stdin_closes(tmp_path: Path) -> None:
+    """The server cannot outlive its parent: it serves only while stdin is open."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bridge.embedded_llama",
+            "--port",
+            "0",
+            "--parallel",
+            "1",
+            "--ctx",
+            "512",
+            "--threads",
+            "1",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=Path(__file__).parents[1],
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        line = _readline(proc, 120)  # one line: the URL
+        assert line.startswith("http://127.0.0.1:"), line
+        assert requests.get(line + "/health", timeout=TIMEOUT).status_code == 200
+        proc.stdin.close()
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+
+
+def test_startup_failure_names_the_log(tmp_path: Path) -> None:
+    bogus = tmp_path / "not-a-model.gguf"
+    bogus.write_bytes(b"this is not a GGUF file")
+    server = EmbeddedLlama(
+        parallel=1, ctx=512, model=bogus, log_path=tmp_path / "llama.log", startup_timeout=60
+    )
+    with pytest.raises(EmbeddedLlamaError) as err:
+        server.start()
+    assert "llama.log" in str(err.value)
+    assert server.pid is None
+    server.stop()
