@@ -96,6 +96,9 @@ class MqttLink:
         self._outstanding = 0
         self._window = threading.Condition()
         self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._sub_mid: int | None = None
+        self._sub_failure: str | None = None
         self._first_connack = threading.Event()
         self._connack_failure: str | None = None
         self._closing = False
@@ -162,6 +165,7 @@ class MqttLink:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
 
         self._first_connack.clear()
         self._connack_failure = None
@@ -185,6 +189,13 @@ class MqttLink:
             client.loop_stop()
             client.disconnect()
             raise ConnectionError(f"MQTT broker {host}:{m.port} refused the bridge: {reason}")
+        # Only subscribed is ready: a request published before the SUBACK would be lost.
+        if not self._subscribed.wait(m.connect_timeout_s) or self._sub_failure:
+            reason = self._sub_failure or f"no SUBACK within {m.connect_timeout_s:g} s"
+            client.loop_stop()
+            client.disconnect()
+            raise ConnectionError(f"MQTT broker {host}:{m.port} refused the bridge's "
+                                  f"subscriptions {self._subscriptions}: {reason}")
 
     def close(self, offline_payload: bytes, timeout: float = 5.0) -> None:
         """Publish the offline status (retained), wait for it, disconnect and stop the thread."""
@@ -303,8 +314,9 @@ class MqttLink:
             return
         if self.is_v5 and props is not None and hasattr(props, "MaximumPacketSize"):
             self.broker_max_packet = int(props.MaximumPacketSize)
-        for topic in self._subscriptions:
-            client.subscribe(topic, qos=self._cfg.mqtt.qos if self._cfg.mqtt.qos else 1)
+        qos: int = self._cfg.mqtt.qos or 1
+        filters: list[tuple[str, int]] = [(topic, qos) for topic in self._subscriptions]
+        _, self._sub_mid = client.subscribe(filters)
         self._connected.set()
         self._first_connack.set()
         log.info(
@@ -325,6 +337,19 @@ class MqttLink:
             return
         if not self._closing:
             log.warning("MQTT connection lost (%s); paho reconnects by itself", reason)
+
+    def _handle_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any
+    ) -> None:
+        if mid != self._sub_mid:
+            return
+        refused = [f"{topic}: {reason}" for topic, reason in zip(self._subscriptions, reasons,
+                                                                 strict=False)
+                   if getattr(reason, "is_failure", False)]
+        if refused:
+            self._sub_failure = "; ".join(refused)
+            log.error("broker refused subscriptions: %s", self._sub_failure)
+        self._subscribed.set()
 
     def _handle_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any

@@ -132,6 +132,9 @@ class Bridge:
                     self._accept(msg, client)
                 elif (client := self.topics.client_of(msg.topic, "cancel")) is not None:
                     self._cancel(msg, client)
+                elif msg.topic.startswith(f"{self.cfg.prefix}/status/"):
+                    # amqtt hands a new session retained messages of others' filters
+                    log.debug("ignored retained status on %r", msg.topic)
                 else:
                     log.warning("ignored message on %r: the client level must match "
                                 "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", msg.topic[:200])

@@ -232,12 +232,15 @@ def test_mqtt5_response_topic_correlation_and_expiry(broker: Any, llama_server: 
             got.append(msg)
             cond.notify_all()
 
+    subscribed = threading.Event()
     dev.on_message = on_message
+    dev.on_subscribe = lambda *args: subscribed.set()
     dev.connect(broker.host, broker.port)
     dev.loop_start()
     try:
         with running_bridge(broker.host, broker.port, [llama_server], protocol="5"):
             dev.subscribe("llm/reply/dev-v5/#", qos=1)
+            assert subscribed.wait(10), "no SUBACK"
 
             def publish(payload: dict[str, Any], response_topic: str | None,
                         expiry: int | None = None) -> None:

