@@ -255,6 +255,39 @@ class LlamaCppClient:
         entries = data.get("data") if isinstance(data, dict) else None
         return [str(m["id"]) for m in entries or () if isinstance(m, dict) and "id" in m]
 
+    def tokenize(self, text: str) -> list[int]:
+        """``POST /tokenize``: the token ids of ``text`` (no BOS or other special tokens added).
+
+        Args:
+            text: the text to tokenize.
+        Returns:
+            The token ids, as llama-server's tokenizer produces them.
+        Raises:
+            BackendError: the server could not be reached or answered badly.
+        """
+        info = CallInfo(self._url("/tokenize"))
+        resp = self._post(info, json_text({"content": text}).encode(), self.timeouts.request,
+                          "request")
+        try:
+            data = json.loads(read_bounded(resp, MAX_SMALL_BYTES))
+        except (ValueError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BackendProtocolError(f"bad answer from {info.url}: {exc}") from exc
+        finally:
+            info.token.detach()
+            resp.close()
+        tokens = data.get("tokens") if isinstance(data, dict) else None
+        if not isinstance(tokens, list):
+            raise BackendProtocolError(f"{info.url} did not return {{\"tokens\": [...]}}")
+        try:
+            # With "with_pieces" the server sends {"id", "piece"} objects; plain ids otherwise.
+            return [int(t["id"]) if isinstance(t, dict) else int(t) for t in tokens]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BackendProtocolError(f"{info.url} returned malformed tokens: {exc}") from exc
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` is for this server's model (see :meth:`tokenize`)."""
+        return len(self.tokenize(text))
+
     def close(self) -> None:
         """Close pooled connections. Streams still open keep their own connection."""
         self._session.close()

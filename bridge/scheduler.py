@@ -4,19 +4,28 @@ At most ``workers`` jobs run at once; the rest wait in one bounded queue that is
 FIFO per client and round-robin across clients, so one chatty device cannot
 starve the others. A full queue is reported to the caller (who answers ``busy``),
 never silently dropped.
+
+Jobs may belong to a *group* (a conversation: ``(client, session)``). Jobs of one
+group run one at a time, in the order they were queued: a job whose group has a
+job running is skipped (others, of its client too, may go first) until that job
+has returned.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("bridge.scheduler")
 
 K = TypeVar("K")
+
+
+_Item = tuple[K, Callable[[], None], Hashable | None]  # key, job, group
 
 
 class QueueFull(Exception):
@@ -32,8 +41,9 @@ class FairQueue(Generic[K]):
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._by_client: OrderedDict[str, deque[tuple[K, Callable[[], None]]]] = OrderedDict()
+        self._by_client: OrderedDict[str, deque[_Item[K]]] = OrderedDict()
         self._size = 0
+        self._busy_groups: set[Hashable] = set()
         self._cond = threading.Condition()
         self._closed = False
 
@@ -45,9 +55,16 @@ class FairQueue(Generic[K]):
         """True after :meth:`drain`: no job will ever come again."""
         return self._closed
 
-    def put(self, client: str, key: K, job: Callable[[], None]) -> int:
+    def put(self, client: str, key: K, job: Callable[[], None], *,
+            group: Hashable | None = None) -> int:
         """Queue ``job`` for ``client``.
 
+        Args:
+            client: whose turn it uses (round robin).
+            key: identifies the job for :meth:`remove` and :meth:`drain`.
+            job: what a worker runs.
+            group: jobs with the same (non-None) group never run at the same time and
+                start in the order they were queued.
         Returns:
             how many waiting jobs will be taken before this one (round-robin order).
         Raises:
@@ -65,7 +82,7 @@ class FairQueue(Generic[K]):
                     before = False
                     continue
                 ahead += min(len(jobs), k + 1 if before else k)
-            self._by_client.setdefault(client, deque()).append((key, job))
+            self._by_client.setdefault(client, deque()).append((key, job, group))
             self._size += 1
             self._cond.notify()
             return ahead
@@ -77,18 +94,44 @@ class FairQueue(Generic[K]):
             the job, or None on timeout or after :meth:`close`.
         """
         with self._cond:
-            if not self._cond.wait_for(lambda: self._size > 0 or self._closed, timeout):
+            if not self._cond.wait_for(lambda: self._closed or self._runnable() is not None,
+                                       timeout):
                 return None
-            if self._closed and self._size == 0:
+            found = self._runnable()
+            if found is None:  # closed
                 return None
-            client, jobs = next(iter(self._by_client.items()))
-            _, job = jobs.popleft()
+            client, index = found
+            jobs = self._by_client[client]
+            _, job, group = jobs[index]
+            del jobs[index]
             self._size -= 1
             # Round robin: this client goes to the back of the line.
             del self._by_client[client]
             if jobs:
                 self._by_client[client] = jobs
-            return job
+            if group is None:
+                return job
+            self._busy_groups.add(group)
+            return functools.partial(self._run_in_group, job, group)
+
+    def _runnable(self) -> tuple[str, int] | None:
+        """The next job to hand out: (client, index in its line), or None. Caller holds the lock.
+
+        Clients in round-robin order; within a client the first job whose group is idle.
+        """
+        for client, jobs in self._by_client.items():
+            for index, (_, _, group) in enumerate(jobs):
+                if group is None or group not in self._busy_groups:
+                    return client, index
+        return None
+
+    def _run_in_group(self, job: Callable[[], None], group: Hashable) -> None:
+        try:
+            job()
+        finally:
+            with self._cond:
+                self._busy_groups.discard(group)
+                self._cond.notify_all()  # a job of this group may be waiting
 
     def remove(self, client: str, key: K) -> bool:
         """Remove a waiting job; True if it was still queued."""
@@ -109,7 +152,7 @@ class FairQueue(Generic[K]):
         """Close the queue and return the keys of the jobs that never ran."""
         with self._cond:
             self._closed = True
-            keys = [key for jobs in self._by_client.values() for key, _ in jobs]
+            keys = [key for jobs in self._by_client.values() for key, _, _ in jobs]
             self._by_client.clear()
             self._size = 0
             self._cond.notify_all()

@@ -91,6 +91,8 @@ class BridgeRequest(BaseModel):
     @model_validator(mode="after")
     def _exactly_one_input(self) -> BridgeRequest:
         given = (self.messages is not None) + (self.prompt is not None)
+        if given > 1:
+            raise ValueError("send exactly one of 'messages' or 'prompt', not both")
         if self.clear:
             if self.session is None:
                 raise ValueError("'clear' needs 'session': name the session to clear")

@@ -278,3 +278,9 @@ def test_response_topic_allowed_inside_namespace() -> None:
 ])
 def test_response_topic_rejected(topic: str) -> None:
     assert not Topics().is_allowed_response_topic("dev1", topic)
+
+
+def test_clear_with_both_messages_and_prompt_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="not both"):
+        BridgeRequest.model_validate({"session": "s1", "clear": True, "prompt": "x",
+                                      "messages": [{"role": "user", "content": "y"}]})
