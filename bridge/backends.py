@@ -1,22 +1,37 @@
 """The llama-server backends: health, slot counts, and which one serves the next request (SPEC §7).
 
-Each backend is probed on ``/health`` (and ``/props`` for its slot count) every
-``health_interval_s``. A request goes to the healthy backend with the most free
-slots; a backend that fails a request before its first byte is marked unhealthy
-and skipped until a probe finds it healthy again.
+Each backend is probed on ``/health`` (and, when healthy, ``/props`` for its slot
+count and ``/v1/models`` for the models it serves) every ``health_interval_s``. A
+request goes to the healthy backend with the most free slots (ties: the one used
+least recently, so sequential requests spread too); a request that names a
+``model`` goes only to backends that serve it. A backend that fails a request
+before its first byte is marked unhealthy and skipped until a probe finds it
+healthy again.
+
+Model names match case-insensitively against what llama-server reports: the ids
+of ``/v1/models`` (the ``--alias``, else the model path), the ``model_alias`` and
+``model_path`` of ``/props``, and the file name of any of them with and without
+``.gguf`` -- so ``gemma-3-270m-q4_k_m`` finds ``/models/gemma-3-270m-q4_k_m.gguf``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.config import LlamaSettings
-from bridge.exceptions import BackendError, BackendUnavailable
+from bridge.exceptions import (
+    BackendError,
+    BackendHTTPError,
+    BackendUnavailable,
+    RequestRejected,
+)
 from bridge.llama_client import LlamaCppClient, RetryPolicy, Timeouts
+from bridge.wire import ErrorCode
 
 log = logging.getLogger("bridge.backends")
 
@@ -33,11 +48,33 @@ class Backend:
     model: str | None = None
     last_error: str | None = None
     models: list[str] = field(default_factory=list)
+    #: every spelling of ``models`` a request may use, case-folded (see the module doc)
+    names: frozenset[str] = frozenset()
+    last_used: int = 0
+
+    def serves(self, model: str) -> bool:
+        """Whether a request naming ``model`` may run here."""
+        return model.casefold() in self.names
 
     def snapshot(self) -> dict[str, Any]:
         """For the status topic."""
         return {"url": self.url, "healthy": self.healthy, "slots": self.slots,
-                "active": self.active, "model": self.model, "error": self.last_error}
+                "active": self.active, "model": self.model, "models": self.models,
+                "error": self.last_error}
+
+
+def model_names(names: Iterable[str]) -> frozenset[str]:
+    """Every spelling of these model names a request may use, case-folded."""
+    out: set[str] = set()
+    for name in names:
+        if not name:
+            continue
+        out.add(name.casefold())
+        base = name.replace("\\", "/").rsplit("/", 1)[-1]
+        out.add(base.casefold())
+        if base.lower().endswith(".gguf"):
+            out.add(base[:-5].casefold())
+    return frozenset(out)
 
 
 class BackendPool:
@@ -61,6 +98,7 @@ class BackendPool:
         ]
         self._interval = settings.health_interval_s
         self._on_change = on_change
+        self._uses = itertools.count(1)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._probe_loop, name="bridge-health",
@@ -88,22 +126,49 @@ class BackendPool:
     def model_name(self) -> str | None:
         return next((b.model for b in self.backends if b.healthy and b.model), None)
 
-    def acquire(self, exclude: set[str] | None = None) -> Backend:
+    def acquire(self, exclude: set[str] | None = None, model: str | None = None) -> Backend:
         """Reserve a slot on the healthy backend with the most free slots.
 
+        Args:
+            exclude: URLs not to use (those that already failed this request).
+            model: only backends serving this model (see :meth:`Backend.serves`).
         Raises:
-            BackendUnavailable: no backend is healthy (message lists their errors).
+            BackendUnavailable: no backend is healthy (message lists their errors), or
+                none of the healthy ones serves ``model`` while some backend's models
+                are unknown or it is down (it may serve it once back).
+            RequestRejected: ``bad_request``: every backend is healthy and none serves
+                ``model`` (the message lists the models there are).
         """
         with self._lock:
             candidates = [b for b in self.backends
                           if b.healthy and (exclude is None or b.url not in exclude)]
+            if model is not None:
+                candidates = [b for b in candidates if b.serves(model)]
             if not candidates:
-                detail = "; ".join(f"{b.url}: {b.last_error or 'unhealthy'}"
-                                   for b in self.backends)
-                raise BackendUnavailable(f"no healthy llama-server ({detail})")
-            best = max(candidates, key=lambda b: b.slots - b.active)
+                raise self._no_backend(model)
+            # Most free slots; among equals the least recently used, so that one request
+            # at a time still spreads over the backends (and warms all of them).
+            best = max(candidates, key=lambda b: (b.slots - b.active, -b.last_used))
             best.active += 1
+            best.last_used = next(self._uses)
             return best
+
+    def _no_backend(self, model: str | None) -> BackendUnavailable | RequestRejected:
+        """The error for "no backend can take this request"; caller holds the lock."""
+        if model is not None and any(b.healthy for b in self.backends):
+            if all(b.healthy for b in self.backends) and \
+                    not any(b.serves(model) for b in self.backends):
+                # Every backend answered its last probe: the model is really not here.
+                available = sorted({m for b in self.backends for m in b.models})
+                return RequestRejected(
+                    ErrorCode.bad_request,
+                    f"no llama-server of this bridge serves model {model!r}; available: "
+                    f"{', '.join(repr(m) for m in available) or 'none'} (or leave 'model' out)")
+            down = ", ".join(b.url for b in self.backends if not b.healthy)
+            return BackendUnavailable(f"no healthy llama-server serves model {model!r} now"
+                                      + (f" ({down} may, once back)" if down else ""))
+        detail = "; ".join(f"{b.url}: {b.last_error or 'unhealthy'}" for b in self.backends)
+        return BackendUnavailable(f"no healthy llama-server ({detail})")
 
     def release(self, backend: Backend) -> None:
         with self._lock:
@@ -126,8 +191,16 @@ class BackendPool:
             ok = bool(health.ok)
             if ok:
                 props = backend.client.props()
+                try:
+                    models = backend.client.models()
+                except BackendHTTPError as exc:  # a server without /v1/models still serves
+                    log.debug("backend %s: no model list (%s)", backend.url, exc)
+                    models = [props.model] if props.model else []
                 backend.slots = max(1, int(props.total_slots or 1))
                 backend.model = props.model
+                backend.models = models
+                extra = [str(props.raw.get(k) or "") for k in ("model_alias", "model_path")]
+                backend.names = model_names([*models, *extra])
                 backend.last_error = None
             else:
                 backend.last_error = f"status {health.status}"

@@ -13,15 +13,18 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from bridge import __version__
 from bridge.config import DeploymentConfig, load_config
+
+if TYPE_CHECKING:
+    from bridge.service import Bridge
 
 EXIT_OK, EXIT_ERROR_REPLY, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 
@@ -60,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shared-group", help="subscribe through $share/NAME/... (several bridges)")
     g.add_argument("--sessions-db", type=Path)
     g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    g.add_argument("--metrics-port", type=int)
+    g.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics on this port (default: off)")
+    g.add_argument("--metrics-host",
+                   help="address of the metrics endpoint (default 127.0.0.1: it has no auth)")
 
     ask = sub.add_parser("ask", help="send a prompt and print the streamed answer")
     ask.add_argument("prompt", help="the question (plain text)")
@@ -70,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--temperature", type=float)
     ask.add_argument("--seed", type=int)
     ask.add_argument("--chunk-bytes", type=int)
+    ask.add_argument("--session", help="keep the conversation on the bridge under this name "
+                                       "(sessions are per device: give --client too)")
+    ask.add_argument("--profile", help="a named preset of the bridge's config")
     ask.add_argument("--json", action="store_true", help="print every reply message as JSON")
     ask.add_argument("--timeout", type=float, default=120.0, help="max silence in seconds")
 
@@ -90,6 +99,7 @@ def _config(args: argparse.Namespace) -> DeploymentConfig:
                     flush_ms=args.flush_ms, max_concurrent=args.max_concurrent,
                     shared_group=args.shared_group, sessions_db=args.sessions_db,
                     log_level=args.log_level, metrics_port=args.metrics_port,
+                    metrics_host=args.metrics_host,
                     llama={"urls": args.llama_urls})
     return load_config(args.config, mqtt=mqtt, **flat)
 
@@ -102,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "run":
-        return run(cfg)
+        return run(cfg, reload=lambda: _config(args))
     if args.command == "ask":
         return ask(cfg, args)
     return status(cfg, args.timeout)
@@ -111,8 +121,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---------------------------------------------------------------------- run
 
 
-def run(cfg: DeploymentConfig, stop: threading.Event | None = None) -> int:
-    """Start the bridge (and embedded broker / llama.cpp if none is configured) until signalled."""
+def run(cfg: DeploymentConfig, stop: threading.Event | None = None,
+        reload: Callable[[], DeploymentConfig] | None = None) -> int:
+    """Start the bridge (and embedded broker / llama.cpp if none is configured) until signalled.
+
+    Args:
+        cfg: the configuration.
+        stop: set it to stop the bridge (SIGINT and SIGTERM set it too).
+        reload: loads the configuration again (file, environment, flags); given, SIGHUP
+            puts the new ``profiles`` in force for new requests.
+    """
     logging.basicConfig(level=cfg.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("bridge.run")
@@ -120,13 +138,14 @@ def run(cfg: DeploymentConfig, stop: threading.Event | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        return _run_until(cfg, stop, log)
+        return _run_until(cfg, stop, log, reload)
     except RuntimeError as exc:  # embedded broker / llama.cpp could not start: says why
         log.error("%s", exc)
         return EXIT_NO_ANSWER
 
 
-def _run_until(cfg: DeploymentConfig, stop: threading.Event, log: logging.Logger) -> int:
+def _run_until(cfg: DeploymentConfig, stop: threading.Event, log: logging.Logger,
+               reload: Callable[[], DeploymentConfig] | None = None) -> int:
     from bridge.service import Bridge
 
     with ExitStack() as stack:
@@ -153,6 +172,10 @@ def _run_until(cfg: DeploymentConfig, stop: threading.Event, log: logging.Logger
             log.error("%s", exc)
             return EXIT_NO_ANSWER
         stack.callback(bridge.stop)
+        if reload is not None and hasattr(signal, "SIGHUP"):
+            previous = signal.signal(
+                signal.SIGHUP, lambda *_: reload_profiles(bridge, cfg, reload, log))
+            stack.callback(signal.signal, signal.SIGHUP, previous)
         host = cfg.mqtt.host or "127.0.0.1"
         print(f"bridge {cfg.bridge_id} ready: MQTT {host}:{cfg.mqtt.port}, topics "
               f"{cfg.prefix}/request/+, llama.cpp at {', '.join(urls)}. "
@@ -160,6 +183,32 @@ def _run_until(cfg: DeploymentConfig, stop: threading.Event, log: logging.Logger
         stop.wait()
         log.info("shutting down")
     return EXIT_OK
+
+
+def reload_profiles(bridge: Bridge, running: DeploymentConfig,
+                    load: Callable[[], DeploymentConfig], log: logging.Logger) -> bool:
+    """SIGHUP: read the configuration again and swap in its ``profiles``.
+
+    Requests already accepted keep the profile they were accepted with; streams are
+    not interrupted. Other settings need a restart (a warning names the changed ones).
+    An invalid file keeps the profiles in force.
+
+    Returns:
+        True if the new profiles are in force.
+    """
+    try:
+        fresh = load()
+    except (ValidationError, ValueError, FileNotFoundError) as exc:
+        log.error("configuration reload failed, the profiles in force are kept: %s", exc)
+        return False
+    bridge.profiles.replace(fresh.profiles)
+    changed = sorted(name for name in type(fresh).model_fields
+                     if name != "profiles" and getattr(fresh, name) != getattr(running, name))
+    log.info("profiles reloaded: %s", ", ".join(sorted(fresh.profiles)) or "none")
+    if changed:
+        log.warning("settings changed in the configuration but not applied until a restart: "
+                    "%s", ", ".join(changed))
+    return True
 
 
 # ---------------------------------------------------------------------- ask
@@ -171,7 +220,7 @@ def ask(cfg: DeploymentConfig, args: argparse.Namespace) -> int:
 
     request: dict[str, Any] = {"messages": [{"role": "user", "content": args.prompt}],
                                "max_tokens": args.max_tokens}
-    for key in ("temperature", "seed", "chunk_bytes"):
+    for key in ("temperature", "seed", "chunk_bytes", "session", "profile"):
         if getattr(args, key) is not None:
             request[key] = getattr(args, key)
     client = BridgeClient(cfg.mqtt, prefix=cfg.prefix,

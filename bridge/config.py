@@ -9,6 +9,7 @@ tables; environment variables are ``BRIDGE_<KEY>`` and ``BRIDGE_MQTT__<KEY>``,
 from __future__ import annotations
 
 import contextvars
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -23,12 +24,17 @@ from pydantic_settings import (
 )
 
 from bridge.chunker import MIN_CHUNK_BYTES
+from bridge.profiles import Profile
 from bridge.topics import Topics
+from bridge.wire import ID_PATTERN
 
 # The TOML file chosen for the load in progress (pydantic-settings builds sources per class).
 _toml_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "toml", default=None)
 
+
+
+_PROFILE_NAME = re.compile(ID_PATTERN)
 
 
 def _default_bridge_id() -> str:
@@ -142,9 +148,33 @@ class DeploymentConfig(BaseSettings):
     client_max_inflight: int = Field(4, ge=1, description="Queued + running per client.")
     client_rate_per_min: int = Field(120, ge=1, description="Requests per client per minute.")
     status_interval_s: float = Field(30.0, gt=0)
-    sessions_db: Path = Field(Path("bridge-sessions.db"))
+    sessions_db: Path = Field(
+        Path("bridge-sessions.db"),
+        description="SQLite file of 'session' conversations; created on first use.",
+    )
+    session_max_messages: int = Field(
+        200, ge=2, description="Messages kept per session; beyond it the oldest turns go.")
+    session_max_bytes: int = Field(
+        131072, ge=1024, description="JSON bytes kept per session; beyond it the oldest turns go.")
+    sessions_per_client: int = Field(
+        16, ge=1, description="Sessions per client; a new one evicts the least recently used.")
+    sessions_max: int = Field(
+        1000, ge=1, description="Sessions in all; a new one evicts the least recently used.")
+    session_ttl_s: float = Field(
+        30 * 86400.0, ge=0, description="Sessions unused this long are deleted; 0: never.")
+    profiles: dict[str, Profile] = Field(
+        default_factory=dict,
+        description="Named presets ([profiles.NAME]) a request picks with 'profile'; "
+                    "reloaded on SIGHUP.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    metrics_port: int | None = Field(None, ge=1, le=65535)
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve Prometheus metrics on this port; unset: off.")
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address of the metrics endpoint. Loopback by default: it has no "
+                    "authentication or TLS, and a gateway's other interfaces face the devices.",
+    )
 
     mqtt: MqttSettings = Field(default_factory=MqttSettings)  # type: ignore[arg-type]
     llama: LlamaSettings = Field(default_factory=LlamaSettings)  # type: ignore[arg-type]
@@ -154,6 +184,15 @@ class DeploymentConfig(BaseSettings):
     def _valid_prefix(cls, prefix: str) -> str:
         Topics(prefix)  # raises ValueError with a message that says what to change
         return prefix
+
+    @field_validator("profiles")
+    @classmethod
+    def _profile_names(cls, profiles: dict[str, Profile]) -> dict[str, Profile]:
+        for name in profiles:
+            if not _PROFILE_NAME.match(name):
+                raise ValueError(f"profile name {name!r} must match [A-Za-z0-9_.-]{{1,64}} "
+                                 "(requests name it in their 'profile' field)")
+        return profiles
 
     @model_validator(mode="after")
     def _consistent(self) -> DeploymentConfig:

@@ -95,6 +95,8 @@ class EmbeddedLlama:
             :meth:`stop` (kept if startup failed, and named in the error).
         chat_template_file: like ``chat_template`` but read from a file.
         threads: CPU threads for generation; None lets llama.cpp decide.
+        alias: the model name the server reports (``/v1/models`` id, ``/props``
+            ``model_alias``), like llama-server's ``--alias``; None: the model path.
         port: TCP port on 127.0.0.1; 0 picks a free one.
         sse_ping_interval: seconds between SSE keep-alive comments; None keeps
             llama.cpp's default.
@@ -112,6 +114,7 @@ class EmbeddedLlama:
         *,
         chat_template_file: str | os.PathLike[str] | None = None,
         threads: int | None = None,
+        alias: str | None = None,
         port: int = 0,
         sse_ping_interval: int | None = None,
         startup_timeout: float = 120.0,
@@ -125,6 +128,7 @@ class EmbeddedLlama:
         self.chat_template = chat_template
         self.chat_template_file = Path(chat_template_file) if chat_template_file else None
         self.threads = threads
+        self.alias = alias
         self.sse_ping_interval = sse_ping_interval
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
@@ -310,6 +314,8 @@ class EmbeddedLlama:
             cmd += ["--threads", str(self.threads)]
         if self.sse_ping_interval is not None:
             cmd += ["--sse-ping-interval", str(self.sse_ping_interval)]
+        if self.alias is not None:
+            cmd += ["--alias", self.alias]
         return cmd
 
     def _read_url(self, deadline: float) -> str:
@@ -421,6 +427,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chat-template-file", help="Jinja chat template replacing the model's")
     parser.add_argument("--threads", type=int, help="CPU threads (default: llama.cpp's choice)")
     parser.add_argument("--sse-ping-interval", type=int, help="seconds between SSE pings")
+    parser.add_argument("--alias", help="model name to report instead of the path")
     return parser.parse_args(argv)
 
 
@@ -465,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         params.cpuparams.n_threads = args.threads
     if args.sse_ping_interval is not None:
         params.sse_ping_interval = args.sse_ping_interval
+    if args.alias is not None:
+        params.model_alias = {args.alias}  # a set in xllamacpp 2026.10 (several aliases)
     if args.chat_template_file is not None:
         params.chat_template = Path(args.chat_template_file).read_text(encoding="utf-8")
 

@@ -15,6 +15,7 @@ One paho 2 client in its own network thread. What this module guarantees:
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import threading
@@ -39,6 +40,40 @@ _PACKET_OVERHEAD = 5 + 2 + 2 + 400
 
 
 _V5_PROBE_S = 3.0  # how long `protocol = "auto"` waits for a v5 CONNACK before trying 3.1.1
+
+# Session expiry of a bridge in a shared group when none is configured. The broker keeps
+# giving a dead member its share of requests until its session ends (Mosquitto 2.0 does
+# not skip disconnected members), so a group member keeps its session only briefly.
+SHARED_SESSION_EXPIRY_S = 30
+
+
+class _PackedProperties(Properties):  # type: ignore[misc]  # paho is untyped
+    """MQTT 5 PUBLISH properties, packed once.
+
+    paho calls ``pack()`` on every send, and ``Properties.pack`` walks every known
+    property name (~20 µs); building a ``Properties`` costs as much again. A reply
+    stream sends the same properties on every message, so they are built and packed
+    once (:func:`_publish_props`) and never changed afterwards.
+    """
+
+    _packed: bytes
+
+    def __init__(self, correlation_data: bytes | None) -> None:
+        super().__init__(PacketTypes.PUBLISH)
+        self.ContentType = JSON_CONTENT_TYPE
+        if correlation_data is not None:
+            self.CorrelationData = correlation_data
+        # object.__setattr__: Properties.__setattr__ accepts only MQTT property names.
+        object.__setattr__(self, "_packed", Properties.pack(self))
+
+    def pack(self) -> bytes:
+        return self._packed
+
+
+@functools.lru_cache(maxsize=1024)
+def _publish_props(correlation_data: bytes | None) -> _PackedProperties:
+    """The (shared, immutable) properties of a reply message with this Correlation Data."""
+    return _PackedProperties(correlation_data)
 
 
 class PublishError(Exception):
@@ -91,6 +126,7 @@ class MqttLink:
         self._on_connected = on_connected
         self._will = will_payload
         self._subscriptions = subscriptions
+        self._shared = any(t.startswith("$share/") for t in subscriptions)
         self._status_topic = config.topics.status(config.bridge_id)
         # Messages handed to paho and not yet acknowledged (or sent, at QoS 0).
         self._outstanding = 0
@@ -105,6 +141,8 @@ class MqttLink:
         self.is_v5 = False
         self.broker_max_packet: int | None = None
         self.published = 0
+        self.published_bytes = 0  # both bumped without a lock: one bytecode op in CPython
+        self._unsubscribed = threading.Event()
         self._client: mqtt.Client | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -140,7 +178,9 @@ class MqttLink:
             CallbackAPIVersion.VERSION2,
             client_id=self._cfg.mqtt_client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else False,
+            # 3.1.1 cannot bound a session's life: in a shared group a persistent session
+            # would keep swallowing requests after a crash (persistent_client_expiration).
+            clean_session=None if v5 else self.shared,
         )
         # paho's own queue is unbounded here because _window bounds it for us.
         client.max_inflight_messages_set(m.max_inflight)
@@ -160,6 +200,8 @@ class MqttLink:
         if v5:
             will_props = Properties(PacketTypes.WILLMESSAGE)
             will_props.ContentType = JSON_CONTENT_TYPE
+            if self.shared:  # "offline" once the broker stops routing requests to us
+                will_props.WillDelayInterval = self.session_expiry_s
         client.will_set(self._status_topic, self._will, qos=1, retain=True, properties=will_props)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
@@ -172,9 +214,9 @@ class MqttLink:
         self.is_v5 = v5
         self._client = client
         extra: dict[str, Any] = {}
-        if v5:  # 3.1.1 gets the same persistence from clean_session=False above
+        if v5:  # 3.1.1 gets persistence from clean_session=False above (unless shared)
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = m.session_expiry_s
+            props.SessionExpiryInterval = self.session_expiry_s
             extra = {"clean_start": False, "properties": props}
         try:
             client.connect(host, m.port, keepalive=m.keepalive_s, **extra)
@@ -219,6 +261,35 @@ class MqttLink:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def shared(self) -> bool:
+        """Whether requests come through a shared subscription (``$share/...``)."""
+        return self._shared
+
+    @property
+    def session_expiry_s(self) -> int:
+        """MQTT 5 Session Expiry Interval: as configured, else short in a shared group."""
+        m = self._cfg.mqtt
+        if self.shared and "session_expiry_s" not in m.model_fields_set:
+            return min(m.session_expiry_s, SHARED_SESSION_EXPIRY_S)
+        return m.session_expiry_s
+
+    def leave_shared(self, timeout: float = 5.0) -> None:
+        """Unsubscribe the shared filters, so the broker gives new requests to the group's
+        other bridges (a clean shutdown); waits for the UNSUBACK at most ``timeout``."""
+        client = self._client
+        shared = [t for t in self._subscriptions if t.startswith("$share/")]
+        if client is None or not shared:
+            return
+        self._subscriptions = [t for t in self._subscriptions if t not in shared]
+        if not self._connected.is_set():
+            return
+        client.on_unsubscribe = lambda *_: self._unsubscribed.set()
+        rc, _ = client.unsubscribe(shared)
+        if rc != mqtt.MQTT_ERR_SUCCESS or not self._unsubscribed.wait(timeout):
+            log.warning("could not leave %s within %g s: the broker may still route requests "
+                        "here until this session ends", shared, timeout)
 
     # ------------------------------------------------------------------ publishing
 
@@ -282,6 +353,7 @@ class MqttLink:
             self._release()
             raise PublishError(f"paho refused the publish: {mqtt.error_string(info.rc)}")
         self.published += 1
+        self.published_bytes += len(payload)
 
     @property
     def outstanding(self) -> int:
@@ -296,11 +368,7 @@ class MqttLink:
     def _props(self, correlation_data: bytes | None) -> Properties | None:
         if not self.is_v5:
             return None
-        props = Properties(PacketTypes.PUBLISH)
-        props.ContentType = JSON_CONTENT_TYPE
-        if correlation_data is not None:
-            props.CorrelationData = correlation_data
-        return props
+        return _publish_props(correlation_data)
 
     # ------------------------------------------------------------------ paho callbacks
 

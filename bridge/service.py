@@ -28,9 +28,12 @@ from bridge.intake import Accepted, Rejected, parse_cancel, parse_request
 from bridge.job import Job
 from bridge.limits import ClientLimits, DedupeCache
 from bridge.llama_client import ReasoningDelta, StreamEnd, TextDelta
+from bridge.metrics import BridgeMetrics, LiveState
 from bridge.mqtt_link import Inbound, MqttLink, PublishError
+from bridge.profiles import ProfileRegistry, UnknownProfile, apply_profile
 from bridge.reply import ReplyChannel
 from bridge.scheduler import FairQueue, QueueFull, WorkerPool
+from bridge.sessions import Sessions, as_chat
 from bridge.ticker import Ticker
 from bridge.wire import ErrorCode, ErrorMsg, Usage, encode
 
@@ -55,6 +58,8 @@ class Bridge:
         self.limits = ClientLimits(config.client_max_inflight, config.client_rate_per_min)
         self.dedupe = DedupeCache(config.dedupe_ttl_s)
         self.queue: FairQueue[tuple[str, str]] = FairQueue(config.queue_size)
+        self.profiles = ProfileRegistry(config.profiles)  # swapped on SIGHUP (bridge.cli)
+        self.sessions = Sessions.from_config(config)  # the file opens on first use
         self.workers: WorkerPool | None = None
         self.jobs: dict[tuple[str, str], Job] = {}
         self.stats = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "cancelled": 0}
@@ -66,6 +71,14 @@ class Bridge:
                                                daemon=True)
         self.ticker = Ticker(self._live_jobs, config.heartbeat_s, self.publish_status,
                              config.status_interval_s)
+        self.metrics = BridgeMetrics(config.bridge_id, __version__, LiveState(
+            queued=lambda: len(self.queue),
+            active=lambda: self.workers.busy if self.workers else 0,
+            backends=lambda: self.pool.backends,
+            published=lambda: (self.link.published, self.link.published_bytes),
+            accepted=lambda: self.stats["accepted"],
+        ))
+        self.metrics_port: int | None = None  # bound port of the metrics endpoint, if any
         self.link = MqttLink(
             config, self._on_inbound,
             will_payload=self._status_payload("offline", reason="connection lost"),
@@ -78,6 +91,8 @@ class Bridge:
 
     def start(self) -> None:
         """Probe backends, connect to the broker, start intake, workers and ticker."""
+        if self.cfg.metrics_port is not None:  # first: a taken port fails before anything runs
+            self.metrics_port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
         self.pool.start()
         size = self.cfg.max_concurrent or self.pool.total_slots
         self.workers = WorkerPool(self.queue, size)
@@ -92,9 +107,15 @@ class Bridge:
         log.info("bridge %s serving %s/request/+ with %d concurrent requests on %s",
                  self.cfg.bridge_id, self.cfg.prefix, size,
                  ", ".join(b.url for b in self.pool.backends))
+        if self.cfg.shared_group and not self.link.is_v5:
+            log.warning("shared_group %r over MQTT 3.1.1: shared subscriptions are an MQTT 5 "
+                        "feature some brokers (Mosquitto) also give 3.1.1 clients and others "
+                        "(amqtt) do not", self.cfg.shared_group)
 
     def stop(self) -> None:
         """Answer what is queued or running, mark the bridge offline, stop every thread."""
+        # In a shared group, first make the broker route new requests to the other bridges.
+        self.link.leave_shared()
         self._stopping.set()
         self._intake.put(None)
         for key in self.queue.drain():
@@ -113,6 +134,8 @@ class Bridge:
         self._intake_thread.join(5)
         self.link.close(self._status_payload("offline", reason="shutdown"))
         self.pool.stop()
+        self.sessions.close()
+        self.metrics.close()
         log.info("bridge %s stopped", self.cfg.bridge_id)
 
     # ================================================================= 1. receive
@@ -151,14 +174,17 @@ class Bridge:
             self._reject(result.reply_topic, result.request_id, result.correlation_data,
                          result.code, result.message, client)
             return
-        acc, req = result, result.request
-        if req.session is not None or req.profile is not None:
-            what = "session" if req.session is not None else "profile"
-            self._reject(acc.reply_topic, acc.request_id, acc.correlation_data,
-                         ErrorCode.bad_request,
-                         f"'{what}' is not available on this bridge: no {what}s are configured",
-                         client)
-            return
+        acc = as_chat(result)  # with a session, 'prompt' is one user message
+        if acc.request.profile is not None:
+            try:  # applied now: a SIGHUP reload does not change a queued request
+                acc = apply_profile(acc, self.profiles.get(acc.request.profile),
+                                    self.cfg.max_tokens_cap)
+            except UnknownProfile as exc:
+                self._reject(acc.reply_topic, acc.request_id, acc.correlation_data,
+                             ErrorCode.bad_request, str(exc), client)
+                return
+        # One conversation answers in order: its requests run one at a time.
+        group = (client, acc.request.session) if acc.request.session is not None else None
         key = (client, acc.request_id)
         seen = self.dedupe.check_and_add(key)
         if seen is not None:
@@ -181,7 +207,7 @@ class Bridge:
         workers = self.workers
         try:
             with channel.lock:  # `start` must precede anything the worker publishes
-                ahead = self.queue.put(client, key, lambda: self._run(job))
+                ahead = self.queue.put(client, key, lambda: self._run(job), group=group)
                 free = (workers.size - workers.busy) if workers else 0
                 position = 0 if ahead < free else ahead - free + 1
                 channel.start_locked(self.pool.model_name, position)
@@ -197,6 +223,7 @@ class Bridge:
                 message: str, client: str, *, retryable: bool = False,
                 retry_after_ms: int | None = None) -> None:
         self.stats["rejected"] += 1
+        self.metrics.request_rejected(code.value)
         request_log.info("request id=%s client=%s outcome=error code=%s message=%r",
                          request_id, client, code.value, message)
         payload = encode(ErrorMsg(id=request_id, seq=0, code=code, message=message,
@@ -256,6 +283,8 @@ class Bridge:
                 job.outcome = "expired"
                 job.channel.error(ErrorCode.expired, "the request expired while queued "
                                   "(MQTT Message Expiry Interval); it was not run")
+            elif job.acc.request.clear and self._clear_session(job):
+                pass  # a clear without messages: answered
             elif job.acc.request.wants_single_reply:
                 self._with_backend(job, self._answer_once)
             else:
@@ -279,7 +308,7 @@ class Bridge:
         """Run ``serve(job, backend)``, failing over to another backend before the first byte."""
         tried: set[str] = set()
         while True:
-            backend = self.pool.acquire(exclude=tried)
+            backend = self.pool.acquire(exclude=tried, model=job.acc.request.model)
             job.backend = backend.url
             try:
                 serve(job, backend)
@@ -289,6 +318,8 @@ class Bridge:
                 tried.add(backend.url)
                 if job.channel.first_text_at is not None or len(tried) >= len(self.pool.backends):
                     raise
+                log.info("request %s: %s unavailable before the first byte; trying another "
+                         "backend", job.acc.request_id, backend.url)
             finally:
                 self.pool.release(backend)
 
@@ -302,18 +333,64 @@ class Bridge:
             params["model"] = req.model
         return params
 
-    def _stream(self, job: Job, backend: Any) -> None:
-        req, channel = job.acc.request, job.channel
+    def _prepare(self, job: Job, backend: Any) -> tuple[list[dict[str, Any]] | str,
+                                                        dict[str, Any]]:
+        """What to send to ``backend``: the prompt or the chat messages, and the parameters.
+
+        A session request's messages are its system message(s), the stored history
+        that fits ``backend``'s context, and its new message(s).
+        """
+        req = job.acc.request
         params = self._llama_params(job)
         if req.prompt is not None:
-            stream = backend.client.complete_stream(req.prompt, cancel_token=job.token, **params)
+            return req.prompt, params
+        messages = [m.model_dump(exclude_none=True) for m in req.messages or []]
+        if req.session is not None:
+            messages = self.sessions.conversation(
+                job.acc.client, req.session, messages, llama=backend.client,
+                max_tokens=job.acc.max_tokens, tools=req.tools)
+        return messages, params
+
+    def _remember(self, job: Job, answer: dict[str, Any]) -> None:
+        """After a successful answer: store the session's new turn (before the terminal
+        message, so a device that got ``done`` can rely on the turn being kept)."""
+        req = job.acc.request
+        if req.session is None:
+            return
+        messages = [m.model_dump(exclude_none=True) for m in req.messages or []]
+        try:
+            self.sessions.remember(job.acc.client, req.session, messages, answer)
+        except BridgeError as exc:  # the answer is still worth sending
+            log.error("request %s: session %s/%s not updated: %s", job.acc.request_id,
+                      job.acc.client, req.session, exc)
+
+    def _clear_session(self, job: Job) -> bool:
+        """``clear``: forget the session; True if the request is answered (no messages)."""
+        req = job.acc.request
+        assert req.session is not None  # the wire model requires it with 'clear'
+        existed = self.sessions.clear(job.acc.client, req.session)
+        log.info("session %s/%s cleared (%s)", job.acc.client, req.session,
+                 "it existed" if existed else "it was empty")
+        if req.messages is not None:
+            return False  # then answered as the first turn of the new conversation
+        job.outcome = "done"
+        job.channel.done("cleared", None, job.timings(None))
+        return True
+
+    def _stream(self, job: Job, backend: Any) -> None:
+        req, channel = job.acc.request, job.channel
+        inputs, params = self._prepare(job, backend)
+        if isinstance(inputs, str):
+            stream = backend.client.complete_stream(inputs, cancel_token=job.token, **params)
         else:
-            messages = [m.model_dump(exclude_none=True) for m in req.messages or []]
-            stream = backend.client.generate_stream(messages, cancel_token=job.token, **params)
+            stream = backend.client.generate_stream(inputs, cancel_token=job.token, **params)
         end: StreamEnd | None = None
+        answer: list[str] | None = [] if req.session is not None else None
         with stream:
             for delta in stream:
                 if isinstance(delta, TextDelta):
+                    if answer is not None:
+                        answer.append(delta.text)
                     if channel.text(delta.text):
                         self.ticker.wake_at(channel.due())
                 elif isinstance(delta, ReasoningDelta) and req.reasoning:
@@ -324,16 +401,17 @@ class Bridge:
         job.usage = (end.usage if end and end.usage else None) or Usage()
         job.outcome = "done"
         finish = (end.finish_reason if end else None) or "stop"
+        if answer is not None:
+            self._remember(job, {"role": "assistant", "content": "".join(answer)})
         channel.done(finish, job.usage, job.timings(job.usage))
 
     def _answer_once(self, job: Job, backend: Any) -> None:
         req, channel = job.acc.request, job.channel
-        params = self._llama_params(job)
-        if req.prompt is not None:
-            gen = backend.client.complete(req.prompt, cancel_token=job.token, **params)
+        inputs, params = self._prepare(job, backend)
+        if isinstance(inputs, str):
+            gen = backend.client.complete(inputs, cancel_token=job.token, **params)
         else:
-            messages = [m.model_dump(exclude_none=True) for m in req.messages or []]
-            gen = backend.client.generate(messages, tools=req.tools, tool_choice=req.tool_choice,
+            gen = backend.client.generate(inputs, tools=req.tools, tool_choice=req.tool_choice,
                                           cancel_token=job.token, **params)
         job.usage = gen.usage or Usage()
         fields: dict[str, Any] = {"content": gen.content, "tool_calls": gen.tool_calls,
@@ -344,6 +422,10 @@ class Bridge:
             channel.chunks(gen.content)
             fields["content"] = None
         job.outcome = "reply"
+        answer: dict[str, Any] = {"role": "assistant", "content": gen.content or ""}
+        if gen.tool_calls:
+            answer["tool_calls"] = gen.tool_calls
+        self._remember(job, answer)
         channel.reply(**fields)
 
     def _cancelled(self, job: Job) -> None:
@@ -390,12 +472,15 @@ class Bridge:
         self.stats["done" if kind in ("done", "reply") else
                    "cancelled" if kind == "cancelled" else "errors"] += 1
         t = job.timings(job.usage)
+        self.metrics.request_finished(job.outcome, job.backend, t, job.usage)
         request_log.info(
             "request id=%s client=%s outcome=%s backend=%s prompt_tokens=%d "
-            "completion_tokens=%d messages=%d queue_ms=%.0f ttft_ms=%s total_ms=%.0f",
+            "completion_tokens=%d messages=%d queue_ms=%.0f ttft_ms=%s total_ms=%.0f "
+            "tokens_per_s=%s",
             job.acc.request_id, job.acc.client, job.outcome, job.backend,
             job.usage.prompt_tokens, job.usage.completion_tokens, job.channel.seq.next,
-            t.queue_ms, "-" if t.ttft_ms is None else f"{t.ttft_ms:.0f}", t.total_ms)
+            t.queue_ms, "-" if t.ttft_ms is None else f"{t.ttft_ms:.0f}", t.total_ms,
+            "-" if t.tokens_per_s is None else f"{t.tokens_per_s:.1f}")
 
     def _live_jobs(self) -> list[Job]:
         with self._jobs_lock:
@@ -411,7 +496,8 @@ class Bridge:
                 started_at=round(self._started, 3), mqtt="5" if self.link.is_v5 else "3.1.1",
                 backends=[b.snapshot() for b in self.pool.backends],
                 queued=len(self.queue), active=self.workers.busy if self.workers else 0,
-                stats=dict(self.stats), published=self.link.published,
+                shared_group=self.cfg.shared_group,
+                stats={**self.stats, **self.metrics.snapshot()}, published=self.link.published,
             )
         return json.dumps(body, separators=(",", ":")).encode()
 
