@@ -65,7 +65,12 @@ class MqttSettings(BaseModel):
     qos: Literal[0, 1, 2] = Field(1, description="QoS of every reply message and subscription.")
     keepalive_s: int = Field(30, ge=5, le=3600)
     session_expiry_s: int = Field(
-        3600, ge=0, description="Persistent session: replies queued during an outage survive it."
+        3600, ge=0,
+        description="How long the broker keeps the bridge's subscriptions and the requests "
+                    "and cancels sent to it while it is disconnected (MQTT 5). The bridge's own "
+                    "QoS 1 replies are resent by paho after a reconnect either way. In a shared "
+                    "group the default is 30 s: the broker keeps routing requests to a departed "
+                    "member until its session ends.",
     )
     max_inflight: int = Field(20, ge=1, le=65535, description="Unacknowledged QoS>0 publishes.")
     max_queued: int = Field(

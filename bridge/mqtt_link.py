@@ -141,7 +141,7 @@ class MqttLink:
         self.is_v5 = False
         self.broker_max_packet: int | None = None
         self.published = 0
-        self.published_bytes = 0  # both bumped without a lock: one bytecode op in CPython
+        self.published_bytes = 0  # both counted under _window: workers publish concurrently
         self._unsubscribed = threading.Event()
         self._client: mqtt.Client | None = None
 
@@ -352,8 +352,9 @@ class MqttLink:
             # NO_CONN at QoS>0 is fine: paho queues the message and resends after reconnecting.
             self._release()
             raise PublishError(f"paho refused the publish: {mqtt.error_string(info.rc)}")
-        self.published += 1
-        self.published_bytes += len(payload)
+        with self._window:
+            self.published += 1
+            self.published_bytes += len(payload)
 
     @property
     def outstanding(self) -> int:
