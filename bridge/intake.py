@@ -20,6 +20,8 @@ from bridge.topics import is_valid_id
 from bridge.wire import BridgeRequest, ChatMessage, ErrorCode
 
 _MAX_ERROR_CHARS = 400
+MAX_CORRELATION_BYTES = 256
+"""Largest MQTT 5 Correlation Data echoed on replies (a device needs a short token)."""
 
 
 def new_request_id() -> str:
@@ -73,11 +75,22 @@ def parse_request(
     response_ok = (msg.response_topic is not None
                    and topics.is_allowed_response_topic(client, msg.response_topic))
 
+    # Every reply echoes the Correlation Data: a large one would make each reply exceed a
+    # small broker's Maximum Packet Size (and paho then reconnects and resends forever).
+    correlation = msg.correlation_data
+    oversized_correlation = correlation is not None and len(correlation) > MAX_CORRELATION_BYTES
+
     def reject(code: ErrorCode, message: str, request_id: str = fallback_id) -> Rejected:
         topic = msg.response_topic if response_ok and msg.response_topic else \
             topics.reply(client, request_id)
-        return Rejected(client, request_id, topic, msg.correlation_data, code,
+        return Rejected(client, request_id, topic,
+                        None if oversized_correlation else correlation, code,
                         message[:_MAX_ERROR_CHARS])
+
+    if oversized_correlation:
+        return reject(ErrorCode.too_large,
+                      f"MQTT 5 Correlation Data of {len(correlation or b'')} bytes; the limit is "
+                      f"{MAX_CORRELATION_BYTES} bytes: send a short token")
 
     size = len(msg.payload)
     if size > config.max_request_bytes:
@@ -105,11 +118,15 @@ def parse_request(
         if not isinstance(parsed, dict):  # e.g. '{"a":1} x' never gets here; belt and braces
             return reject(ErrorCode.bad_request, "a JSON request must be an object")
         try:
-            # "\ud800" escapes decode to lone surrogates, which llama-server can't be sent.
-            json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+            # What llama-server will be sent must be JSON: "\ud800" escapes decode to lone
+            # surrogates (not encodable), and json.loads accepts NaN/Infinity (not JSON).
+            json.dumps(parsed, ensure_ascii=False, allow_nan=False).encode("utf-8")
         except UnicodeEncodeError:
             return reject(ErrorCode.bad_request, "JSON contains a lone surrogate escape "
                           "(\\ud800-\\udfff without its pair): send valid Unicode")
+        except ValueError:
+            return reject(ErrorCode.bad_request,
+                          "JSON contains NaN or Infinity, which is not JSON: send finite numbers")
         except RecursionError:
             return reject(ErrorCode.bad_request, "JSON is nested too deeply")
         data = parsed

@@ -32,6 +32,12 @@ from bridge.wire import (
 log = logging.getLogger("bridge.reply")
 
 _RECORD_LIMIT = 512 * 1024  # bytes of an answer kept for replaying it to a duplicate
+# What one kept payload costs beyond its bytes (bytes object header, list slot): counted
+# so that a per-token answer (~50-byte payloads) cannot keep twice the limit in memory.
+_RECORD_ENTRY_OVERHEAD = 48
+# Flush deadlines are rounded down to this grid (and to flush_s / 5 at most), so that
+# many streams share ticker wake-ups: see ReplyChannel.due().
+_FLUSH_GRID_S = 0.01
 
 
 class ReplyChannel:
@@ -44,7 +50,6 @@ class ReplyChannel:
         correlation_data: MQTT 5 Correlation Data echoed on every message.
         chunk_bytes: size bound of every chunk payload.
         flush_s: how long deltas may be coalesced.
-        deadline: ``time.monotonic()`` after which publishing stops waiting for the broker.
         record: keep the published payloads so a duplicate request can be answered again.
     """
 
@@ -57,7 +62,6 @@ class ReplyChannel:
         correlation_data: bytes | None,
         chunk_bytes: int,
         flush_s: float,
-        deadline: float | None = None,
         record: bool = True,
     ) -> None:
         self.link = link
@@ -70,7 +74,7 @@ class ReplyChannel:
         self._text = Chunker(request_id, self.seq, chunk_bytes=chunk_bytes, flush_s=flush_s)
         self._reasoning: Chunker | None = None
         self._flush_s = flush_s
-        self.deadline = deadline
+        self._grid_s = min(_FLUSH_GRID_S, flush_s / 5)
         self.last_sent = time.monotonic()
         self.first_text_at: float | None = None
         self.finished = False
@@ -80,26 +84,36 @@ class ReplyChannel:
 
     # ------------------------------------------------------------------ low level
 
-    def _publish(self, payload: bytes) -> None:
-        """Publish one payload; caller holds the lock."""
+    def _publish(self, payload: bytes, *, flow_controlled: bool = True) -> None:
+        """Publish one payload; caller holds the lock.
+
+        No deadline: a message whose ``seq`` is taken must be sent, or the device sees a
+        gap and never gets its terminal message. While the broker is away this waits
+        (until the link closes); ``max_generation_s`` meanwhile cancels the HTTP call.
+        """
         self.link.publish(self.topic, payload, correlation_data=self.correlation_data,
-                          deadline=self.deadline)
+                          flow_controlled=flow_controlled)
         self.last_sent = time.monotonic()
         if self.record is not None:
-            self._record_bytes += len(payload)
+            self._record_bytes += len(payload) + _RECORD_ENTRY_OVERHEAD
             if self._record_bytes > _RECORD_LIMIT:
                 self.record = None  # too big to keep; a duplicate then gets an error instead
             else:
                 self.record.append(payload)
 
-    def _send(self, message_type: type[Any], **fields: Any) -> None:
-        self._publish(encode(message_type(id=self.request_id, seq=self.seq.take(), **fields)))
+    def _send(self, message_type: type[Any], *, flow_controlled: bool = True,
+              **fields: Any) -> None:
+        self._publish(encode(message_type(id=self.request_id, seq=self.seq.take(), **fields)),
+                      flow_controlled=flow_controlled)
 
     # ------------------------------------------------------------------ messages
 
     def start_locked(self, model: str | None, queue: int) -> None:
-        """Publish ``start``; the caller holds :attr:`lock` (it queues the job under it)."""
-        self._send(StartMsg, model=model, queue=queue)
+        """Publish ``start``; the caller holds :attr:`lock` (it queues the job under it).
+
+        Sent by the intake thread, which must never wait for the publish window.
+        """
+        self._send(StartMsg, flow_controlled=False, model=model, queue=queue)
 
     def progress(self, **fields: Any) -> None:
         """Heartbeat (``queued_ms`` or ``prompt_progress``); no-op after the terminal message."""
@@ -136,20 +150,35 @@ class ReplyChannel:
             return self._reasoning.pending
 
     def due(self) -> float | None:
-        """When buffered text must be flushed (``time.monotonic()``), or None."""
-        dues = [d for c in (self._text, self._reasoning) if c is not None
-                for d in (c.due(),) if d is not None]
-        return min(dues) if dues else None
+        """When buffered text must be flushed (``time.monotonic()``), or None.
+
+        The chunkers' deadlines rounded down to a grid of ``_FLUSH_GRID_S``: text is
+        flushed at most that much before ``flush_s`` is up, and the ticker wakes at most
+        once per grid step however many streams buffer text (instead of once per stream
+        and deadline, scanning every stream each time).
+        """
+        due = self._text.due()  # called for every buffered token: no lists on this path
+        if self._reasoning is not None:
+            other = self._reasoning.due()
+            if due is None or (other is not None and other < due):
+                due = other
+        if due is None or not self._grid_s:
+            return due
+        return due - due % self._grid_s
 
     def poll(self) -> None:
         """Flush text whose coalescing time is up. Never waits for a busy channel."""
         if not self.lock.acquire(blocking=False):
             return  # the worker is publishing right now; it will see the deadline itself
         try:
+            now = time.monotonic()
+            grid = self._grid_s
             for chunker in (self._text, self._reasoning):
                 if chunker is not None:
-                    for payload in chunker.poll():
-                        self._publish(payload)
+                    due = chunker.due()
+                    if due is not None and (due - due % grid if grid else due) <= now:
+                        for payload in chunker.flush():
+                            self._publish(payload)
         except PublishError as exc:
             log.warning("flush for %s failed: %s", self.request_id, exc)
         finally:
@@ -203,6 +232,4 @@ class ReplyChannel:
             try:
                 self._flush_all()  # buffered text always precedes the terminal message
             finally:
-                # No deadline for the terminal message: it must not be skipped.
-                self.deadline = None
                 self._send(message_type, **fields)

@@ -199,7 +199,6 @@ class Bridge:
         channel = ReplyChannel(self.link, acc.reply_topic, acc.request_id,
                                correlation_data=acc.correlation_data, chunk_bytes=acc.chunk_bytes,
                                flush_s=self.cfg.flush_ms / 1000.0,
-                               deadline=acc.received_at + self.cfg.max_generation_s,
                                record=self.cfg.dedupe_ttl_s > 0)
         job = Job(acc, channel, deadline=acc.received_at + self.cfg.max_generation_s)
         with self._jobs_lock:
@@ -467,8 +466,13 @@ class Bridge:
             job.state = "finished"
             self.jobs.pop(job.key, None)
         self.limits.finished(job.acc.client)
-        self.dedupe.finish(job.key, job.channel.record)
         kind = job.outcome.split(":")[0]
+        if kind == "error" and job.channel.first_text_at is None:
+            # Nothing was generated: a retry with the same id (what `retryable` invites)
+            # must be served, not answered with this error again.
+            self.dedupe.forget(job.key)
+        else:
+            self.dedupe.finish(job.key, job.channel.record)
         self.stats["done" if kind in ("done", "reply") else
                    "cancelled" if kind == "cancelled" else "errors"] += 1
         t = job.timings(job.usage)

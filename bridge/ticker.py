@@ -90,6 +90,10 @@ class Ticker:
             if job.state == "running" and now >= job.deadline and not job.timed_out:
                 job.timed_out = True
                 job.token.cancel()
+            if not ch.link.has_room():
+                # The broker is not keeping up (or is away): flushing or a heartbeat would
+                # block this thread, and with it max_generation_s for every other request.
+                continue
             due = ch.due()
             if due is not None:
                 if due <= now:

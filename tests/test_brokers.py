@@ -461,14 +461,14 @@ def test_secure_plaintext_listener_has_the_same_auth(
     host, port = mosquitto_secure.host, mosquitto_secure.plain_port
     rc, _ = clients(host, port).connect()
     assert rc.is_failure
-    clients(host, port, username="bridge-1", password=SECURE_USERS["bridge-1"]).connect_ok()
+    clients(host, port, username="bridge@1", password=SECURE_USERS["bridge@1"]).connect_ok()
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_device_cannot_ask_in_another_devices_name(
     mosquitto_secure: MosquittoProcess, clients: Any, protocol: Literal["3.1.1", "5"]
 ) -> None:
-    bridge = _secure(clients, mosquitto_secure, "bridge-1").connect_ok()
+    bridge = _secure(clients, mosquitto_secure, "bridge@1").connect_ok()
     bridge.subscribe("llm/request/+", qos=1)
     bridge.subscribe("llm/cancel/+", qos=1)
     dev_a = _secure(clients, mosquitto_secure, "dev-a", protocol=protocol).connect_ok()
@@ -494,7 +494,7 @@ def test_device_reads_only_its_own_replies(
     # Mosquitto grants the wildcard subscription; the ACL is applied per message.
     dev_a.subscribe("llm/reply/#", qos=1)
     dev_a.subscribe("llm/reply/dev-b/#", qos=1)
-    bridge = _secure(clients, mosquitto_secure, "bridge-1").connect_ok()
+    bridge = _secure(clients, mosquitto_secure, "bridge@1").connect_ok()
     bridge.publish("llm/reply/dev-b/x", b"secret", qos=1)
     bridge.publish("llm/reply/dev-a/r1", b"yours", qos=1)  # marker, same connection
 
@@ -506,7 +506,7 @@ def test_device_reads_only_its_own_replies(
 def test_device_reads_status_and_cannot_write_it(
     mosquitto_secure: MosquittoProcess, clients: Any
 ) -> None:
-    bridge = _secure(clients, mosquitto_secure, "bridge-1").connect_ok()
+    bridge = _secure(clients, mosquitto_secure, "bridge@1").connect_ok()
     bridge.subscribe("llm/status/#", qos=1)
     dev_a = _secure(clients, mosquitto_secure, "dev-a").connect_ok()
     dev_a.publish("llm/status/bridge-1", b'{"state":"offline"}', qos=1, retain=True)  # denied
@@ -523,7 +523,7 @@ def test_device_reads_status_and_cannot_write_it(
 def test_bridge_accounts_read_requests_and_write_replies(
     mosquitto_secure: MosquittoProcess, clients: Any
 ) -> None:
-    bridge = _secure(clients, mosquitto_secure, "bridge-1").connect_ok()
+    bridge = _secure(clients, mosquitto_secure, "bridge@1").connect_ok()
     bridge.subscribe("llm/request/+", qos=1)
     dev_a = _secure(clients, mosquitto_secure, "dev-a").connect_ok()
     dev_a.subscribe("llm/reply/dev-a/#", qos=1)
@@ -539,8 +539,8 @@ def test_bridges_share_requests_through_shared_subscription(
     mosquitto_secure: MosquittoProcess, clients: Any
 ) -> None:
     """Two bridge instances (own accounts) in one $share group: each request served once."""
-    b1 = _secure(clients, mosquitto_secure, "bridge-1").connect_ok()
-    b2 = _secure(clients, mosquitto_secure, "bridge-2").connect_ok()
+    b1 = _secure(clients, mosquitto_secure, "bridge@1").connect_ok()
+    b2 = _secure(clients, mosquitto_secure, "bridge@2").connect_ok()
     for b in (b1, b2):
         codes = b.subscribe("$share/bridges/llm/request/+", qos=1)
         assert not codes[0].is_failure, codes
@@ -559,7 +559,7 @@ def test_bridges_share_requests_through_shared_subscription(
 
 def test_shipped_acl_has_a_block_per_bridge_account() -> None:
     text = MOSQUITTO_ACL.read_text()
-    for name in ("bridge-1", "bridge-2"):
+    for name in ("bridge@1", "bridge@2"):
         assert f"user {name}\n" in text
     assert "pattern write llm/request/%u" in text
     assert "pattern read llm/reply/%u/#" in text

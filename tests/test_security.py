@@ -24,9 +24,9 @@ def _device(broker: MosquittoProcess, name: str) -> BridgeClient:
 def test_devices_can_only_ask_as_themselves_and_read_their_own_replies(
     mosquitto_secure: MosquittoProcess, llama_server: str
 ) -> None:
-    bridge_login = mosquitto_secure.info("5", "bridge-1")
+    bridge_login = mosquitto_secure.info("5", "bridge@1")
     with running_bridge(bridge_login.host, bridge_login.port, [llama_server], protocol="5",
-                        bridge_id="bridge-1", mqtt={"username": "bridge-1",
+                        bridge_id="bridge-1", mqtt={"username": "bridge@1",
                                                     "password": bridge_login.password}) as bridge:
         dev_a, dev_b = _device(mosquitto_secure, "dev-a"), _device(mosquitto_secure, "dev-b")
         try:
@@ -67,10 +67,10 @@ def test_devices_can_only_ask_as_themselves_and_read_their_own_replies(
 def test_bridge_account_cannot_be_used_without_password(
     mosquitto_secure: MosquittoProcess, llama_server: str
 ) -> None:
-    info: Any = mosquitto_secure.info("5", "bridge-1")
+    info: Any = mosquitto_secure.info("5", "bridge@1")
     try:
         with running_bridge(info.host, info.port, [llama_server], protocol="5",
-                            mqtt={"username": "bridge-1", "password": "wrong",
+                            mqtt={"username": "bridge@1", "password": "wrong",
                                   "connect_timeout_s": 5}):
             raise AssertionError("the bridge connected with a wrong password")
     except ConnectionError as exc:

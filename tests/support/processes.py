@@ -60,8 +60,8 @@ CERTS_DIR = REPO / "tests" / "certs"
 SECURE_USERS: dict[str, str] = {
     "dev-a": "pw-dev-a",
     "dev-b": "pw-dev-b",
-    "bridge-1": "pw-bridge-1",
-    "bridge-2": "pw-bridge-2",
+    "bridge@1": "pw-bridge-1",
+    "bridge@2": "pw-bridge-2",
 }
 
 # Settings of the shipped conf replaced by the test rig (paths and process
