@@ -261,9 +261,15 @@ class Chunker:
                 n = len(e.encode()) - 2
             except UnicodeEncodeError:  # lone surrogates (e.g. from "\ud800" in SSE JSON)
                 text = _SURROGATE.sub("\ufffd", text)
+                e = _esc(text)
                 n = escaped_len(text)
         if not self._started or self._flush_s == 0.0:
             self._started = True  # first token goes out at once; per-token mode never buffers
+            seq = self._seq._next
+            if n <= self._base - len(str(seq)):  # the usual delta: one payload, built here
+                self._seq._next = seq + 1
+                self._ctx = _tail_cluster(self._ctx, text)
+                return [f"{self._head}{seq}{self._mid}{e}}}".encode()]
             return self._drain(text, keep_tail=False, clean_end=False)
         parts = self._parts
         now = self._clock()

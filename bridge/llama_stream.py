@@ -11,6 +11,7 @@ a delta (publishing it over MQTT, say) does not use it up.
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +37,10 @@ from bridge.sse import DEFAULT_MAX_EVENT_BYTES, SSEComment, SSEParser
 from bridge.wire import Usage
 
 Kind = Literal["chat", "completion"]
-READ_SIZE = 64 * 1024
+# A blocked read holds a buffer of this size (BufferedReader.read1 allocates it before
+# waiting), per stream: 64 KiB cost 16 MiB at 256 streams; 8 KiB still carries ~20
+# events per read when tokens pile up.
+READ_SIZE = 8 * 1024
 
 
 class Stream:
@@ -175,26 +179,31 @@ class Stream:
                 "llama-server (or a proxy that buffers/rewrites responses)?"
             )
         raw = self._response.raw
+        # One read returns everything the socket holds, not one HTTP chunk (= one event).
+        read: Callable[[int], bytes] = _Dechunker.attach(raw) or raw.read1
         parser = SSEParser(self._max_event_bytes)
         acc = _Accumulator(self._kind, self.url)
+        token = self._info.token
         waited = 0.0  # seconds blocked on the socket since the last data event
+        timeout_set = None  # (socket, timeout) last set: settimeout costs two syscalls
         while True:
             remaining = self._idle - waited
             if remaining <= 0:
                 raise self._idle_error()
-            sock = self._info.token.sock
-            if sock is not None:
+            sock = token.sock
+            if sock is not None and timeout_set != (sock, remaining):
                 # Each read may wait only for what is left of the idle budget. (A socket
                 # closed by a cancel refuses; the read below then reports the cancel.)
                 with suppress(OSError):
                     sock.settimeout(remaining)
+                timeout_set = (sock, remaining)
             before = time.monotonic()
             try:
-                chunk = raw.read1(READ_SIZE)
+                chunk = read(READ_SIZE)
             except Exception as exc:
                 raise self._read_error(exc) from exc
             waited += time.monotonic() - before
-            if self.cancelled:
+            if token.cancelled:
                 raise cancelled_error(self._info)
             items = parser.feed(chunk) if chunk else parser.finish()
             for item in items:
@@ -202,9 +211,8 @@ class Stream:
                     self.pings += 1
                     continue
                 waited = 0.0
-                deltas = acc.event(item.data, item.event)
-                for delta in deltas:
-                    if self.cancelled:  # cancelled while the consumer held a delta
+                for delta in acc.event(item.data, item.event):
+                    if token.cancelled:  # cancelled while the consumer held a delta
                         raise cancelled_error(self._info)
                     if self.first_delta_at is None:
                         self.first_delta_at = time.monotonic()
@@ -229,6 +237,8 @@ class Stream:
     def _read_error(self, exc: Exception) -> BridgeError:
         if self.cancelled:
             return cancelled_error(self._info)
+        if isinstance(exc, BridgeError):  # bad chunked framing, from _Dechunker
+            return exc
         if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
             return self._idle_error()
         return BackendProtocolError(
@@ -236,6 +246,110 @@ class Stream:
             "because part of the answer was already received: check the server's log "
             "(crash, restart, out of memory?)"
         )
+
+
+class _Dechunker:
+    """``Transfer-Encoding: chunked`` decoded here, from the connection's buffered reader.
+
+    llama-server writes every event as its own HTTP chunk, and ``http.client``'s
+    ``read1`` returns at most one chunk per call: the stream would cost a trip through
+    urllib3 and http.client, a timeout update and a parser call *per token*. Reading
+    the socket's buffer directly returns every event that has arrived in one call.
+
+    Used only when the response is chunked, not content-encoded and not read yet
+    (:meth:`attach`); otherwise the stream reads through urllib3 as before. The
+    connection is then never handed back to the pool in an unknown state: http.client
+    does not see the body end, so closing the response closes the connection.
+    """
+
+    __slots__ = ("_crlf", "_done", "_fp", "_head", "_left", "_trailer")
+
+    _MAX_LINE = 4096  # a chunk-size line (with extensions) or trailer line
+
+    def __init__(self, fp: Any) -> None:
+        self._fp = fp
+        self._left = 0  # bytes of chunk data still to come
+        self._crlf = False  # the CRLF after a chunk's data is due
+        self._trailer = False  # after the last (0-size) chunk: trailer lines until ""
+        self._done = False
+        self._head = b""  # an incomplete size line or CRLF from the previous read
+
+    @classmethod
+    def attach(cls, raw: Any) -> Callable[[int], bytes] | None:
+        """The ``read`` of a dechunker over ``raw`` (a urllib3 response), or None."""
+        fp = getattr(raw, "_fp", None)  # the http.client.HTTPResponse
+        if (not isinstance(fp, http.client.HTTPResponse) or not fp.chunked
+                or fp.chunk_left is not None or fp.fp is None
+                or len(getattr(raw, "_decoded_buffer", b"")) != 0
+                or raw.headers.get("Content-Encoding", "identity").strip().lower()
+                not in ("", "identity")):
+            return None
+        return cls(fp.fp).read
+
+    def read(self, size: int) -> bytes:
+        """Body bytes: whatever has arrived (waiting for some), b"" at the end of the body."""
+        while not self._done:
+            data = self._fp.read1(size)
+            if not data:  # EOF before the last chunk: the body was cut off
+                self._done = True
+                raise http.client.IncompleteRead(self._head)
+            out = self._decode(data)
+            if out:
+                return out
+        return b""
+
+    def _decode(self, data: bytes) -> bytes:
+        if self._head:
+            data = self._head + data
+            self._head = b""
+        out: list[bytes] = []
+        pos, n = 0, len(data)
+        while pos < n:
+            if self._left:
+                take = min(self._left, n - pos)
+                out.append(data[pos:pos + take] if take < n else data)
+                pos += take
+                self._left -= take
+                self._crlf = self._left == 0
+            elif self._crlf:
+                if data[pos] == 0x0D:  # CR (a bare LF is tolerated)
+                    if pos + 1 == n:
+                        self._head = data[pos:]
+                        break
+                    pos += 1
+                if data[pos] != 0x0A:
+                    raise self._bad(data[pos:pos + 20])
+                pos += 1
+                self._crlf = False
+            else:
+                nl = data.find(b"\n", pos)
+                if nl < 0:
+                    self._head = data[pos:]
+                    if len(self._head) > self._MAX_LINE:
+                        raise self._bad(self._head[:20])
+                    break
+                line = data[pos:nl].rstrip(b"\r")
+                pos = nl + 1
+                if self._trailer:
+                    if not line:
+                        self._done = True
+                        break
+                    continue
+                try:
+                    size = int(line.split(b";", 1)[0], 16)
+                except ValueError:
+                    raise self._bad(line[:20]) from None
+                if size < 0:
+                    raise self._bad(line[:20])
+                self._left = size
+                self._trailer = size == 0
+        return b"".join(out)
+
+    @staticmethod
+    def _bad(near: bytes) -> BackendProtocolError:
+        return BackendProtocolError(
+            f"llama-server sent a malformed HTTP chunk (near {near!r}); the connection or a "
+            "proxy in between corrupts the stream")
 
 
 class _Accumulator:

@@ -1,0 +1,107 @@
+"""The relay's fast paths (docs/performance.md): same results as the slow ways they replace."""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from bridge.exceptions import BackendProtocolError
+from bridge.llama_stream import _Dechunker
+from bridge.mqtt_link import _publish_props
+from bridge.sse import SSEParser
+
+
+class _Pieces:
+    """A reader whose ``read1`` returns the given pieces, then b"" (EOF)."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = list(pieces)
+
+    def read1(self, size: int) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+def _chunked(parts: list[bytes], *, ext: bool = False, trailer: bool = False) -> bytes:
+    out = b"".join(b"%x%s\r\n%s\r\n" % (len(p), b";x=1" if ext else b"", p) for p in parts if p)
+    return out + b"0\r\n" + (b"Trailer: yes\r\n" if trailer else b"") + b"\r\n"
+
+
+def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
+
+
+def _read_all(dechunker: _Dechunker) -> bytes:
+    out = b""
+    while piece := dechunker.read(65536):
+        out += piece
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.binary(max_size=40), max_size=8),
+       cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+       ext=st.booleans(), trailer=st.booleans())
+def test_dechunker_decodes_any_split(parts: list[bytes], cuts: list[int], ext: bool,
+                                     trailer: bool) -> None:
+    wire = _chunked(parts, ext=ext, trailer=trailer) + b"ignored: next response"
+    assert _read_all(_Dechunker(_Pieces(_cut(wire, cuts)))) == b"".join(parts)
+
+
+def test_dechunker_reads_many_chunks_at_once() -> None:
+    events = [b"data: {\"n\": %d}\n\n" % i for i in range(100)]
+    dechunker = _Dechunker(_Pieces([_chunked(events)]))
+    assert dechunker.read(65536) == b"".join(events)  # one call, not one per chunk
+    assert dechunker.read(65536) == b""
+
+
+def test_dechunker_eof_mid_body_is_incomplete_read() -> None:
+    dechunker = _Dechunker(_Pieces([b"5\r\nhel"]))
+    assert dechunker.read(100) == b"hel"
+    with pytest.raises(http.client.IncompleteRead):
+        dechunker.read(100)
+
+
+@pytest.mark.parametrize("wire", [b"zz\r\nabc\r\n", b"3\r\nabcXY", b"-3\r\nabc\r\n"])
+def test_dechunker_bad_framing_is_protocol_error(wire: bytes) -> None:
+    with pytest.raises(BackendProtocolError, match="malformed HTTP chunk"):
+        _read_all(_Dechunker(_Pieces([wire])))
+
+
+@pytest.mark.parametrize("correlation", [None, b"", b"abc", bytes(range(256))])
+def test_publish_properties_pack_like_fresh_ones(correlation: bytes | None) -> None:
+    fresh = Properties(PacketTypes.PUBLISH)
+    fresh.ContentType = "application/json"
+    if correlation is not None:
+        fresh.CorrelationData = correlation
+    cached = _publish_props(correlation)
+    assert cached.pack() == fresh.pack()
+    assert cached is _publish_props(correlation)
+    assert cached.ContentType == "application/json"
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts=st.lists(st.text(max_size=12), min_size=1, max_size=6),
+       cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=10),
+       crlf=st.booleans())
+def test_sse_lf_fast_path_matches_crlf_path(texts: list[str], cuts: list[int],
+                                            crlf: bool) -> None:
+    # The same events with LF (fast path) and CRLF (regex path) line endings.
+    def wire(eol: bytes) -> bytes:
+        return b"".join(b"data: " + t.replace("\n", " ").replace("\r", " ").encode()
+                        + eol + b":ping" + eol + eol for t in texts)
+
+    def parse(data: bytes) -> list[object]:
+        parser = SSEParser()
+        items: list[object] = []
+        for piece in _cut(data, cuts):
+            items += parser.feed(piece)
+        return items + parser.finish()
+
+    assert parse(wire(b"\n")) == parse(wire(b"\r\n" if crlf else b"\r"))
