@@ -196,7 +196,10 @@ class LlamaCppClient:
             FirstByteTimeout: it accepted the connection but did not answer in time.
         """
         info = CallInfo(self._url("/health"))
-        resp = self._get(info, attempts=1)
+        # Two attempts: llama-server closes idle keep-alive connections after ~5 s, and a
+        # probe sent on one it is closing fails at once; one failure must not mark a
+        # healthy backend down for a whole health interval.
+        resp = self._get(info, attempts=2)
         try:
             try:
                 data = json.loads(read_bounded(resp, MAX_SMALL_BYTES))

@@ -152,6 +152,7 @@ class MqttLink:
         self._first_connack = threading.Event()
         self._connack_failure: str | None = None
         self._closing = False
+        self._no_wait = False  # set while stopping: never wait for the window again
         self.is_v5 = False
         self.broker_max_packet: int | None = None
         self.published = 0
@@ -351,7 +352,8 @@ class MqttLink:
             if flow_controlled:
                 limit = self._cfg.mqtt.max_queued
                 while self._outstanding >= limit:
-                    if self._closing or (deadline is not None and time.monotonic() > deadline):
+                    if self._closing or self._no_wait or (
+                            deadline is not None and time.monotonic() > deadline):
                         raise PublishError("gave up waiting for the broker to accept messages")
                     self._window.wait(0.5)
             # Intake messages (start/error) count but never wait: they come from the
@@ -370,6 +372,13 @@ class MqttLink:
         with self._window:
             self.published += 1
             self.published_bytes += len(payload)
+
+    def stop_waiting(self) -> None:
+        """From now on a publish that would wait for the window fails instead (shutdown):
+        messages that fit still go out, so a normal stop still answers every request."""
+        self._no_wait = True
+        with self._window:
+            self._window.notify_all()
 
     def has_room(self) -> bool:
         """Whether a flow-controlled publish would go out without waiting."""

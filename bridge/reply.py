@@ -199,9 +199,12 @@ class ReplyChannel:
 
     # ------------------------------------------------------------------ terminal messages
 
-    def done(self, finish_reason: str, usage: Usage | None, timings: Timings) -> None:
-        self._terminal(DoneMsg, finish_reason=finish_reason, usage=usage or Usage(),
-                       timings=timings)
+    def done(self, finish_reason: str, usage: Usage | None, timings: Timings, *,
+             flow_controlled: bool = True) -> None:
+        """Terminal ``done``; ``flow_controlled=False`` from the intake thread, which must
+        never wait for the publish window."""
+        self._terminal(DoneMsg, flow_controlled=flow_controlled, finish_reason=finish_reason,
+                       usage=usage or Usage(), timings=timings)
 
     def reply(self, **fields: Any) -> None:
         self._terminal(ReplyMsg, **fields)
@@ -221,7 +224,8 @@ class ReplyChannel:
                    retry_after_ms=getattr(exc, "retry_after_ms", None),
                    backend_type=getattr(exc, "error_type", None))
 
-    def _terminal(self, message_type: type[Any], **fields: Any) -> None:
+    def _terminal(self, message_type: type[Any], *, flow_controlled: bool = True,
+                  **fields: Any) -> None:
         with self.lock:
             if self.finished:
                 log.debug("%s already ended with %s; dropping a second terminal %s",
@@ -232,4 +236,4 @@ class ReplyChannel:
             try:
                 self._flush_all()  # buffered text always precedes the terminal message
             finally:
-                self._send(message_type, **fields)
+                self._send(message_type, flow_controlled=flow_controlled, **fields)

@@ -117,6 +117,8 @@ class Bridge:
         # In a shared group, first make the broker route new requests to the other bridges.
         self.link.leave_shared()
         self._stopping.set()
+        # With the broker away and the window full, waiting would never end (B8).
+        self.link.stop_waiting()
         self._intake.put(None)
         for key in self.queue.drain():
             job = self.jobs.get(key)
@@ -260,7 +262,8 @@ class Bridge:
             queued = job.state == "queued" and self.queue.remove(client, job.key)
         if queued:
             job.outcome = "cancelled"
-            job.channel.done("cancelled", None, job.timings(None))
+            # The intake thread must never wait for the publish window (B9).
+            job.channel.done("cancelled", None, job.timings(None), flow_controlled=False)
             self._finish(job)
         else:
             job.token.cancel()  # closes the HTTP connection: llama-server frees the slot

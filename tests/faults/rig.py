@@ -15,6 +15,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -593,3 +596,74 @@ def bridge_threads_alive(bridge: Bridge) -> list[str]:
     if paho is None or not paho.is_alive():
         dead.append("paho network thread")
     return dead
+
+
+@contextmanager
+def bridge_process(host: str, port: int, llama_url: str, workdir: Path, *, bridge_id: str,
+                   protocol: str = "5", settings: dict[str, str] | None = None,
+                   log_level: str = "WARNING") -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m bridge run`` as a child process, online (retained status) on return.
+
+    For faults where the bridge may hang: the test stays bounded, because teardown
+    ends the process (SIGTERM, then SIGKILL after 10 s).
+
+    Args:
+        settings: environment variables, e.g. ``{"BRIDGE_MQTT__MAX_QUEUED": "10"}``.
+    Yields:
+        The process; its log is ``workdir/bridge.log``.
+    """
+    from tests.support.recorder import Recorder
+
+    env = {**os.environ, "BRIDGE_DEDUPE_TTL_S": "600", **(settings or {})}
+    status = Recorder(host, port, topic_filter=f"llm/status/{bridge_id}")
+    log = open(workdir / "bridge.log", "wb")  # noqa: SIM115 -- closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "run", "--mqtt-host", host, "--mqtt-port", str(port),
+         "--mqtt-protocol", protocol, "--llama-url", llama_url, "--bridge-id", bridge_id,
+         "--log-level", log_level],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    try:
+        online = status.wait_for(lambda ms: any(b'"online"' in m.payload for m in ms), 60)
+        if not online:
+            raise TimeoutError(f"the bridge process never came online; log: "
+                               f"{(workdir / 'bridge.log').read_text(errors='replace')[-2000:]}")
+        yield proc
+    finally:
+        status.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        log.close()
+
+
+def wait_while_progressing(condition: Callable[[], bool], progress: Callable[[], int], *,
+                           stall_s: float = 60.0, limit_s: float = 1800.0) -> bool:
+    """Poll ``condition`` for as long as ``progress()`` keeps growing.
+
+    For waits whose length depends on how fast a loaded machine generates: give up only
+    when nothing moved for ``stall_s`` (a hang), or after ``limit_s`` in any case.
+    """
+    end = time.monotonic() + limit_s
+    last, moved = progress(), time.monotonic()
+    while not condition():
+        now = time.monotonic()
+        current = progress()
+        if current != last:
+            last, moved = current, now
+        if now - moved > stall_s or now > end:
+            return False
+        time.sleep(0.05)  # poll interval, bounded by the stall and limit above
+    return True
+
+
+def bridge_state(bridge: Bridge) -> str:
+    """A one-line picture of a bridge that did not finish, for the failure message."""
+    with bridge._jobs_lock:
+        jobs = [f"{c}/{i}:{j.state}@seq{j.channel.seq.next}" for (c, i), j in
+                list(bridge.jobs.items())[:6]]
+    return (f"connected={bridge.link.connected} outstanding={bridge.link.outstanding} "
+            f"published={bridge.link.published} jobs={len(bridge.jobs)} {jobs}")

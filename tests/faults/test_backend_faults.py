@@ -18,7 +18,13 @@ def test_llama_killed_mid_stream_errors_then_recovers_without_bridge_restart(env
 
 
 def test_retry_with_same_id_after_backend_unavailable_is_served(env: Env) -> None:
+    """Regression test for B1."""
     result = scenarios.retry_same_id_after_backend_unavailable(env, SIZES)
+    assert result.terminal == result.sent
+
+
+def test_health_probe_on_a_stale_keepalive_connection_keeps_backend_healthy(env: Env) -> None:
+    result = scenarios.stale_keepalive_probe(env, SIZES)
     assert result.terminal == result.sent
 
 

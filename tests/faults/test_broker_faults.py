@@ -1,4 +1,4 @@
-"""Scenarios 1 and 4: Mosquitto stopped, crashed and frozen under the bridge mid-stream."""
+"""Scenarios 1 and 4: Mosquitto stopped, crashed, frozen, or not reading, mid-stream."""
 
 from __future__ import annotations
 
@@ -30,5 +30,18 @@ def test_broker_frozen_memory_bounded_by_flow_control(env: Env) -> None:
 
 
 def test_broker_frozen_past_max_generation_still_ends_every_stream(env: Env) -> None:
+    """Regression test for B2."""
     result = scenarios.broker_paused_past_deadline(env, SIZES)
     assert result.terminal == result.sent
+
+
+def test_broker_that_stops_reading_neither_stalls_cancels_nor_deadlocks_intake(
+    env: Env,
+) -> None:
+    result = scenarios.broker_stops_reading(env, SIZES)
+    assert result.terminal == result.sent
+
+
+def test_bridge_stops_in_bounded_time_while_the_broker_is_frozen(env: Env) -> None:
+    result = scenarios.stop_while_broker_frozen(env, SIZES)
+    assert not result.failures

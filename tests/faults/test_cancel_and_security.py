@@ -24,5 +24,6 @@ def test_bridge_on_tls_passwords_acl_and_least_privilege(env: Env) -> None:
 
 
 def test_bridge_account_cannot_be_used_as_a_device(env: Env) -> None:
+    """Regression test for B6."""
     result = scenarios.bridge_account_as_device(env, SIZES)
     assert result.terminal == 0

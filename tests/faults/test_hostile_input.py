@@ -18,10 +18,12 @@ def test_hostile_payloads_each_get_one_error_and_never_disturb_the_bridge(env: E
 
 
 def test_oversized_correlation_data_cannot_knock_the_bridge_off_the_broker(env: Env) -> None:
+    """Regression test for B3."""
     result = scenarios.oversized_correlation_data(env, SIZES)
     assert result.terminal == result.sent
 
 
 def test_nan_and_infinity_are_bad_requests_not_forwarded(env: Env) -> None:
+    """Regression test for B5."""
     result = scenarios.non_finite_numbers(env, SIZES)
     assert result.terminal == result.sent

@@ -22,6 +22,7 @@ def test_duplicate_ids_are_never_generated_twice_and_replay_identically(env: Env
 
 
 def test_retained_request_is_generated_once_across_bridge_restarts(env: Env) -> None:
+    """Regression test for B4."""
     result = scenarios.retained_request(env, SIZES)
     assert result.duplicated == 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import select
 import socket
 import threading
+import time
 from contextlib import suppress
 
 _IO_S = 0.02
@@ -36,6 +37,8 @@ class TcpRelay:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.held_bytes = 0
+        self.held_publishes = 0  # MQTT PUBLISH packets that arrived while holding
+        self.last_held_publish: float | None = None  # time.monotonic() of the latest one
         self._acceptor = threading.Thread(target=self._accept_loop, name="tcp-relay",
                                           daemon=True)
 
@@ -85,6 +88,7 @@ class TcpRelay:
         for sock in (client, server):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pending = bytearray()  # client -> server bytes held back
+        frames = _MqttFrames()
         try:
             while not self._stop.is_set():
                 if pending and not self._hold.is_set():
@@ -97,9 +101,14 @@ class TcpRelay:
                         return
                     if sock is server:
                         client.sendall(data)
-                    elif self._hold.is_set():
+                        continue
+                    publishes = frames.feed(data)
+                    if self._hold.is_set():
                         pending += data
                         self.held_bytes += len(data)
+                        if publishes:
+                            self.held_publishes += publishes
+                            self.last_held_publish = time.monotonic()
                     else:
                         server.sendall(data)
         except OSError:
@@ -109,3 +118,30 @@ class TcpRelay:
                 with suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
+
+
+class _MqttFrames:
+    """Splits one direction of an MQTT connection into packets; counts PUBLISH packets."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> int:
+        self._buf += data
+        publishes = 0
+        while len(self._buf) >= 2:
+            length, multiplier, pos = 0, 1, 1
+            while True:  # "remaining length": 1-4 bytes, 7 bits each
+                if pos >= len(self._buf):
+                    return publishes
+                byte = self._buf[pos]
+                length += (byte & 0x7F) * multiplier
+                multiplier *= 128
+                pos += 1
+                if not byte & 0x80 or pos > 4:
+                    break
+            if len(self._buf) < pos + length:
+                return publishes
+            publishes += int(self._buf[0] >> 4 == 3)
+            del self._buf[:pos + length]
+        return publishes
