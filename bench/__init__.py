@@ -10,5 +10,7 @@ process the benchmark starts is stopped by it. Modules:
 * :mod:`bench.device` -- the MQTT side: many devices sending requests and one
   subscriber counting what arrives (its own process);
 * :mod:`bench.rawpub` -- one plain paho publisher, for the library/broker limit;
-* :mod:`bench.procs` -- starting and measuring the processes (bridge, brokers).
+* :mod:`bench.procs` -- starting and measuring the processes (bridge, brokers);
+* :mod:`bench.profile` -- py-spy on the bridge subprocess under relay load;
+* :mod:`bench.ingest_compare` -- thread per stream vs one asyncio loop, reading only.
 """
