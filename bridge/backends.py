@@ -83,17 +83,20 @@ class BackendPool:
     Args:
         settings: the ``[llama]`` configuration (its ``urls`` must be set by now).
         on_change: called (from the probe thread) when a backend's health changes.
+        pool_size: HTTP connections kept open per backend; at least the number of
+            concurrent requests, or urllib3 discards (and logs) every extra one.
     """
 
     def __init__(self, settings: LlamaSettings, urls: list[str],
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None, *, pool_size: int = 16) -> None:
         timeouts = Timeouts(connect=settings.connect_timeout_s,
                             first_byte=settings.first_byte_timeout_s,
                             idle=settings.idle_timeout_s)
         retry = RetryPolicy(attempts=settings.retries)
         key = settings.api_key.get_secret_value() if settings.api_key else None
         self.backends = [
-            Backend(url, LlamaCppClient(url, timeouts=timeouts, retry=retry, api_key=key))
+            Backend(url, LlamaCppClient(url, timeouts=timeouts, retry=retry, api_key=key,
+                                        pool_size=pool_size))
             for url in urls
         ]
         self._interval = settings.health_interval_s
@@ -165,10 +168,16 @@ class BackendPool:
                     f"no llama-server of this bridge serves model {model!r}; available: "
                     f"{', '.join(repr(m) for m in available) or 'none'} (or leave 'model' out)")
             down = ", ".join(b.url for b in self.backends if not b.healthy)
-            return BackendUnavailable(f"no healthy llama-server serves model {model!r} now"
-                                      + (f" ({down} may, once back)" if down else ""))
+            return BackendUnavailable(
+                f"no healthy llama-server serves model {model!r} now"
+                + (f" ({down} may, once back)" if down else ""),
+                public=f"no llama-server that serves model {model!r} is up now; try again "
+                       "later")
         detail = "; ".join(f"{b.url}: {b.last_error or 'unhealthy'}" for b in self.backends)
-        return BackendUnavailable(f"no healthy llama-server ({detail})")
+        return BackendUnavailable(
+            f"no healthy llama-server ({detail})",
+            public=f"no llama-server is up now ({len(self.backends)} configured, none "
+                   "healthy); try again later")
 
     def release(self, backend: Backend) -> None:
         with self._lock:

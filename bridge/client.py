@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.config import MqttSettings
+from bridge.mqtt_link import no_delay
 from bridge.topics import Topics
 from bridge.wire import TERMINAL_TYPES, decode_reply
 
@@ -70,6 +71,9 @@ class BridgeClient:
         self._mqtt.on_connect = self._on_connect
         self._mqtt.on_message = self._on_message
         self._mqtt.on_subscribe = self._on_subscribe
+        # Without TCP_NODELAY a request waits up to 40 ms for the broker's delayed ACK of
+        # this device's previous packet (measured: docs/performance.md).
+        self._mqtt.on_socket_open = no_delay
 
     # ------------------------------------------------------------------ connection
 

@@ -62,7 +62,9 @@ class MqttSettings(BaseModel):
     protocol: Literal["auto", "5", "3.1.1"] = Field(
         "auto", description="'auto' tries MQTT 5 and falls back to 3.1.1 (amqtt speaks only 3.1.1)."
     )
-    qos: Literal[0, 1, 2] = Field(1, description="QoS of every reply message and subscription.")
+    # An int range, not Literal[0, 1, 2]: the environment gives the string "1", which a
+    # Literal refuses ("Input should be 0, 1 or 2") while an int field coerces it.
+    qos: int = Field(1, ge=0, le=2, description="QoS of every reply message and subscription.")
     keepalive_s: int = Field(30, ge=5, le=3600)
     session_expiry_s: int = Field(
         3600, ge=0,

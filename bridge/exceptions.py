@@ -20,7 +20,13 @@ typed ``error`` reply without a lookup table scattered across modules::
 
 from __future__ import annotations
 
+import re
+
 from bridge.wire import ErrorCode
+
+# "llama-server at http://10.0.0.5:8080/v1/chat/completions" or a bare URL in a message.
+_HOST_PORT = re.compile(r"host='[^']*', port=\d+")
+_BACKEND_URL = re.compile(r"(?:llama-server at )?\bhttps?://[^\s,;()'\"]*[^\s,;()'\".:]")
 
 
 class BridgeError(Exception):
@@ -29,9 +35,23 @@ class BridgeError(Exception):
     code: ErrorCode = ErrorCode.internal
     retryable: bool = False
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, public: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self._public = public
+
+    @property
+    def public_message(self) -> str:
+        """The message as a device may see it: no backend addresses.
+
+        Operators get :attr:`message` in the log; devices do not need to know where
+        llama-server runs (an internal address tells an attacker where to look). The
+        raiser may give a device's version (``public``); otherwise URLs and urllib3's
+        ``host='…', port=N`` are replaced.
+        """
+        if self._public is not None:
+            return self._public
+        return _HOST_PORT.sub("host=…", _BACKEND_URL.sub("llama-server", self.message))
 
 
 class RequestRejected(BridgeError):

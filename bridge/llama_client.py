@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -378,7 +379,9 @@ class LlamaCppClient:
 
         if attempts == 1:
             return attempt()
-        return with_retries(attempt, self.retry, info.token, info.url)
+        policy = self.retry if attempts == self.retry.attempts else dataclasses.replace(
+            self.retry, attempts=attempts)
+        return with_retries(attempt, policy, info.token, info.url)
 
     def _get_json(self, path: str) -> Any:
         info = CallInfo(self._url(path))

@@ -234,23 +234,29 @@ def map_request_error(exc: requests.RequestException, info: CallInfo, connect_s:
     Returns:
         The exception to raise.
     """
-    where = f"llama-server at {info.url} (attempt {info.attempts}/{attempts})"
+    tries = f"(attempt {info.attempts}/{attempts})"
+    where = f"llama-server at {info.url} {tries}"
     if info.token.cancelled:
         return cancelled_error(info)
     if isinstance(exc, requests.ConnectTimeout):
         return ConnectTimeout(
             f"could not open a connection to {where} within connect={connect_s:g} s; "
-            "check that the host is up and reachable (firewall, address)"
+            "check that the host is up and reachable (firewall, address)",
+            public=f"llama-server did not accept a connection {tries}; try again later",
         )
     if isinstance(exc, requests.ReadTimeout):
         return FirstByteTimeout(
             f"{where} accepted the request but sent no response within "
             f"{read_name}={read_s:g} s; every slot may be busy (llama-server queues silently) "
-            "or the prompt is long: check /slots and the server load, or raise the timeout"
+            "or the prompt is long: check /slots and the server load, or raise the timeout",
+            public=f"llama-server sent no response within {read_name}={read_s:g} s (all its "
+                   "slots may be busy, or the prompt is long); try again later or send a "
+                   "shorter prompt",
         )
     return BackendUnavailable(
         f"could not reach {where}: {exc}; check that llama-server is running and the URL "
-        "is right"
+        "is right",
+        public=f"llama-server could not be reached {tries}; try again later",
     )
 
 

@@ -73,7 +73,7 @@ class _PackedProperties(Properties):  # type: ignore[misc]  # paho is untyped
         return self._packed
 
 
-def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+def no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     """Send every packet at once (paho leaves Nagle's algorithm on).
 
     With Nagle, a small packet waits for the ACK of the previous one, and the broker's
@@ -223,7 +223,7 @@ class MqttLink:
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
         client.on_subscribe = self._handle_subscribe
-        client.on_socket_open = _no_delay
+        client.on_socket_open = no_delay
 
         self._first_connack.clear()
         self._connack_failure = None

@@ -220,7 +220,7 @@ class ReplyChannel:
 
     def fail(self, exc: BridgeError) -> None:
         """Answer with the ``error`` that ``exc`` maps to."""
-        self.error(exc.code, exc.message, retryable=exc.retryable,
+        self.error(exc.code, exc.public_message, retryable=exc.retryable,
                    retry_after_ms=getattr(exc, "retry_after_ms", None),
                    backend_type=getattr(exc, "error_type", None))
 

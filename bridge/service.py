@@ -23,7 +23,7 @@ from typing import Any
 from bridge import __version__
 from bridge.backends import BackendPool
 from bridge.config import DeploymentConfig
-from bridge.exceptions import BackendUnavailable, BridgeError, StreamCancelled
+from bridge.exceptions import BackendError, BackendUnavailable, BridgeError, StreamCancelled
 from bridge.intake import Accepted, Rejected, parse_cancel, parse_request
 from bridge.job import Job
 from bridge.limits import ClientLimits, DedupeCache
@@ -41,6 +41,7 @@ log = logging.getLogger("bridge")
 request_log = logging.getLogger("bridge.requests")
 
 _INTAKE_BOUND = 10_000  # inbound messages waiting for validation
+_DEFAULT_HTTP_POOL = 64  # kept-alive connections per backend (urllib3 opens more on demand)
 
 
 class Bridge:
@@ -54,7 +55,10 @@ class Bridge:
     def __init__(self, config: DeploymentConfig, llama_urls: list[str]) -> None:
         self.cfg = config
         self.topics = config.topics
-        self.pool = BackendPool(config.llama, llama_urls, on_change=self.publish_status)
+        # One pooled connection per concurrent stream. With max_concurrent unset the
+        # concurrency (the servers' slots) is known only after probing: 64 covers most.
+        self.pool = BackendPool(config.llama, llama_urls, on_change=self.publish_status,
+                                pool_size=max(config.max_concurrent or 0, _DEFAULT_HTTP_POOL))
         self.limits = ClientLimits(config.client_max_inflight, config.client_rate_per_min)
         self.dedupe = DedupeCache(config.dedupe_ttl_s)
         self.queue: FairQueue[tuple[str, str]] = FairQueue(config.queue_size)
@@ -295,6 +299,8 @@ class Bridge:
             self._cancelled(job)
         except BridgeError as exc:
             job.outcome = f"error:{exc.code.value}"
+            if isinstance(exc, BackendError):  # the device's copy has no backend address
+                log.warning("request %s: %s", job.acc.request_id, exc.message)
             job.channel.fail(exc)
         except PublishError as exc:
             job.outcome = "publish_failed"

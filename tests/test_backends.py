@@ -241,5 +241,7 @@ def test_failover_when_a_server_is_dead_before_the_probe_notices(
         check_reply_stream(msgs)
         assert msgs[-1].type == "error" and msgs[-1].code == "backend_unavailable"
         assert msgs[-1].retryable
+        # devices are not told where llama-server runs; the operator's log says it
+        assert "127.0.0.1" not in msgs[-1].message and "http" not in msgs[-1].message
         # slots are released before the terminal message is published
         assert [b.active for b in bridge.pool.backends] == [0, 0]

@@ -218,6 +218,14 @@ def test_nested_env_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "s3cret" not in repr(cfg)
 
 
+def test_qos_from_the_environment_is_coerced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BRIDGE_MQTT__QOS", "0")
+    assert load_config().mqtt.qos == 0
+    monkeypatch.setenv("BRIDGE_MQTT__QOS", "3")
+    with pytest.raises(ValidationError, match="qos"):
+        load_config()
+
+
 def test_overrides_with_none_do_not_mask_file_or_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

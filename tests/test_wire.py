@@ -284,3 +284,16 @@ def test_clear_with_both_messages_and_prompt_is_rejected() -> None:
     with pytest.raises(ValidationError, match="not both"):
         BridgeRequest.model_validate({"session": "s1", "clear": True, "prompt": "x",
                                       "messages": [{"role": "user", "content": "y"}]})
+
+
+def test_backend_addresses_are_not_told_to_devices() -> None:
+    from bridge.exceptions import BackendProtocolError, IdleTimeout, RequestRejected
+
+    stalled = IdleTimeout("llama-server at http://10.0.0.5:8080/v1/chat/completions sent no "
+                          "data for idle=60 s mid-stream")
+    assert stalled.public_message == "llama-server sent no data for idle=60 s mid-stream"
+    assert "10.0.0.5" in stalled.message  # the operator's log keeps it
+    broken = BackendProtocolError("bad answer from https://gpu-box.lan/props: not JSON")
+    assert broken.public_message == "bad answer from llama-server: not JSON"
+    rejected = RequestRejected(ErrorCode.bad_request, "field 'x' unknown")
+    assert rejected.public_message == rejected.message
