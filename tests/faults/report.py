@@ -244,11 +244,9 @@ def _dedent(doc: str) -> str:
 BUGS_AND_OBSERVATIONS = """
 ## Bugs found
 
-The scenarios that show them stay in the suite as regression tests. B1-B6 were found
-by this suite and fixed in the working tree while it was being written (not yet
-committed at the time of this run); B7-B9 are open: their tests in `tests/faults` are
-marked `xfail(strict=True)`, so they fail ("XPASS(strict)") once the bug is fixed and
-the mark can go.
+The scenarios that show them stay in the suite as regression tests: the rows marked
+"regression test for Bn" above say how each did on the code this report was made from.
+B10 is checked by `tests/test_backends.py` and `tests/test_wire.py`.
 
 - **B1 -- a retryable error was replayed to a retry with the same id** (fixed).
   `Bridge._finish` recorded every finished request in the duplicate cache, errors
@@ -279,39 +277,34 @@ the mark can go.
   and `topic readwrite llm/status/#` let any bridge overwrite another's status. Fixed
   by naming bridge accounts `bridge@N` (never a valid `{client}`) and granting each
   bridge its own status topic only.
-- **B7 -- a health probe on a stale keep-alive connection marks a healthy backend down**
-  (open). `LlamaCppClient.health()` makes one attempt on a pooled connection.
+- **B7 -- a health probe on a stale keep-alive connection marked a healthy backend down**
+  (fixed). `LlamaCppClient.health()` made one attempt on a pooled connection, and
   llama-server closes idle keep-alive connections after 5 s -- the default
-  `health_interval_s` -- so under load a probe goes out on a connection the server is
-  closing, fails with "Remote end closed connection without response", and every
-  request is answered `backend_unavailable` until the next probe: the 10-minute soak
-  at default settings got 40 such errors in one run. Scenario 2c reproduces it every
-  time with a scripted server that closes reused connections unanswered. Fix: in
-  `health()`, when the attempt fails with `BackendUnavailable` (not a connect timeout),
-  try once more on another connection before calling the server down (GET is
-  idempotent; RFC 9112 §9.3.1 allows exactly this retry).
-- **B8 -- `Bridge.stop()` never returns while the broker is away** (open). With the publish
-  window full, `stop()` answers queued requests (`_end_unrun` → `channel.error`), and
-  that publish waits for room that never comes (no deadline since the B2 fix); a full
-  intake queue would also block its `self._intake.put(None)`. SIGTERM then hangs
-  until the broker returns. Fix: `MqttLink.give_up_waiting(grace)` called first thing
-  in `stop()` (waiting publishes fail after a 5 s grace) and `put_nowait` for the
-  intake's stop marker.
-- **B9 -- cancelling a queued request makes the intake thread wait for the window**
-  (open). `Bridge._cancel` answers a queued request itself with
-  `channel.done("cancelled")`, a flow-controlled publish, from the intake thread --
-  which must never wait on paho's network thread (paho's thread blocks handing it
-  messages once its queue of 10,000 is full). With the broker slow to acknowledge,
-  every later cancel and request stalls behind it; add a burst of 10,000 messages and
-  the bridge deadlocks (scenario 4c: no answer after the stall ended; the process had
-  to be killed). Fix: publish that `done` with `flow_controlled=False`, like `start`.
+  `health_interval_s` -- so under load a probe went out on a connection the server was
+  closing, failed with "Remote end closed connection without response", and every
+  request was answered `backend_unavailable` until the next probe (the 10-minute soak
+  got 40 such errors in one run). Scenario 2c reproduces it every time with a scripted
+  server that closes reused connections unanswered. Fixed: a probe makes two attempts
+  (GET is idempotent; RFC 9112 §9.3.1 allows the retry).
+- **B8 -- `Bridge.stop()` never returned while the broker was away** (fixed). With the
+  publish window full, `stop()` answers queued requests, and that publish waited for room
+  that never came; SIGTERM hung until the broker returned. Fixed:
+  `MqttLink.stop_waiting()` first thing in `stop()` -- from then on a publish that would
+  wait fails at once (messages that fit still go out).
+- **B9 -- cancelling a queued request made the intake thread wait for the window**
+  (fixed). `Bridge._cancel` answered a queued request with a flow-controlled
+  `done("cancelled")` from the intake thread, which must never wait on paho's network
+  thread (paho's thread blocks handing it messages once the intake queue of 10,000 is
+  full). With the broker slow to acknowledge, later cancels and requests stalled behind
+  it, and a burst of 10,000 messages deadlocked the bridge (scenario 4c). Fixed: that
+  `done` is published without waiting, like `start`.
+- **B10 -- errors told devices the backend's internal address** (fixed). Messages such
+  as `llama-server at http://127.0.0.1:PORT/... sent no data for idle=1.5 s`, or
+  urllib3's `host='…', port=N`, reached every device. Devices now get a version without
+  addresses (`BridgeError.public_message`); the operator's log keeps the full message.
 
 ## Observations (not failures)
 
-- **Errors tell devices the backend's internal URL** (`llama-server at
-  http://127.0.0.1:PORT/... sent no data for idle=1.5 s`): useful to an operator, but
-  it discloses internal addresses to every device; the device needs only the code and
-  what to change.
 - **"Device gone".** The bridge does not watch devices' Last Wills (it cannot know which
   request a will belongs to). A device that wants its request cancelled when it
   vanishes sets its Last Will to a cancel: topic `P/cancel/{client}`, payload
