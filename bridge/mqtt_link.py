@@ -346,7 +346,8 @@ class MqttLink:
             raise PublishError("MQTT link is closed")
         if len(payload) + len(topic.encode()) > self.max_payload_bytes:
             raise PublishError(
-                f"message of {len(payload)} bytes exceeds the limit of {self.max_payload_bytes}"
+                f"message of {len(payload)} bytes on a topic of {len(topic.encode())} bytes "
+                f"exceeds the limit of {self.max_payload_bytes} for both together"
             )
         with self._window:
             if flow_controlled:

@@ -23,7 +23,13 @@ from typing import Any
 from bridge import __version__
 from bridge.backends import BackendPool
 from bridge.config import DeploymentConfig
-from bridge.exceptions import BackendError, BackendUnavailable, BridgeError, StreamCancelled
+from bridge.exceptions import (
+    BackendError,
+    BackendUnavailable,
+    BridgeError,
+    RequestRejected,
+    StreamCancelled,
+)
 from bridge.intake import Accepted, Rejected, parse_cancel, parse_request
 from bridge.job import Job
 from bridge.limits import ClientLimits, DedupeCache
@@ -280,7 +286,17 @@ class Bridge:
                 return  # cancelled while queued: already answered
             job.state = "running"
             job.started_at = time.monotonic()
+            # Taken off the queue just before stop() drained it, after stop() listed the
+            # running jobs: neither would answer it. _stopping is set before that list is
+            # made, so under this lock one of the two always sees the job.
+            shutting_down = self._stopping.is_set()
         try:
+            if shutting_down:
+                job.outcome = "error:shutdown"
+                job.channel.error(ErrorCode.backend_unavailable,
+                                  "the bridge is shutting down; send the request again",
+                                  retryable=True)
+                return
             if job.cancelled:  # cancel raced with the worker taking the job
                 job.outcome = "cancelled"
                 job.channel.done("cancelled", None, job.timings(None))
@@ -425,10 +441,19 @@ class Bridge:
         fields: dict[str, Any] = {"content": gen.content, "tool_calls": gen.tool_calls,
                                   "finish_reason": gen.finish_reason or "stop",
                                   "usage": job.usage, "timings": job.timings(job.usage)}
-        if gen.content and channel.reply_size(**fields) > self.link.max_payload_bytes:
+        # The link bounds payload + topic (like the broker's Maximum Packet Size), as the
+        # intake does for chunk_bytes: a reply that fits only without its topic is refused.
+        room = self.link.max_payload_bytes - len(channel.topic.encode())
+        if gen.content and channel.reply_size(**fields) > room:
             # Too big for one message: the text goes as chunks, then a reply without content.
             channel.chunks(gen.content)
             fields["content"] = None
+        if channel.reply_size(**fields) > room:  # tool_calls alone too big: say so, not drop
+            raise RequestRejected(
+                ErrorCode.too_large,
+                f"the answer's tool_calls do not fit in one message of {room} bytes "
+                "(max_message_bytes or the broker's Maximum Packet Size, less the topic); "
+                "ask for shorter tool arguments or raise max_message_bytes")
         job.outcome = "reply"
         answer: dict[str, Any] = {"role": "assistant", "content": gen.content or ""}
         if gen.tool_calls:

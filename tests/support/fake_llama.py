@@ -43,13 +43,18 @@ class FakeLlama:
         n_ctx: per-slot context reported by ``/props``.
         slots: ``total_slots`` reported by ``/props``.
         answer: the text pieces to stream for a request body.
+        tool_calls: the ``tool_calls`` of a non-streamed chat answer for a request body
+            (none if unset or it returns none).
     """
 
     def __init__(self, *, n_ctx: int = 4096, slots: int = 2,
-                 answer: Answer = default_answer) -> None:
+                 answer: Answer = default_answer,
+                 tool_calls: Callable[[dict[str, Any]], list[dict[str, Any]] | None] | None
+                 = None) -> None:
         self.n_ctx = n_ctx
         self.slots = slots
         self.answer = answer
+        self.tool_calls = tool_calls
         self.bodies: list[tuple[str, dict[str, Any]]] = []  # (path, body) of generations
         self.tokenize_calls = 0
         self._cond = threading.Condition()
@@ -162,6 +167,10 @@ class FakeLlama:
             choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
             if chat:
                 choice["message"] = {"role": "assistant", "content": text}
+                calls = self.tool_calls(body) if self.tool_calls else None
+                if calls:
+                    choice["message"]["tool_calls"] = calls
+                    choice["finish_reason"] = "tool_calls"
             else:
                 choice["text"] = text
             data = json.dumps({"choices": [choice], "usage": usage}).encode()
