@@ -324,9 +324,10 @@ def test_eof_without_finish_reason_is_cut_off(clients: list[LlamaCppClient]) -> 
 def test_malformed_json_event_is_protocol_error(clients: list[LlamaCppClient]) -> None:
     script = [SSEHeaders(), Send(event(chat_chunk("a"))), Send(b'data: {"choices": [\n\n'),
               Stall(10)]
-    with (ScriptedSSEServer(script) as server,
-          pytest.raises(BackendProtocolError, match="malformed JSON")):
-        collect(serve(clients, server).generate_stream(MESSAGES))
+    with ScriptedSSEServer(script) as server:
+        with pytest.raises(BackendProtocolError, match="malformed JSON"):
+            collect(serve(clients, server).generate_stream(MESSAGES))
+        # the server stalls after the bad event: only the client can end the connection
         assert server.connection(0).client_closed.wait(CLOSE_SEEN_S)
 
 

@@ -4,21 +4,117 @@ only its own replies (SPEC §4). Devices use TLS + passwords; the bridge its own
 from __future__ import annotations
 
 import json
+import ssl
+import threading
 from typing import Any
 
-from bridge.client import BridgeClient
-from bridge.config import MqttSettings
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bridge.wire import TERMINAL_TYPES, decode_reply
 from tests.support.bridge_proc import running_bridge
 from tests.support.processes import MosquittoProcess
+from tests.support.recorder import check_reply_stream
 
 TIMEOUT = 120.0
+ACK_TIMEOUT = 10.0
 
 
-def _device(broker: MosquittoProcess, name: str) -> BridgeClient:
-    info = broker.info("5", name, tls=True)
-    settings = MqttSettings(host=info.host, port=info.port, protocol="5", username=name,
-                            password=info.password, tls=True, ca_file=broker.ca_file)
-    return BridgeClient(settings, client=name).connect()
+class RawDevice:
+    """A device as a bare paho client (MQTT 5, TLS, its own account): no client-side
+    filtering, so every message the broker delivers to it is kept and can be checked.
+
+    The secure listener sets ``use_username_as_clientid``: the client id is ``name``.
+    """
+
+    def __init__(self, broker: MosquittoProcess, name: str) -> None:
+        info = broker.info("5", name, tls=True)
+        self.name = name
+        self.received: list[tuple[str, bytes]] = []
+        self._cond = threading.Condition()
+        self._acks: dict[int, Any] = {}  # mid -> SUBACK reason codes or PUBACK reason code
+        self._connack: list[Any] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name,
+                                  protocol=mqtt.MQTTv5)
+        self.client.username_pw_set(name, info.password)
+        self.client.tls_set(ca_certs=str(broker.ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+        self.client.connect(info.host, info.port, keepalive=30)
+        self.client.loop_start()
+        with self._cond:
+            assert self._cond.wait_for(lambda: self._connack, ACK_TIMEOUT), f"{name}: no CONNACK"
+        assert not self._connack[0].is_failure, f"{name}: refused: {self._connack[0]}"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                    props: Any) -> None:
+        with self._cond:
+            self._connack.append(reason)
+            self._cond.notify_all()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any,
+                      props: Any) -> None:
+        with self._cond:
+            self._acks[mid] = list(codes)
+            self._cond.notify_all()
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
+                    props: Any) -> None:
+        with self._cond:
+            self._acks[mid] = reason
+            self._cond.notify_all()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.received.append((msg.topic, bytes(msg.payload)))
+            self._cond.notify_all()
+
+    def _ack(self, mid: int | None) -> Any:
+        assert mid is not None
+        with self._cond:
+            assert self._cond.wait_for(lambda: mid in self._acks, ACK_TIMEOUT), \
+                f"{self.name}: no acknowledgement of packet {mid}"
+            return self._acks.pop(mid)
+
+    def subscribe(self, topic: str) -> list[Any]:
+        """Subscribe at QoS 1; returns the SUBACK's reason codes."""
+        rc, mid = self.client.subscribe(topic, qos=1)
+        assert rc == mqtt.MQTT_ERR_SUCCESS, mqtt.error_string(rc)
+        codes: list[Any] = self._ack(mid)
+        return codes
+
+    def publish(self, topic: str, payload: dict[str, Any]) -> Any:
+        """Publish at QoS 1; returns the PUBACK's reason code."""
+        info = self.client.publish(topic, json.dumps(payload), qos=1)
+        return self._ack(info.mid)
+
+    def ask(self, request: dict[str, Any]) -> list[Any]:
+        """Publish a request as this device and wait for its terminal message.
+
+        Returns:
+            The request's reply messages, decoded, as received.
+        """
+        reason = self.publish(f"llm/request/{self.name}", request)
+        assert not reason.is_failure, f"{self.name} may not ask as itself: {reason}"
+        topic = f"llm/reply/{self.name}/{request['id']}"
+
+        def ended() -> bool:
+            return any(t == topic and decode_reply(p).type in TERMINAL_TYPES
+                       for t, p in self.received)
+
+        with self._cond:
+            assert self._cond.wait_for(ended, TIMEOUT), f"no terminal message on {topic}"
+            return [decode_reply(p) for t, p in self.received if t == topic]
+
+    def topics(self) -> set[str]:
+        with self._cond:
+            return {t for t, _ in self.received}
 
 
 def test_devices_can_only_ask_as_themselves_and_read_their_own_replies(
@@ -28,40 +124,41 @@ def test_devices_can_only_ask_as_themselves_and_read_their_own_replies(
     with running_bridge(bridge_login.host, bridge_login.port, [llama_server], protocol="5",
                         bridge_id="bridge-1", mqtt={"username": "bridge@1",
                                                     "password": bridge_login.password}) as bridge:
-        dev_a, dev_b = _device(mosquitto_secure, "dev-a"), _device(mosquitto_secure, "dev-b")
+        dev_a, dev_b = RawDevice(mosquitto_secure, "dev-a"), RawDevice(mosquitto_secure, "dev-b")
         try:
-            dev_b.subscribe("llm/reply/dev-b/#")
-            dev_a.subscribe("llm/reply/#")  # granted, but only dev-a's replies are delivered
+            # Both subscribe to every reply topic and the broker grants it (QoS 1): what
+            # keeps the other device's replies away is the read ACL at delivery time.
+            granted = {d.name: [c.value for c in d.subscribe("llm/reply/#")]
+                       for d in (dev_a, dev_b)}
 
-            # dev-a forges a request in dev-b's name: the broker drops it (PUBACK "not
-            # authorized" at v5), so the bridge never sees it.
-            forged = {"id": "forged", "prompt": "x", "max_tokens": 4}
-            dev_a._mqtt.publish("llm/request/dev-b", json.dumps(forged), qos=1
-                                ).wait_for_publish(10)
+            # dev-a forges a request in dev-b's name: the broker refuses it (PUBACK "not
+            # authorized" at v5) and drops it, so the bridge never sees it.
+            forged = dev_a.publish("llm/request/dev-b",
+                                   {"id": "forged", "prompt": "x", "max_tokens": 4})
 
-            # dev-b asks; dev-a must not see any of it even though it subscribed to llm/reply/#
-            b_msgs = list(dev_b.ask({"id": "b1", "prompt": "Hello", "max_tokens": 8},
-                                    idle_timeout=TIMEOUT))
-            # dev-a asks as itself, after the forgery: when its answer is complete, anything
-            # the forgery could have caused would have arrived already (one QoS, in order).
-            a_msgs = list(dev_a.ask({"id": "a1", "prompt": "Hello", "max_tokens": 8},
-                                    idle_timeout=TIMEOUT))
-            seen_by_a: list[tuple[str, bytes]] = []
-            while (got := dev_a.next_message(timeout=0.2)) is not None:
-                seen_by_a.append(got)
-            seen_by_b: list[tuple[str, bytes]] = []
-            while (got := dev_b.next_message(timeout=0.2)) is not None:
-                seen_by_b.append(got)
+            # The bridge publishes b1, then a1, then b2, each after the previous one ended,
+            # and Mosquitto delivers one publisher's messages to a subscriber in order:
+            # when a1 has ended at dev-a, a leak of b1 would have arrived there already,
+            # and when b2 has ended at dev-b, so would a leak of a1 (or of the forgery).
+            b1 = dev_b.ask({"id": "b1", "prompt": "Hello", "max_tokens": 8})
+            a1 = dev_a.ask({"id": "a1", "prompt": "Hello", "max_tokens": 8})
+            b2 = dev_b.ask({"id": "b2", "prompt": "Hi", "max_tokens": 2})
+            seen_by_a, seen_by_b = dev_a.topics(), dev_b.topics()
         finally:
             dev_a.close()
             dev_b.close()
         accepted = bridge.stats["accepted"]
 
-    assert b_msgs[-1].type == "done" and a_msgs[-1].type == "done"
-    assert accepted == 2, "the forged request reached the bridge"
-    assert all(m.id != "forged" for m in b_msgs)
-    assert not any(t.startswith("llm/reply/dev-b/") for t, _ in seen_by_a)
-    assert not any(b'"forged"' in p for _, p in seen_by_b)
+    assert granted == {"dev-a": [1], "dev-b": [1]}, granted
+    assert forged.is_failure and forged.value == 0x87, f"forged request: PUBACK {forged}"
+    assert accepted == 3, "the forged request reached the bridge"
+    for msgs in (b1, a1, b2):
+        check_reply_stream(msgs)
+        assert msgs[-1].type == "done", msgs[-1]
+    # each device received its own replies through llm/reply/# ...
+    assert seen_by_a == {"llm/reply/dev-a/a1"}, seen_by_a
+    # ... and none of the other's (nor anything the forgery could have caused)
+    assert seen_by_b == {"llm/reply/dev-b/b1", "llm/reply/dev-b/b2"}, seen_by_b
 
 
 def test_bridge_account_cannot_be_used_without_password(

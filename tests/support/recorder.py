@@ -1,22 +1,33 @@
 """A ``#`` subscriber that records everything published on a broker, for assertions.
 
 Tests use it to check the wire contract from the outside: sizes, UTF-8 JSON,
-contiguous ``seq``, one terminal message, and that nothing is published outside
-the topics a request may use.
+contiguous ``seq``, one terminal message, one QoS per reply topic, and that nothing
+is published outside the topics a request may use.
+
+MQTT does not say who published a message, so :class:`PublishLog` keeps what the
+test's own clients (the devices) published; :func:`bridge_messages` takes exactly
+those out of a recording, and what is left is what the bridge published.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bridge.chunker import MIN_CHUNK_BYTES
+from bridge.client import BridgeClient
+from bridge.config import DeploymentConfig
 from bridge.wire import TERMINAL_TYPES, decode_reply
+
+C = TypeVar("C", BridgeClient, mqtt.Client)
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,7 @@ class Recorded:
     retain: bool
     correlation_data: bytes | None
     content_type: str | None
+    qos: int  # as received: min(published QoS, the recorder's subscription QoS 1)
 
 
 class Recorder:
@@ -40,6 +52,7 @@ class Recorder:
     def __init__(self, host: str, port: int, *, v5: bool = False, topic_filter: str = "#",
                  username: str | None = None, password: str | None = None) -> None:
         self.messages: list[Recorded] = []
+        self.v5 = v5  # sees MQTT 5 properties
         self._cond = threading.Condition()
         self._ready = threading.Event()
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2,
@@ -64,7 +77,7 @@ class Recorder:
         props = getattr(msg, "properties", None)
         rec = Recorded(msg.topic, bytes(msg.payload), bool(msg.retain),
                        getattr(props, "CorrelationData", None),
-                       getattr(props, "ContentType", None))
+                       getattr(props, "ContentType", None), int(msg.qos))
         with self._cond:
             self.messages.append(rec)
             self._cond.notify_all()
@@ -109,3 +122,116 @@ def check_reply_stream(messages: list[Any]) -> None:
 
 def text_of(messages: list[Any]) -> str:
     return "".join(m.text for m in messages if m.type == "chunk" and m.text is not None)
+
+
+class PublishLog:
+    """Everything the test's own MQTT clients publish (wrap them with :meth:`track`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.sent: list[tuple[str, bytes]] = []
+
+    def track(self, client: C) -> C:
+        """Record every publish of ``client`` (a :class:`BridgeClient` or a paho client)."""
+        paho = client._mqtt if isinstance(client, BridgeClient) else client
+        publish = paho.publish
+
+        def logged(topic: str, payload: Any = None, *args: Any, **kwargs: Any
+                   ) -> mqtt.MQTTMessageInfo:
+            if payload is None:
+                data = b""
+            elif isinstance(payload, (bytes, bytearray)):
+                data = bytes(payload)
+            else:  # paho sends str as UTF-8 and numbers as their str()
+                data = str(payload).encode()
+            with self._lock:
+                self.sent.append((topic, data))
+            return publish(topic, payload, *args, **kwargs)
+
+        setattr(paho, "publish", logged)  # noqa: B010 -- an instance attribute, not a method
+        return client
+
+    def requesters(self, prefix: str = "llm") -> set[str]:
+        """The ``{client}`` of every ``P/request/{client}`` a tracked client published on."""
+        head = f"{prefix}/request/"
+        with self._lock:
+            return {t[len(head):] for t, _ in self.sent if t.startswith(head)}
+
+    def chunk_bytes(self, prefix: str = "llm") -> dict[str, int]:
+        """Request id -> the ``chunk_bytes`` it asked for (at least the bridge's minimum)."""
+        out: dict[str, int] = {}
+        with self._lock:
+            sent = list(self.sent)
+        for topic, payload in sent:
+            if not topic.startswith(f"{prefix}/request/"):
+                continue
+            try:
+                body = json.loads(payload)
+            except (ValueError, RecursionError):  # bad input sent on purpose
+                continue
+            if isinstance(body, dict) and isinstance(body.get("chunk_bytes"), int):
+                out[str(body.get("id"))] = max(MIN_CHUNK_BYTES, body["chunk_bytes"])
+        return out
+
+
+def bridge_messages(recorded: Iterable[Recorded], log: PublishLog) -> list[Recorded]:
+    """``recorded`` without exactly the messages in ``log`` (one each): the bridge's messages."""
+    with log._lock:
+        pending = Counter(log.sent)
+    out: list[Recorded] = []
+    for m in recorded:
+        key = (m.topic, m.payload)
+        if pending[key]:
+            pending[key] -= 1
+        else:
+            out.append(m)
+    return out
+
+
+def check_bridge_messages(recorder: Recorder, log: PublishLog, cfg: DeploymentConfig, *,
+                          v5: bool) -> dict[str, list[Any]]:
+    """Assert the wire contract on every message the bridge published (SPEC §4, §6, §7).
+
+    Every message is UTF-8 JSON of at most ``max_message_bytes``; it is on
+    ``P/status/{bridge_id}`` or on ``P/reply/{client}/...`` of a client that sent a
+    request; reply messages are valid reply messages, chunks are within the
+    ``chunk_bytes`` of their request, every message of a reply topic has the same
+    QoS (the configured one) and, at MQTT 5 (bridge and recorder), Content Type
+    ``application/json``.
+
+    Args:
+        recorder: recorded everything (``#``) while the bridge ran.
+        log: what the test's devices published (taken out of the recording).
+        cfg: the bridge's configuration.
+        v5: the bridge talked MQTT 5 to the broker.
+    Returns:
+        The decoded reply messages by topic.
+    """
+    prefix = cfg.prefix
+    clients = log.requesters(prefix)
+    asked_chunk = log.chunk_bytes(prefix)
+    by_topic: dict[str, list[Any]] = defaultdict(list)
+    qos: dict[str, set[int]] = defaultdict(set)
+    with recorder._cond:
+        recorded = list(recorder.messages)
+    for m in bridge_messages(recorded, log):
+        body = json.loads(m.payload.decode("utf-8"))  # raises unless UTF-8 JSON
+        assert isinstance(body, dict), (m.topic, m.payload[:80])
+        assert len(m.payload) <= cfg.max_message_bytes, (m.topic, len(m.payload))
+        if m.topic == f"{prefix}/status/{cfg.bridge_id}":
+            continue
+        head = f"{prefix}/reply/"
+        assert m.topic.startswith(head), f"the bridge published on {m.topic!r}"
+        client, _, rest = m.topic[len(head):].partition("/")
+        assert client in clients and rest, f"reply on {m.topic!r}; requests came from {clients}"
+        reply = decode_reply(m.payload)
+        if reply.type == "chunk":
+            bound = asked_chunk.get(reply.id, cfg.chunk_bytes)
+            assert len(m.payload) <= bound, (m.topic, len(m.payload), bound)
+        if v5 and recorder.v5:
+            assert m.content_type == "application/json", m
+        by_topic[m.topic].append(reply)
+        qos[m.topic].add(m.qos)
+    for topic, levels in qos.items():
+        assert levels == {min(cfg.mqtt.qos, 1)}, f"QoS {levels} on {topic}"
+    return dict(by_topic)
