@@ -1,8 +1,9 @@
 """Several llama-servers behind one bridge: choice, model routing, failover (SPEC §7 Backends).
 
 The unit tests drive :class:`BackendPool`'s choice with hand-set state; the rest run
-two real llama.cpp servers (``make_llama``, one slot each) behind a real bridge and
-ask each server's own ``/metrics`` which of them generated what.
+two real llama.cpp servers (``make_llama``, one slot each) behind a real bridge, on
+amqtt (MQTT 3.1.1) and on Mosquitto (MQTT 5), and ask each server's own ``/metrics``
+which of them generated what.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from bridge.config import LlamaSettings, MqttSettings
 from bridge.exceptions import BackendUnavailable, RequestRejected
 from bridge.wire import ErrorCode
 from tests.support.bridge_proc import running_bridge
-from tests.support.processes import EmbeddedBroker, EmbeddedLlama
+from tests.support.processes import BrokerInfo, EmbeddedLlama
 from tests.support.recorder import Recorder, check_reply_stream, text_of
 
 TIMEOUT = 120.0
@@ -123,14 +124,22 @@ def two_llamas(make_llama: Callable[..., EmbeddedLlama]) -> tuple[EmbeddedLlama,
             make_llama(parallel=1, ctx=1024, threads=1, alias="beta"))
 
 
+#: The real-llama tests that do not depend on the MQTT version run on amqtt (3.1.1) and on
+#: Mosquitto (MQTT 5); the brokers are cheap next to the two llama.cpp servers.
+BROKERS = pytest.mark.parametrize("broker", ["amqtt", "mosquitto-v5"], indirect=True)
+
+
+@BROKERS
 def test_requests_spread_and_route_by_model(
-    two_llamas: tuple[EmbeddedLlama, EmbeddedLlama], amqtt_broker: EmbeddedBroker
+    two_llamas: tuple[EmbeddedLlama, EmbeddedLlama], broker: BrokerInfo
 ) -> None:
     alpha, beta = two_llamas
-    settings = MqttSettings(host=amqtt_broker.host, port=amqtt_broker.port)
-    with running_bridge(amqtt_broker.host, amqtt_broker.port, [alpha.url, beta.url]) as bridge, \
+    settings = MqttSettings(host=broker.host, port=broker.port, protocol=broker.protocol)
+    with running_bridge(broker.host, broker.port, [alpha.url, beta.url],
+                        protocol=broker.protocol) as bridge, \
             BridgeClient(settings, client="dev-models") as dev:
         assert bridge.workers is not None and bridge.workers.size == 2  # 1 + 1 slots
+        assert bridge.link.is_v5 == broker.v5
 
         def ask(**fields: Any) -> list[Any]:
             msgs = list(dev.ask({"prompt": "Hi", "max_tokens": 4, **fields},
@@ -164,18 +173,19 @@ def test_requests_spread_and_route_by_model(
         assert snapshot == {alpha.url: ["alpha"], beta.url: ["beta"]}
 
 
+@BROKERS
 def test_failover_before_first_byte_only_then_put_back(
-    two_llamas: tuple[EmbeddedLlama, EmbeddedLlama], amqtt_broker: EmbeddedBroker,
+    two_llamas: tuple[EmbeddedLlama, EmbeddedLlama], broker: BrokerInfo,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first, second = two_llamas
     monkeypatch.setenv("BRIDGE_LLAMA__HEALTH_INTERVAL_S", "0.5")
-    settings = MqttSettings(host=amqtt_broker.host, port=amqtt_broker.port)
-    rec = Recorder(amqtt_broker.host, amqtt_broker.port, topic_filter="llm/status/+")
+    settings = MqttSettings(host=broker.host, port=broker.port, protocol=broker.protocol)
+    rec = Recorder(broker.host, broker.port, v5=broker.v5, topic_filter="llm/status/+")
     try:
-        with running_bridge(amqtt_broker.host, amqtt_broker.port, [first.url, second.url],
-                            bridge_id="failover", max_tokens_cap=2000,
-                            status_interval_s=1) as bridge, \
+        with running_bridge(broker.host, broker.port, [first.url, second.url],
+                            protocol=broker.protocol, bridge_id="failover",
+                            max_tokens_cap=2000, status_interval_s=1) as bridge, \
                 BridgeClient(settings, client="dev-failover") as dev:
             # 1. A server that dies mid-answer: the request ends with an error and is NOT
             #    retried elsewhere (its text was published; a retry would duplicate it).
@@ -215,16 +225,17 @@ def test_failover_before_first_byte_only_then_put_back(
         rec.close()
 
 
+@BROKERS
 def test_failover_when_a_server_is_dead_before_the_probe_notices(
-    two_llamas: tuple[EmbeddedLlama, EmbeddedLlama], amqtt_broker: EmbeddedBroker,
+    two_llamas: tuple[EmbeddedLlama, EmbeddedLlama], broker: BrokerInfo,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A request that picks a dead server (still marked healthy) goes to the other one."""
     first, second = two_llamas
     monkeypatch.setenv("BRIDGE_LLAMA__HEALTH_INTERVAL_S", "3600")  # no probe during the test
-    settings = MqttSettings(host=amqtt_broker.host, port=amqtt_broker.port)
-    with running_bridge(amqtt_broker.host, amqtt_broker.port,
-                        [first.url, second.url]) as bridge, \
+    settings = MqttSettings(host=broker.host, port=broker.port, protocol=broker.protocol)
+    with running_bridge(broker.host, broker.port, [first.url, second.url],
+                        protocol=broker.protocol) as bridge, \
             BridgeClient(settings, client="dev-dead") as dev:
         assert all(b.healthy for b in bridge.pool.backends)
         first.kill()

@@ -17,10 +17,11 @@ from bridge.config import MqttSettings, load_config
 from bridge.llama_client import LlamaCppClient
 from bridge.metrics import BridgeMetrics, LiveState, MetricsError, outcome_label
 from bridge.service import Bridge
-from bridge.wire import Timings, Usage
+from bridge.wire import TERMINAL_TYPES, Timings, Usage
 from tests.support.bridge_proc import running_bridge
-from tests.support.processes import EmbeddedBroker, free_port
+from tests.support.processes import BrokerInfo, EmbeddedBroker, free_port
 from tests.support.recorder import Recorder, check_reply_stream
+from tests.support.waiting import poll_until
 
 TIMEOUT = 120.0
 
@@ -109,21 +110,62 @@ def test_metrics_port_taken_fails_before_anything_starts(amqtt_broker: EmbeddedB
         assert bridge.workers is None and not bridge.link.connected
 
 
+ACTIVE = ("llm_bridge_active_requests", ())
+
+
+@pytest.mark.parametrize("broker", ["amqtt", "mosquitto-v5"], indirect=True)
 def test_metrics_endpoint_log_line_and_status_stats(
-    amqtt_broker: EmbeddedBroker, llama_server: str, caplog: pytest.LogCaptureFixture
+    broker: BrokerInfo, llama_server: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The real llama.cpp server behind a real bridge, on amqtt and on Mosquitto (MQTT 5):
+    the active-requests gauge while a request runs, then the counters and histograms of a
+    cancelled, a done and a rejected request, the same numbers in the status ``stats``, and
+    the per-request log lines."""
     port = free_port()
-    settings = MqttSettings(host=amqtt_broker.host, port=amqtt_broker.port)
+    settings = MqttSettings(host=broker.host, port=broker.port, protocol=broker.protocol)
     caplog.set_level(logging.INFO, logger="bridge.requests")
-    rec = Recorder(amqtt_broker.host, amqtt_broker.port, topic_filter="llm/status/metrics-e2e")
+    rec = Recorder(broker.host, broker.port, v5=broker.v5,
+                   topic_filter="llm/status/metrics-e2e")
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        resp = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        assert resp.status_code == 200
+        return _samples(resp.text)
+
+    backend = (("backend", llama_server),)
     try:
-        with running_bridge(amqtt_broker.host, amqtt_broker.port, [llama_server],
-                            bridge_id="metrics-e2e", metrics_port=port,
+        with running_bridge(broker.host, broker.port, [llama_server], protocol=broker.protocol,
+                            bridge_id="metrics-e2e", metrics_port=port, max_tokens_cap=2000,
                             status_interval_s=0.5) as bridge, \
                 BridgeClient(settings, client="dev-metrics") as dev:
             assert bridge.metrics_port == port
+            assert bridge.link.is_v5 == broker.v5
             # loopback only by default (prometheus-client alone would bind 0.0.0.0)
             assert bridge.metrics._server.server_address[0] == "127.0.0.1"
+            assert scrape()[ACTIVE] == 0
+
+            # 1. A long request is running (it has sent text, and no terminal message):
+            #    the gauges count it. Then it is cancelled.
+            long_id = dev.send({"id": "m-long", "prompt": "Count: one, two, three,",
+                                "max_tokens": 2000})
+            replies = dev.replies(long_id, idle_timeout=TIMEOUT)
+            long_msgs = []
+            for msg in replies:
+                long_msgs.append(msg)
+                if msg.type in ("chunk", *TERMINAL_TYPES):
+                    break
+            assert long_msgs[-1].type == "chunk", long_msgs[-1]
+            running = poll_until(scrape, lambda s: s[ACTIVE] > 0, 30)
+            assert running[ACTIVE] == 1, "the active-requests gauge missed a running request"
+            assert running[("llm_bridge_backend_active", backend)] == 1
+            assert running[("llm_bridge_queue_depth", ())] == 0
+            assert running[("llm_bridge_requests_accepted_total", ())] == 1
+            dev.cancel(long_id)
+            long_msgs += list(replies)
+            check_reply_stream(long_msgs)
+            assert (long_msgs[-1].type, long_msgs[-1].finish_reason) == ("done", "cancelled")
+
+            # 2. One answered request, one refused at intake.
             msgs = list(dev.ask({"id": "m-1", "prompt": "Hello", "max_tokens": 8},
                                 idle_timeout=TIMEOUT))
             check_reply_stream(msgs)
@@ -132,9 +174,8 @@ def test_metrics_endpoint_log_line_and_status_stats(
                                idle_timeout=TIMEOUT))
             assert bad[-1].type == "error" and bad[-1].code == "bad_request"
 
-            resp = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
-            assert resp.status_code == 200
-            s = _samples(resp.text)
+            # nothing runs any more (a worker counts itself idle just after the terminal)
+            s = poll_until(scrape, lambda s: s[ACTIVE] == 0, 30)
             published = (bridge.link.published, bridge.link.published_bytes)
 
             # the status message carries the same counters, and goes out periodically
@@ -144,28 +185,41 @@ def test_metrics_endpoint_log_line_and_status_stats(
     finally:
         rec.close()
 
-    assert s[("llm_bridge_requests_accepted_total", ())] == 1
+    assert s[ACTIVE] == 0
+    assert s[("llm_bridge_backend_active", backend)] == 0
+    assert s[("llm_bridge_requests_accepted_total", ())] == 2
     assert s[("llm_bridge_requests_total", (("outcome", "done"),))] == 1
+    assert s[("llm_bridge_requests_total", (("outcome", "cancelled"),))] == 1
     assert s[("llm_bridge_requests_rejected_total", (("code", "bad_request"),))] == 1
-    assert s[("llm_bridge_time_to_first_token_seconds_count", ())] == 1
-    assert s[("llm_bridge_tokens_total", (("kind", "completion"),))] == \
-        msgs[-1].usage.completion_tokens
-    # every message of the request (and the error, and status) was counted
-    assert s[("llm_bridge_published_messages_total", ())] >= len(msgs) + 1
+    # both accepted requests produced text: two TTFT observations
+    assert s[("llm_bridge_time_to_first_token_seconds_count", ())] == 2
+    assert s[("llm_bridge_time_to_first_token_seconds_sum", ())] > 0
+    # the done request has a rate (the cancelled one reports no usage, so it may have none)
+    assert s[("llm_bridge_tokens_per_second_count", ())] >= 1
+    assert s[("llm_bridge_tokens_per_second_sum", ())] > 0
+    assert s[("llm_bridge_tokens_per_second_bucket", (("le", "+Inf"),))] == \
+        s[("llm_bridge_tokens_per_second_count", ())]
+    assert s[("llm_bridge_request_duration_seconds_count", ())] == 2
+    # the tokens the devices were told about, no more and no less
+    told = sum(m.usage.completion_tokens for m in (msgs[-1], long_msgs[-1]) if m.usage)
+    assert s[("llm_bridge_tokens_total", (("kind", "completion"),))] == told
+    assert told >= msgs[-1].usage.completion_tokens > 0
+    # every message of the requests (and the error, and status) was counted
+    assert s[("llm_bridge_published_messages_total", ())] >= len(msgs) + len(long_msgs) + 1
     assert 0 < s[("llm_bridge_published_messages_total", ())] <= published[0]
     assert 0 < s[("llm_bridge_published_bytes_total", ())] <= published[1]
-    url = (("backend", llama_server),)
-    assert s[("llm_bridge_backend_healthy", url)] == 1
-    assert s[("llm_bridge_backend_slots", url)] == 2
-    assert s[("llm_bridge_backend_requests_total", url)] == 1
+    assert s[("llm_bridge_backend_healthy", backend)] == 1
+    assert s[("llm_bridge_backend_slots", backend)] == 2
+    assert s[("llm_bridge_backend_requests_total", backend)] == 2
     assert s[("llm_bridge_queue_depth", ())] == 0
 
     stats: dict[str, Any] = status["stats"]
     assert status["state"] == "online"
-    assert stats["accepted"] == 1 and stats["rejected"] == 1
-    assert stats["outcomes"] == {"done": 1} and stats["rejected_by_code"] == {"bad_request": 1}
+    assert stats["accepted"] == 2 and stats["rejected"] == 1
+    assert stats["outcomes"] == {"done": 1, "cancelled": 1}
+    assert stats["rejected_by_code"] == {"bad_request": 1}
     assert stats["published_messages"] > 0 and stats["published_bytes"] > 0
-    assert stats["uptime_s"] > 0 and stats["completion_tokens"] > 0
+    assert stats["uptime_s"] > 0 and stats["completion_tokens"] == told
 
     # one line per request: id, client, tokens, ttft, duration, outcome
     lines = [r.getMessage() for r in caplog.records if r.name == "bridge.requests"]
@@ -174,5 +228,6 @@ def test_metrics_endpoint_log_line_and_status_stats(
                   f"completion_tokens={msgs[-1].usage.completion_tokens}", "ttft_ms=",
                   "total_ms=", "tokens_per_s="):
         assert field in done, (field, done)
+    assert "outcome=cancelled" in next(ln for ln in lines if "id=m-long " in ln)
     rejected = next(ln for ln in lines if "id=m-2 " in ln)
     assert "outcome=error code=bad_request" in rejected and "client=dev-metrics" in rejected

@@ -5,7 +5,9 @@ llama.cpp servers: every request is answered exactly once, by one of them; a can
 reaches whichever bridge runs the request; a bridge that stops cleanly hands its
 share of new requests to the others at once; a bridge that is SIGKILLed goes
 offline through its Last Will, its in-flight request gets no terminal message, and
-the device's resend with the same id is served by the other bridge.
+the device's resend with the same id is served by the other bridge; a bridge stopped
+cleanly while it runs and queues requests ends each of them with one retryable
+``backend_unavailable`` error, and their resends are served by the other bridge.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from bridge.mqtt_link import SHARED_SESSION_EXPIRY_S, MqttLink
 from bridge.service import Bridge
 from bridge.wire import TERMINAL_TYPES, decode_reply
 from tests.support.bridge_proc import running_bridge
+from tests.support.fault_llama import FaultLlama, completion_chunk
 from tests.support.processes import (
     EmbeddedLlama,
     EmbeddedLlamaUnavailable,
@@ -38,6 +41,8 @@ from tests.support.processes import (
     free_port,
 )
 from tests.support.recorder import Recorded, Recorder
+from tests.support.scripted_sse import Action, Send, SSEHeaders, Stall, chat_chunk, event
+from tests.support.waiting import poll_until
 
 pytestmark = [pytest.mark.llama, pytest.mark.mosquitto]
 
@@ -199,6 +204,126 @@ def test_two_bridges_share_requests_exactly_once_cancel_and_clean_stop(
                 f"unanswered after b2 stopped: " \
                 f"{sorted(set(after_topics) - _terminals(rec.messages))}"
             assert b1.stats["accepted"] == before + 6
+    finally:
+        device.close()
+        rec.close()
+
+
+SHUTDOWN_MESSAGE = "the bridge is shutting down; send the request again"
+
+
+def _stalling(path: str, body: dict[str, Any]) -> list[Action]:
+    """A backend that never finishes: headers, one piece of text unless the prompt says
+    "silent", then nothing until the bridge closes the connection (bounded: 120 s)."""
+    chat = path.endswith("chat/completions")
+    piece = chat_chunk("Once") if chat else completion_chunk("Once")
+    prompt = str(body.get("prompt") or "")
+    head: list[Action] = [SSEHeaders()]
+    if "silent" not in prompt:
+        head.append(Send(event(piece)))
+    return [*head, Stall(120)]
+
+
+def test_clean_stop_ends_running_and_queued_requests_and_the_other_bridge_serves_resends(
+    mosquitto: MosquittoProcess
+) -> None:
+    """README "Several bridges", first row: a bridge stopped cleanly (``Bridge.stop()``,
+    what SIGTERM does) ends each queued and running request with one retryable
+    ``backend_unavailable`` error, leaves the shared group first, goes offline with
+    reason ``shutdown``; the devices' resends (same ids) are served by the other bridge."""
+    host, port = mosquitto.host, mosquitto.port
+    rec = Recorder(host, port, topic_filter="llm/#")
+    device = Device(mosquitto)
+    common: dict[str, Any] = {"protocol": "5", "shared_group": GROUP}
+    # two running on b2's two slots (one has published text, one has not), two queued
+    requests = {"dev-s0": "tell a story", "dev-s1": "silent", "dev-s2": "tell a story",
+                "dev-s3": "silent"}
+    topics = {client: f"llm/reply/{client}/stop-1" for client in requests}
+    try:
+        with FaultLlama(_stalling, slots=2) as slow, FaultLlama() as fast, \
+                running_bridge(host, port, [slow.url], bridge_id="b2", **common) as b2:
+            assert b2.workers is not None and b2.workers.size == 2
+            # b2 is the group's only member: it takes all four
+            for client, prompt in requests.items():
+                device.request(client, {"id": "stop-1", "prompt": prompt, "max_tokens": 32})
+                assert rec.wait_for(_seen(topics[client]), 30)
+            # poll until two are surely running (the backend holds them) and two queued
+            gens = slow.wait_generations(2, 30)
+            assert all(g.stall_started.wait(30) for g in gens)
+            assert rec.wait_for(lambda ms: any(
+                m.topic == topics["dev-s0"] and b'"chunk"' in m.payload for m in ms), 30)
+            states = poll_until(lambda: sorted(j.state for j in b2._live_jobs()),
+                                lambda s: s == ["queued", "queued", "running", "running"], 30)
+            assert states == ["queued", "queued", "running", "running"], states
+            assert len(b2.queue) == 2
+            starts: dict[str, Any] = {c: decode_reply(rec.on_topic(t)[0].payload)
+                                      for c, t in topics.items()}
+            assert [starts[c].queue for c in requests] == [0, 0, 1, 2], starts
+
+            with running_bridge(host, port, [fast.url], bridge_id="b1", **common) as b1:
+                assert rec.wait_for(lambda ms: any(
+                    m.topic == "llm/status/b1" and b'"online"' in m.payload for m in ms), 30)
+
+                # Record where the recorder stood when b2 had left the group.
+                left_at: list[int] = []
+                leave = b2.link.leave_shared
+
+                def leave_and_mark(timeout: float = 5.0) -> None:
+                    leave(timeout)
+                    left_at.append(len(rec.messages))
+
+                b2.link.leave_shared = leave_and_mark  # type: ignore[method-assign]
+                b2.stop()
+                assert left_at, "Bridge.stop() did not leave the shared group"
+
+                # Each request ends with exactly one terminal message: the shutdown error.
+                assert rec.wait_for(lambda ms: _terminals(ms) >= set(topics.values()), 30), \
+                    sorted(set(topics.values()) - _terminals(rec.messages))
+                by_topic = _by_topic(rec.messages)
+                for client, topic in topics.items():
+                    replies = by_topic[topic]
+                    _exactly_once(replies)
+                    end = replies[-1]
+                    assert end.type == "error", (client, end)
+                    assert (end.code, end.retryable, end.message) == \
+                        ("backend_unavailable", True, SHUTDOWN_MESSAGE), (client, end)
+                    # the error went out after b2 had left the group
+                    index = next(i for i, m in enumerate(rec.messages) if m.topic == topic
+                                 and decode_reply(m.payload).type == "error")
+                    assert index >= left_at[0], (client, index, left_at)
+                assert any(r.type == "chunk" for r in by_topic[topics["dev-s0"]])
+                # the running requests' HTTP calls were closed: llama-server frees the slots
+                assert all(g.client_closed.wait(10) for g in gens)
+                assert len(slow.generations) == 2  # the queued ones never reached it
+                assert b2.stats["accepted"] == 4 and b2.stats["errors"] == 4
+
+                # b2's retained status: offline, reason shutdown
+                retained = Recorder(host, port, topic_filter="llm/status/b2")
+                try:
+                    assert retained.wait_for(lambda ms: bool(ms), 10)
+                    last = retained.messages[-1]
+                    assert last.retain
+                    status = json.loads(last.payload)
+                    assert (status["state"], status["reason"]) == ("offline", "shutdown")
+                finally:
+                    retained.close()
+
+                # The devices resend with the same ids: b1 serves them, from seq 0 again.
+                resent_at = len(rec.messages)
+                for client, prompt in requests.items():
+                    device.request(client, {"id": "stop-1", "prompt": prompt,
+                                            "max_tokens": 32})
+                assert rec.wait_for(
+                    lambda ms: _terminals(ms, resent_at) >= set(topics.values()), 60), \
+                    sorted(set(topics.values()) - _terminals(rec.messages, resent_at))
+                by_topic = _by_topic(rec.messages, resent_at)
+                for topic in topics.values():
+                    _exactly_once(by_topic[topic])
+                    assert by_topic[topic][-1].type == "done", by_topic[topic][-1]
+                assert b1.stats["accepted"] == 4
+                assert sorted(g.prompt_text() for g in fast.generations) == \
+                    sorted(requests.values())
+                assert b2.stats["accepted"] == 4  # nothing more reached the stopped bridge
     finally:
         device.close()
         rec.close()
