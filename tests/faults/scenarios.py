@@ -61,10 +61,8 @@ from tests.support.scripted_sse import (
 from tests.support.tap import Exchange, HttpTap
 from tests.support.waiting import poll_until
 
-# Bugs the suite found (details and fixes in docs/reliability.md). B1-B6 were fixed in
-# the working tree while the suite was being written; their scenarios are regression
-# tests now. The tests that show the open ones are marked xfail(strict=True) with these
-# reasons, so they fail loudly once fixed (then drop the mark).
+# Bugs the suite found (details and fixes in docs/reliability.md), all fixed; the
+# scenarios that showed them are regression tests now.
 BUGS: dict[str, str] = {
     "B1": "B1: a retryable error was replayed to a retry with the same id "
           "(Bridge._finish kept errors before any text in the duplicate cache)",
@@ -77,14 +75,12 @@ BUGS: dict[str, str] = {
     "B5": "B5: NaN/Infinity passed intake and reached llama-server as invalid JSON",
     "B6": "B6: the shipped ACL's device patterns applied to bridge accounts: a bridge "
           "account could ask the LLM in its own name",
-    "B7": "B7: a health probe sent on a pooled keep-alive connection that llama-server is "
-          "closing fails once and marks a healthy backend down for a whole interval "
-          "(LlamaCppClient.health makes one attempt)",
-    "B8": "B8: Bridge.stop() never returns while the broker is away and the publish window "
-          "is full (the errors for queued requests wait for room forever)",
-    "B9": "B9: cancelling a queued request makes the intake thread wait for the publish "
-          "window (ReplyChannel.done is flow-controlled); with the broker slow to "
-          "acknowledge, cancels stall and a burst of 10,000 messages deadlocks the bridge",
+    "B7": "B7: a health probe sent on a pooled keep-alive connection that llama-server was "
+          "closing failed once and marked a healthy backend down for a whole interval",
+    "B8": "B8: Bridge.stop() never returned while the broker was away and the publish "
+          "window was full",
+    "B9": "B9: cancelling a queued request made the intake thread wait for the publish "
+          "window; with the broker slow to acknowledge, a burst deadlocked the bridge",
 }
 
 #: scenario (report key) -> the bug it shows; the report says "regression test for Bn"
@@ -260,6 +256,7 @@ def broker_restart(env: Env, sizes: Sizes, *, kill: bool) -> Result:
 
             wait_while_progressing(held_back, functools.partial(_published, bridge))
         before = bridge.link.published
+        running_at_fault = len(bridge.jobs)  # requests started or queued, not yet answered
         outage = time.monotonic()
         if kill:
             broker.kill()
@@ -297,7 +294,11 @@ def broker_restart(env: Env, sizes: Sizes, *, kill: bool) -> Result:
         counts = compare_with_tap(res, tap, {prompt(i): v for i, v in enumerate(views)})
         tally(res, views, counts)
         res.max_rss_mb = sampler.max_rss_mb
-        res.note(f"outage {outage:.1f} s; {queued_down} replies published while down")
+        res.note(f"outage {outage:.1f} s; {running_at_fault} requests unanswered at the "
+                 f"fault; {queued_down} replies published while down")
+        res.expect(running_at_fault > 0 and queued_down > 0,
+                   f"the fault did not land mid-stream ({running_at_fault} requests "
+                   f"unanswered, {queued_down} replies published while down)")
         res.note(f"{lost_first} messages missing before recovery, {resent} requests re-sent"
                  + (f" ({len(frozen)} devices had stopped reading before the crash)"
                     if kill else ""))
@@ -306,6 +307,10 @@ def broker_restart(env: Env, sizes: Sizes, *, kill: bool) -> Result:
             res.expect(view.complete, f"{view.topic}: incomplete ({view.types()[-3:]})")
             res.expect(end is not None and end.get("type") == "done",
                        f"{view.topic}: ended with {end}")
+        if kill and frozen:
+            res.expect(lost_first > 0 and resent > 0,
+                       "the crash lost nothing although devices had stopped reading: the "
+                       "device's recovery (re-send the same id) was not exercised")
         if not kill:
             res.expect(lost_first == 0, f"{lost_first} messages lost across a clean restart")
             res.expect(resent == 0, "a device had to re-send")
@@ -1284,7 +1289,9 @@ def security(env: Env, sizes: Sizes) -> Result:
     * the bridge's own account can do only what it needs: it cannot publish a request
       or a cancel as a device, cannot publish outside ``llm/reply/`` and
       ``llm/status/``, cannot read replies or another prefix;
-    * a device cannot read other devices' requests (their prompts) or cancels.
+    * a device cannot read other devices' requests (their prompts) or cancels, cannot
+      publish a request in another device's name, and subscribing to ``llm/reply/#`` or
+      ``#`` (granted by the broker) yields none of another device's replies.
     """
     res = Result("9. security: TLS, passwords, shipped ACL", "1 TLS device request + "
                  "ACL probes", "anonymous / wrong password / no TLS / wrong CA bridges; "
@@ -1334,8 +1341,19 @@ def security(env: Env, sizes: Sizes) -> Result:
         dev_b = stack.enter_context(Device(broker.host, broker.port, "dev-b",
                                            username="dev-b", password=broker.users["dev-b"],
                                            ca_file=broker.ca_file))
-        for snoop in ("llm/request/#", "llm/cancel/#", "#"):
-            dev_b.subscribe(snoop)
+        for snoop in ("llm/request/#", "llm/cancel/#", "#", "llm/reply/#"):
+            # Mosquitto grants the SUBACK and filters by the read ACL per message: the
+            # grant is checked so that "nothing arrived" below means "filtered".
+            codes = dev_b.subscribe(snoop)
+            res.expect(bool(codes) and not any(getattr(c, "is_failure", False) for c in codes),
+                       f"dev-b's subscription to {snoop} was refused ({codes}): the "
+                       "snooping check below would prove nothing")
+        # Device B cannot ask in A's name: the broker refuses the publish.
+        forged = dev_b.request({"id": "as-a", "prompt": "forged", "max_tokens": 4},
+                               topic="llm/request/dev-a")
+        res.expect(dev_b.puback_reason(forged.mid) is not None
+                   and dev_b.puback_reason(forged.mid).is_failure,
+                   f"dev-b may publish as dev-a (PUBACK {dev_b.puback_reason(forged.mid)})")
         dev_a.request({"id": "secret-1", "prompt": "my secret prompt", "max_tokens": 8})
         dev_a.cancel("no-such-request")
         view = dev_a.wait_terminal(dev_a.topic("secret-1"))
@@ -1368,6 +1386,11 @@ def security(env: Env, sizes: Sizes) -> Result:
         probe.subscribe("llm/status/#")  # a round trip: anything routed to us came before
         leaks = [t for t, _ in probe.received if not t.startswith("llm/status/")]
         res.expect(not leaks, f"the bridge account read {leaks}")
+        dev_b.barrier()
+        res.expect(not any(t.startswith("llm/reply/dev-a/") for t, _ in dev_b.received),
+                   "dev-b read dev-a's replies")
+        res.expect(not dev_a.view(dev_a.topic("as-a")).messages,
+                   "a request forged in dev-a's name was answered")
         res.expect(bridge.stats["accepted"] == 2,
                    f"the bridge accepted {bridge.stats['accepted']} requests (a forgery got in)")
         res.sent = 2
