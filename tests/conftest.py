@@ -25,6 +25,7 @@ from tests.support.processes import (
     MosquittoProcess,
     mosquitto_available,
 )
+from tests.support.recorder import PublishLog, Recorder
 
 _LLAMA_FIXTURES = {"llama_server", "llama", "make_llama"}
 _MOSQUITTO_FIXTURES = {"mosquitto", "mosquitto_secure"}
@@ -176,3 +177,17 @@ def broker(request: pytest.FixtureRequest) -> BrokerInfo:
         return BrokerInfo(amqtt.host, amqtt.port, "3.1.1", "amqtt")
     proc: MosquittoProcess = request.getfixturevalue("mosquitto")
     return BrokerInfo(proc.host, proc.port, "5" if kind == "mosquitto-v5" else "3.1.1", "mosquitto")
+
+
+@pytest.fixture
+def recorder(broker: BrokerInfo) -> Iterator[Recorder]:
+    """Everything published on ``broker`` (``#``, QoS 1), from before the bridge starts."""
+    rec = Recorder(broker.host, broker.port, v5=broker.protocol == "5")
+    yield rec
+    rec.close()
+
+
+@pytest.fixture
+def published() -> PublishLog:
+    """What the test's devices publish (each device is registered with ``track``)."""
+    return PublishLog()

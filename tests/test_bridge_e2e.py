@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
 
@@ -55,18 +54,6 @@ def _direct(llama_url: str, messages: list[dict[str, str]], max_tokens: int) -> 
     return gen.content or ""
 
 
-@pytest.fixture
-def recorder(broker: Any) -> Iterator[Recorder]:
-    """Everything published on the broker (``#``, QoS 1), from before the bridge starts."""
-    rec = Recorder(broker.host, broker.port, v5=broker.protocol == "5")
-    yield rec
-    rec.close()
-
-
-@pytest.fixture
-def published() -> PublishLog:
-    """What the test's devices publish (each device is registered with ``track``)."""
-    return PublishLog()
 
 
 def _device(broker: Any, name: str, published: PublishLog) -> BridgeClient:

@@ -10,7 +10,6 @@ server behind an :class:`HttpTap`, compared with what llama-server itself answer
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -41,18 +40,6 @@ LONG = "".join(PIECES)
 
 def _long_answer(body: dict[str, Any]) -> list[str]:
     return PIECES
-
-
-@pytest.fixture
-def recorder(broker: Any) -> Iterator[Recorder]:
-    rec = Recorder(broker.host, broker.port, v5=broker.protocol == "5")
-    yield rec
-    rec.close()
-
-
-@pytest.fixture
-def published() -> PublishLog:
-    return PublishLog()
 
 
 def _device(broker: Any, name: str, published: PublishLog) -> BridgeClient:

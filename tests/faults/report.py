@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -337,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "reliability.md",
                         help="where to write the report (default docs/reliability.md)")
     args = parser.parse_args(argv)
+    # SIGTERM ends the run like Ctrl-C, so every scenario's context managers stop the
+    # brokers and servers they started (a plain SIGTERM left Mosquitto running).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sizes = SHORT if args.short else LONG
     command = " ".join(shlex.quote(a) for a in [
         os.environ.get("RELIABILITY_COMMAND", "python -m tests.faults.report"),
