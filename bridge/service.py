@@ -47,6 +47,7 @@ log = logging.getLogger("bridge")
 request_log = logging.getLogger("bridge.requests")
 
 _INTAKE_BOUND = 10_000  # inbound messages waiting for validation
+_SHUTDOWN_MESSAGE = "the bridge is shutting down; send the request again"
 _DEFAULT_HTTP_POOL = 64  # kept-alive connections per backend (urllib3 opens more on demand)
 
 
@@ -133,8 +134,7 @@ class Bridge:
         for key in self.queue.drain():
             job = self.jobs.get(key)
             if job is not None:
-                self._end_unrun(job, ErrorCode.backend_unavailable,
-                                "the bridge is shutting down; send the request again", True)
+                self._end_unrun(job, ErrorCode.backend_unavailable, _SHUTDOWN_MESSAGE, True)
         with self._jobs_lock:
             running = [j for j in self.jobs.values() if j.state == "running"]
         for job in running:
@@ -292,10 +292,7 @@ class Bridge:
             shutting_down = self._stopping.is_set()
         try:
             if shutting_down:
-                job.outcome = "error:shutdown"
-                job.channel.error(ErrorCode.backend_unavailable,
-                                  "the bridge is shutting down; send the request again",
-                                  retryable=True)
+                self._shut_down(job)
                 return
             if job.cancelled:  # cancel raced with the worker taking the job
                 job.outcome = "cancelled"
@@ -470,12 +467,15 @@ class Bridge:
                           f"the answer took longer than max_generation_s "
                           f"({self.cfg.max_generation_s:g} s); ask for fewer max_tokens")
         elif job.shutting_down:
-            job.outcome = "error:shutdown"
-            channel.error(ErrorCode.backend_unavailable,
-                          "the bridge is shutting down; send the request again", retryable=True)
+            self._shut_down(job)
         else:
             job.outcome = "cancelled"
             channel.done("cancelled", job.usage, job.timings(job.usage))
+
+    def _shut_down(self, job: Job) -> None:
+        """The bridge is stopping under a job it took: tell the device to send it again."""
+        job.outcome = "error:shutdown"
+        job.channel.error(ErrorCode.backend_unavailable, _SHUTDOWN_MESSAGE, retryable=True)
 
     # ================================================================= bookkeeping
 

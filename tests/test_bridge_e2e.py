@@ -54,8 +54,6 @@ def _direct(llama_url: str, messages: list[dict[str, str]], max_tokens: int) -> 
     return gen.content or ""
 
 
-
-
 def _device(broker: Any, name: str, published: PublishLog) -> BridgeClient:
     return published.track(BridgeClient(_settings(broker), client=name))
 
