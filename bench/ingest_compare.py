@@ -25,7 +25,8 @@ import threading
 import time
 
 from bench.procs import REPO
-from bridge.llama_stream import _Accumulator, _Dechunker
+from bridge.chunked import Dechunker
+from bridge.llama_stream import _Accumulator
 from bridge.llama_types import TextDelta
 from bridge.sse import SSEParser
 
@@ -46,7 +47,7 @@ class _StreamProtocol(asyncio.Protocol):
     def __init__(self, body: bytes, done: asyncio.Future[None], counter: list[int]) -> None:
         self.body, self.done, self.counter = body, done, counter
         self.head: bytes | None = b""
-        self.dechunk = _Dechunker(None)
+        self.dechunk = Dechunker(None)
         self.parser = SSEParser()
         self.acc = _Accumulator("chat", "fake")
         self.transport: asyncio.Transport | None = None
@@ -65,7 +66,7 @@ class _StreamProtocol(asyncio.Protocol):
             if end < 0:
                 return
             data, self.head = self.head[end + 4:], None
-        for item in self.parser.feed(self.dechunk._decode(data)):
+        for item in self.parser.feed(self.dechunk.decode(data)):
             for delta in self.acc.event(item.data, item.event):  # type: ignore[union-attr]
                 if isinstance(delta, TextDelta):
                     self.counter[0] += 1

@@ -127,13 +127,17 @@ def _busy_cpu() -> float:
 
 
 def stream_cell(ctx: Ctx, broker: procs.Broker, *, qos: int, flush: float, streams: int,
-                prompt: str, label: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """One bridge subprocess, ``streams`` closed-loop devices, measured over a window."""
+                prompt: str, label: str, env: dict[str, str] | None = None,
+                source: Path | None = None) -> dict[str, Any]:
+    """One bridge subprocess, ``streams`` closed-loop devices, measured over a window.
+
+    ``source``: run the ``bridge`` package of another checkout (see :mod:`bench.ab`).
+    """
     assert ctx.fake is not None
     plan = ctx.plan
     bid = ctx.next_id()
     with procs.bridge(broker, ctx.fake.url, bridge_id=bid, max_concurrent=streams,
-                      flush_ms=flush, qos=qos, env=env, log_dir=ctx.logs) as br:
+                      flush_ms=flush, qos=qos, env=env, log_dir=ctx.logs, source=source) as br:
         warm_up(broker, qos)
         bridge_proc = psutil.Process(br.pid)
         rss_idle = bridge_proc.memory_info().rss

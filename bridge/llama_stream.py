@@ -11,18 +11,20 @@ a delta (publishing it over MQTT, say) does not use it up.
 
 from __future__ import annotations
 
-import http.client
 import json
+import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import requests
 import urllib3.exceptions
 from pydantic import ValidationError
 
+from bridge.chunked import Dechunker
 from bridge.exceptions import BackendProtocolError, BridgeError, IdleTimeout
 from bridge.llama_http import CallInfo, cancelled_error, stream_error
 from bridge.llama_types import (
@@ -35,6 +37,9 @@ from bridge.llama_types import (
 )
 from bridge.sse import DEFAULT_MAX_EVENT_BYTES, SSEComment, SSEParser
 from bridge.wire import Usage
+
+if TYPE_CHECKING:
+    from bridge.stream_relay import Relay
 
 Kind = Literal["chat", "completion"]
 # A blocked read holds a buffer of this size (BufferedReader.read1 allocates it before
@@ -168,8 +173,48 @@ class Stream:
 
     # ------------------------------------------------------------------ internals
 
-    def _run(self) -> Iterator[Delta]:
+    def pump(self, on_delta: Callable[[Delta], None], relay: Relay | None = None) -> StreamEnd:
+        """Read the whole answer, calling ``on_delta`` for each delta; return how it ended.
+
+        With ``relay``, the relay's thread reads the body (and calls ``on_delta``) while
+        this thread waits: one thread then serves every stream's tokens (see
+        :mod:`bridge.stream_relay`). Without one, or for a body the relay cannot read
+        (TLS, not chunked), this thread iterates the stream itself.
+
+        Raises:
+            BridgeError: as iterating would, or whatever ``on_delta`` raised.
+        """
         self.open()
+        body = self._handoff() if relay is not None else None
+        if relay is not None and body is not None:
+            sock, head, dechunker = body
+            return relay.relay(self, sock, head, dechunker, on_delta)
+        for delta in self:
+            if isinstance(delta, StreamEnd):
+                return delta
+            on_delta(delta)
+        raise BackendProtocolError(f"stream from {self.url} ended without its end")  # unreachable
+
+    def _handoff(self) -> tuple[socket.socket, bytes, Dechunker] | None:
+        """The open response's socket (now non-blocking), the body bytes already read
+        into its buffer and a chunked decoder for the rest; None if it cannot be handed off."""
+        assert self._response is not None and self._gen is None
+        self._check_content_type()
+        raw, sock = self._response.raw, self._info.token.sock
+        fp = getattr(getattr(raw, "_fp", None), "fp", None)  # the socket's BufferedReader
+        if (Dechunker.attach(raw) is None or sock is None or fp is None
+                or isinstance(sock, ssl.SSLSocket)):
+            return None
+        try:
+            sock.setblocking(False)
+            # What the reader buffered with the headers; peek reads nothing more
+            # unless its buffer is empty, and a non-blocking read then finds nothing.
+            head = fp.read1(len(fp.peek(READ_SIZE)))
+        except OSError:  # cancelled just now: the relay's first read reports it
+            head = b""
+        return sock, head, Dechunker(None)
+
+    def _check_content_type(self) -> None:
         assert self._response is not None
         content_type = self._response.headers.get("Content-Type", "")
         if "text/event-stream" not in content_type:
@@ -178,9 +223,14 @@ class Stream:
                 f"Content-Type {content_type!r}, not an event stream: is this URL a "
                 "llama-server (or a proxy that buffers/rewrites responses)?"
             )
+
+    def _run(self) -> Iterator[Delta]:
+        self.open()
+        assert self._response is not None
+        self._check_content_type()
         raw = self._response.raw
         # One read returns everything the socket holds, not one HTTP chunk (= one event).
-        read: Callable[[int], bytes] = _Dechunker.attach(raw) or raw.read1
+        read: Callable[[int], bytes] = Dechunker.attach(raw) or raw.read1
         parser = SSEParser(self._max_event_bytes)
         acc = _Accumulator(self._kind, self.url)
         token = self._info.token
@@ -189,7 +239,7 @@ class Stream:
         while True:
             remaining = self._idle - waited
             if remaining <= 0:
-                raise self._idle_error()
+                raise self.idle_error()
             sock = token.sock
             if sock is not None and timeout_set != (sock, remaining):
                 # Each read may wait only for what is left of the idle budget. (A socket
@@ -201,7 +251,7 @@ class Stream:
             try:
                 chunk = read(READ_SIZE)
             except Exception as exc:
-                raise self._read_error(exc) from exc
+                raise self.read_error(exc) from exc
             waited += time.monotonic() - before
             if token.cancelled:
                 raise cancelled_error(self._info)
@@ -226,7 +276,20 @@ class Stream:
                 yield acc.end()
                 return
 
-    def _idle_error(self) -> IdleTimeout:
+    @property
+    def idle(self) -> float:
+        """The idle timeout in seconds."""
+        return self._idle
+
+    def cancelled_error(self) -> BridgeError:
+        """The error a cancelled stream ends with."""
+        return cancelled_error(self._info)
+
+    def new_decoders(self) -> tuple[SSEParser, _Accumulator]:
+        """A parser for this stream's events and the accumulator of its deltas."""
+        return SSEParser(self._max_event_bytes), _Accumulator(self._kind, self.url)
+
+    def idle_error(self) -> IdleTimeout:
         what = (f"only {self.pings} keep-alive ping(s)" if self.pings else "nothing")
         return IdleTimeout(
             f"llama-server at {self.url} sent no data for idle={self._idle:g} s mid-stream "
@@ -234,122 +297,18 @@ class Stream:
             "its log and /slots, or raise the idle timeout"
         )
 
-    def _read_error(self, exc: Exception) -> BridgeError:
+    def read_error(self, exc: Exception) -> BridgeError:
         if self.cancelled:
             return cancelled_error(self._info)
-        if isinstance(exc, BridgeError):  # bad chunked framing, from _Dechunker
+        if isinstance(exc, BridgeError):  # bad chunked framing, from Dechunker
             return exc
         if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
-            return self._idle_error()
+            return self.idle_error()
         return BackendProtocolError(
             f"connection to llama-server at {self.url} broke mid-stream ({exc}); not retried "
             "because part of the answer was already received: check the server's log "
             "(crash, restart, out of memory?)"
         )
-
-
-class _Dechunker:
-    """``Transfer-Encoding: chunked`` decoded here, from the connection's buffered reader.
-
-    llama-server writes every event as its own HTTP chunk, and ``http.client``'s
-    ``read1`` returns at most one chunk per call: the stream would cost a trip through
-    urllib3 and http.client, a timeout update and a parser call *per token*. Reading
-    the socket's buffer directly returns every event that has arrived in one call.
-
-    Used only when the response is chunked, not content-encoded and not read yet
-    (:meth:`attach`); otherwise the stream reads through urllib3 as before. The
-    connection is then never handed back to the pool in an unknown state: http.client
-    does not see the body end, so closing the response closes the connection.
-    """
-
-    __slots__ = ("_crlf", "_done", "_fp", "_head", "_left", "_trailer")
-
-    _MAX_LINE = 4096  # a chunk-size line (with extensions) or trailer line
-
-    def __init__(self, fp: Any) -> None:
-        self._fp = fp
-        self._left = 0  # bytes of chunk data still to come
-        self._crlf = False  # the CRLF after a chunk's data is due
-        self._trailer = False  # after the last (0-size) chunk: trailer lines until ""
-        self._done = False
-        self._head = b""  # an incomplete size line or CRLF from the previous read
-
-    @classmethod
-    def attach(cls, raw: Any) -> Callable[[int], bytes] | None:
-        """The ``read`` of a dechunker over ``raw`` (a urllib3 response), or None."""
-        fp = getattr(raw, "_fp", None)  # the http.client.HTTPResponse
-        if (not isinstance(fp, http.client.HTTPResponse) or not fp.chunked
-                or fp.chunk_left is not None or fp.fp is None
-                or len(getattr(raw, "_decoded_buffer", b"")) != 0
-                or raw.headers.get("Content-Encoding", "identity").strip().lower()
-                not in ("", "identity")):
-            return None
-        return cls(fp.fp).read
-
-    def read(self, size: int) -> bytes:
-        """Body bytes: whatever has arrived (waiting for some), b"" at the end of the body."""
-        while not self._done:
-            data = self._fp.read1(size)
-            if not data:  # EOF before the last chunk: the body was cut off
-                self._done = True
-                raise http.client.IncompleteRead(self._head)
-            out = self._decode(data)
-            if out:
-                return out
-        return b""
-
-    def _decode(self, data: bytes) -> bytes:
-        if self._head:
-            data = self._head + data
-            self._head = b""
-        out: list[bytes] = []
-        pos, n = 0, len(data)
-        while pos < n:
-            if self._left:
-                take = min(self._left, n - pos)
-                out.append(data[pos:pos + take] if take < n else data)
-                pos += take
-                self._left -= take
-                self._crlf = self._left == 0
-            elif self._crlf:
-                if data[pos] == 0x0D:  # CR (a bare LF is tolerated)
-                    if pos + 1 == n:
-                        self._head = data[pos:]
-                        break
-                    pos += 1
-                if data[pos] != 0x0A:
-                    raise self._bad(data[pos:pos + 20])
-                pos += 1
-                self._crlf = False
-            else:
-                nl = data.find(b"\n", pos)
-                if nl < 0:
-                    self._head = data[pos:]
-                    if len(self._head) > self._MAX_LINE:
-                        raise self._bad(self._head[:20])
-                    break
-                line = data[pos:nl].rstrip(b"\r")
-                pos = nl + 1
-                if self._trailer:
-                    if not line:
-                        self._done = True
-                        break
-                    continue
-                try:
-                    size = int(line.split(b";", 1)[0], 16)
-                except ValueError:
-                    raise self._bad(line[:20]) from None
-                if size < 0:
-                    raise self._bad(line[:20])
-                self._left = size
-                self._trailer = size == 0
-        return b"".join(out)
-
-    @staticmethod
-    def _bad(near: bytes) -> BackendProtocolError:
-        return BackendProtocolError(
-            f"llama-server sent a malformed HTTP chunk (near {near!r}); the connection or a "
-            "proxy in between corrupts the stream")
 
 
 class _Accumulator:

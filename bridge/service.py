@@ -7,6 +7,8 @@
    queues the request, publishing ``start`` (:meth:`Bridge._accept`).
 3. A worker runs it against the best backend and streams ``chunk``s, ending with
    ``done``/``reply``/``error`` (:meth:`Bridge._run`, :meth:`_stream`, :meth:`_answer_once`).
+   Once llama-server has answered with its headers, the stream's tokens are read by
+   the relay thread, which serves every stream (:mod:`bridge.stream_relay`).
 4. The ticker thread flushes coalesced text when ``flush_ms`` is up, sends
    ``progress`` heartbeats and enforces ``max_generation_s`` (:mod:`bridge.ticker`).
 """
@@ -33,13 +35,14 @@ from bridge.exceptions import (
 from bridge.intake import Accepted, Rejected, parse_cancel, parse_request
 from bridge.job import Job
 from bridge.limits import ClientLimits, DedupeCache
-from bridge.llama_client import ReasoningDelta, StreamEnd, TextDelta
+from bridge.llama_client import Delta, ReasoningDelta, TextDelta
 from bridge.metrics import BridgeMetrics, LiveState
 from bridge.mqtt_link import Inbound, MqttLink, PublishError
 from bridge.profiles import ProfileRegistry, UnknownProfile, apply_profile
 from bridge.reply import ReplyChannel
 from bridge.scheduler import FairQueue, QueueFull, WorkerPool
 from bridge.sessions import Sessions, as_chat
+from bridge.stream_relay import Relay
 from bridge.ticker import Ticker
 from bridge.wire import ErrorCode, ErrorMsg, Usage, encode
 
@@ -72,6 +75,7 @@ class Bridge:
         self.profiles = ProfileRegistry(config.profiles)  # swapped on SIGHUP (bridge.cli)
         self.sessions = Sessions.from_config(config)  # the file opens on first use
         self.workers: WorkerPool | None = None
+        self.relay = Relay()  # reads every running stream's tokens, in one thread
         self.jobs: dict[tuple[str, str], Job] = {}
         self.stats = {"accepted": 0, "rejected": 0, "done": 0, "errors": 0, "cancelled": 0}
         self._jobs_lock = threading.Lock()
@@ -106,6 +110,7 @@ class Bridge:
             self.metrics_port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
         self.pool.start()
         size = self.cfg.max_concurrent or self.pool.total_slots
+        self.relay.start()
         self.workers = WorkerPool(self.queue, size)
         self.workers.start()
         self._intake_thread.start()
@@ -142,6 +147,7 @@ class Bridge:
             job.token.cancel()
         if self.workers is not None:
             self.workers.stop()
+        self.relay.stop()
         self.ticker.stop()
         self._intake_thread.join(5)
         self.link.close(self._status_payload("offline", reason="shutdown"))
@@ -405,23 +411,25 @@ class Bridge:
             stream = backend.client.complete_stream(inputs, cancel_token=job.token, **params)
         else:
             stream = backend.client.generate_stream(inputs, cancel_token=job.token, **params)
-        end: StreamEnd | None = None
         answer: list[str] | None = [] if req.session is not None else None
+
+        def on_delta(delta: Delta) -> None:  # in the relay's thread (bridge.stream_relay)
+            if isinstance(delta, TextDelta):
+                if answer is not None:
+                    answer.append(delta.text)
+                buffered = channel.text(delta.text)
+            elif isinstance(delta, ReasoningDelta) and req.reasoning:
+                buffered = channel.reasoning(delta.text)
+            else:
+                return
+            if buffered:  # text waits for flush_ms: the ticker must wake for it
+                self.ticker.wake_at(channel.due())
+
         with stream:
-            for delta in stream:
-                if isinstance(delta, TextDelta):
-                    if answer is not None:
-                        answer.append(delta.text)
-                    if channel.text(delta.text):
-                        self.ticker.wake_at(channel.due())
-                elif isinstance(delta, ReasoningDelta) and req.reasoning:
-                    if channel.reasoning(delta.text):
-                        self.ticker.wake_at(channel.due())
-                elif isinstance(delta, StreamEnd):
-                    end = delta
-        job.usage = (end.usage if end and end.usage else None) or Usage()
+            end = stream.pump(on_delta, self.relay)
+        job.usage = end.usage or Usage()
         job.outcome = "done"
-        finish = (end.finish_reason if end else None) or "stop"
+        finish = end.finish_reason or "stop"
         if answer is not None:
             self._remember(job, {"role": "assistant", "content": "".join(answer)})
         channel.done(finish, job.usage, job.timings(job.usage))

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from bridge.chunked import Dechunker
 from bridge.exceptions import BackendProtocolError
-from bridge.llama_stream import _Dechunker
 from bridge.mqtt_link import _publish_props
 from bridge.sse import SSEParser
 
@@ -37,7 +37,7 @@ def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
-def _read_all(dechunker: _Dechunker) -> bytes:
+def _read_all(dechunker: Dechunker) -> bytes:
     out = b""
     while piece := dechunker.read(65536):
         out += piece
@@ -51,18 +51,18 @@ def _read_all(dechunker: _Dechunker) -> bytes:
 def test_dechunker_decodes_any_split(parts: list[bytes], cuts: list[int], ext: bool,
                                      trailer: bool) -> None:
     wire = _chunked(parts, ext=ext, trailer=trailer) + b"ignored: next response"
-    assert _read_all(_Dechunker(_Pieces(_cut(wire, cuts)))) == b"".join(parts)
+    assert _read_all(Dechunker(_Pieces(_cut(wire, cuts)))) == b"".join(parts)
 
 
 def test_dechunker_reads_many_chunks_at_once() -> None:
     events = [b"data: {\"n\": %d}\n\n" % i for i in range(100)]
-    dechunker = _Dechunker(_Pieces([_chunked(events)]))
+    dechunker = Dechunker(_Pieces([_chunked(events)]))
     assert dechunker.read(65536) == b"".join(events)  # one call, not one per chunk
     assert dechunker.read(65536) == b""
 
 
 def test_dechunker_eof_mid_body_is_incomplete_read() -> None:
-    dechunker = _Dechunker(_Pieces([b"5\r\nhel"]))
+    dechunker = Dechunker(_Pieces([b"5\r\nhel"]))
     assert dechunker.read(100) == b"hel"
     with pytest.raises(http.client.IncompleteRead):
         dechunker.read(100)
@@ -71,7 +71,7 @@ def test_dechunker_eof_mid_body_is_incomplete_read() -> None:
 @pytest.mark.parametrize("wire", [b"zz\r\nabc\r\n", b"3\r\nabcXY", b"-3\r\nabc\r\n"])
 def test_dechunker_bad_framing_is_protocol_error(wire: bytes) -> None:
     with pytest.raises(BackendProtocolError, match="malformed HTTP chunk"):
-        _read_all(_Dechunker(_Pieces([wire])))
+        _read_all(Dechunker(_Pieces([wire])))
 
 
 @pytest.mark.parametrize("correlation", [None, b"", b"abc", bytes(range(256))])

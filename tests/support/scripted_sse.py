@@ -60,6 +60,9 @@ class SSEHeaders:
 
     status: int = 200
     chunked: bool = True
+    with_body: tuple[bytes, ...] = ()
+    """Body pieces written in the same network write as the headers (each its own
+    HTTP chunk when chunked): the client then reads them together with the headers."""
 
 
 @dataclass(frozen=True)
@@ -336,12 +339,9 @@ class _Player:
             te = "Transfer-Encoding: chunked\r\n" if action.chunked else ""
             head = (f"HTTP/1.1 {action.status} OK\r\nContent-Type: text/event-stream\r\n"
                     f"{te}Connection: close\r\n\r\n")
-            self.sock.sendall(head.encode())
+            self.sock.sendall(head.encode() + b"".join(map(self._frame, action.with_body)))
         elif isinstance(action, Send):
-            data = action.data
-            if self.chunked:
-                data = f"{len(data):x}\r\n".encode() + data + b"\r\n"
-            self.sock.sendall(data)
+            self.sock.sendall(self._frame(action.data))
         elif isinstance(action, Pause):
             return not self.stop.wait(action.seconds)
         elif isinstance(action, Stall):
@@ -356,6 +356,9 @@ class _Player:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return False
         return True
+
+    def _frame(self, data: bytes) -> bytes:
+        return f"{len(data):x}\r\n".encode() + data + b"\r\n" if self.chunked else data
 
     def finish(self) -> None:
         """End the body properly, then wait (bounded) to see the client close."""
