@@ -2,14 +2,16 @@
 
 Publishes payloads of ``--size`` bytes on one topic at ``--qos`` for ``--duration``
 seconds, with the same flow control as the bridge's :class:`bridge.mqtt_link.MqttLink`
-(at most ``--window`` messages handed to paho and not yet acknowledged, paho's
-in-flight window at its default of 20, TCP_NODELAY) but nothing else: no JSON, no
-chunking, no MQTT 5 properties. A :mod:`bench.device` ``count`` subscriber measures what arrives.
+(at most ``--window`` messages handed to paho and not yet acknowledged -- at QoS 0:
+not yet written, seen through their ``MQTTMessageInfo`` without an ``on_publish`` --,
+paho's in-flight window at its default of 20, TCP_NODELAY) but nothing else: no JSON,
+no chunking, no MQTT 5 properties. A :mod:`bench.device` ``count`` subscriber measures what arrives.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import threading
@@ -51,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     c.max_inflight_messages_set(a.inflight)
     c.max_queued_messages_set(0)
     c.on_connect = lambda *_: connected.set()
-    c.on_publish = on_publish
+    unwritten: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
+    if a.qos > 0:
+        c.on_publish = on_publish
     c.connect(a.host, a.port, keepalive=60)
     c.loop_start()
     if not connected.wait(10):
@@ -64,14 +68,29 @@ def main(argv: list[str] | None = None) -> int:
     end = t0 + a.duration
     while time.monotonic() < end:
         for _ in range(100):
-            with cond:
-                while outstanding >= a.window:
-                    cond.wait(0.5)
-                outstanding += 1
-            c.publish(a.topic, payload, qos=a.qos)
+            if a.qos == 0:  # as MqttLink does at QoS 0
+                while True:
+                    while unwritten and (unwritten[0].rc != mqtt.MQTT_ERR_SUCCESS
+                                         or unwritten[0].is_published()):
+                        unwritten.popleft()
+                    if len(unwritten) < a.window:
+                        break
+                    time.sleep(0.005)
+                info = c.publish(a.topic, payload, qos=0)
+                if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                    unwritten.append(info)
+            else:
+                with cond:
+                    while outstanding >= a.window:
+                        cond.wait(0.5)
+                    outstanding += 1
+                c.publish(a.topic, payload, qos=a.qos)
             sent += 1
     with cond:  # let the window drain (bounded)
         cond.wait_for(lambda: outstanding <= 0, 10)
+    drain_end = time.monotonic() + 10
+    while unwritten and not unwritten[-1].is_published() and time.monotonic() < drain_end:
+        unwritten[-1].wait_for_publish(0.1)
     elapsed = time.monotonic() - t0
     cpu = time.process_time() - cpu0
     c.disconnect()
