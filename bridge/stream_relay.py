@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bridge.relay")
 
-READ_SIZE = 64 * 1024  # one buffer for all streams, so it can be large
+# Per read of one stream. Streams take turns, one read each: in per-token mode every
+# event in a read is a publish, so a smaller read lets the others in sooner.
+READ_SIZE = 16 * 1024
 _SWEEP_S = 0.25  # how often idle timeouts are checked (their resolution)
 _WAIT_S = 1.0  # a waiting worker checks this often that the relay still runs
 
