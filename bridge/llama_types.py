@@ -74,14 +74,18 @@ class RetryPolicy:
 # --------------------------------------------------------------------------- deltas
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per token, and a frozen dataclass's __init__ costs twice as
+# much (object.__setattr__ per field). Treat it as immutable all the same.
+@dataclass(slots=True)
 class TextDelta:
     """A piece of generated text (``delta.content``, or ``text`` for completions)."""
 
     text: str
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per token, and a frozen dataclass's __init__ costs twice as
+# much (object.__setattr__ per field). Treat it as immutable all the same.
+@dataclass(slots=True)
 class ReasoningDelta:
     """A piece of a reasoning model's thinking (``delta.reasoning_content``)."""
 

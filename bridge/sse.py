@@ -38,7 +38,9 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 _BOM = "\ufeff"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per token, and a frozen dataclass's __init__ costs twice as
+# much (object.__setattr__ per field). Treat it as immutable all the same.
+@dataclass(slots=True)
 class SSEEvent:
     """One dispatched event.
 
@@ -52,7 +54,9 @@ class SSEEvent:
     event: str = "message"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per token, and a frozen dataclass's __init__ costs twice as
+# much (object.__setattr__ per field). Treat it as immutable all the same.
+@dataclass(slots=True)
 class SSEComment:
     """A comment line (``:`` followed by ``text``); llama-server's keep-alive ping is ``:``."""
 
