@@ -33,6 +33,8 @@ from bench.run import (
 
 # name: (qos, flush_ms, streams, tokens/s per stream (0 = unpaced), tokens per answer)
 CELLS: dict[str, tuple[int, float, int, float, int]] = {
+    "paced-pertoken-1": (1, 0.0, 1, 50.0, 200),
+    "paced-batched-8": (1, 50.0, 8, 50.0, 200),
     "paced-batched-256": (1, 50.0, 256, 50.0, 200),
     "paced-batched-64": (1, 50.0, 64, 50.0, 200),
     "paced-pertoken-64": (1, 0.0, 64, 50.0, 200),
@@ -46,6 +48,7 @@ CELLS: dict[str, tuple[int, float, int, float, int]] = {
 }
 METRICS = [("tokens_per_s", "tok/s", ".0f"), ("bridge_us_per_token", "µs/token", ".1f"),
            ("rss_per_stream", "KiB/stream", ".0f"), ("token_latency_ms_p50", "lat p50 ms", ".1f"),
+           ("ttft_ms_p50", "TTFT p50 ms", ".1f"),
            ("max_gap_s", "silence s", ".2f"), ("others_cpu_pct", "others %", ".0f")]
 
 
