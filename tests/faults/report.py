@@ -247,7 +247,8 @@ BUGS_AND_OBSERVATIONS = """
 
 The scenarios that show them stay in the suite as regression tests: the rows marked
 "regression test for Bn" above say how each did on the code this report was made from.
-B10 is checked by `tests/test_backends.py` and `tests/test_wire.py`.
+B10 is checked by `tests/test_backends.py` and `tests/test_wire.py`, B11 by
+`tests/test_publish_window.py`.
 
 - **B1 -- a retryable error was replayed to a retry with the same id** (fixed).
   `Bridge._finish` recorded every finished request in the duplicate cache, errors
@@ -303,6 +304,12 @@ B10 is checked by `tests/test_backends.py` and `tests/test_wire.py`.
   as `llama-server at http://127.0.0.1:PORT/... sent no data for idle=1.5 s`, or
   urllib3's `host='…', port=N`, reached every device. Devices now get a version without
   addresses (`BridgeError.public_message`); the operator's log keeps the full message.
+- **B11 -- at QoS 0, every broker restart under load leaked publish-window slots**
+  (fixed). The window counted paho's QoS 0 `on_publish` calls, and paho makes none for
+  the messages a reconnect discards, so each restart with messages still unwritten
+  lowered the room for good, down to a bridge that could not publish at all. Nothing
+  tested QoS 0 (the default is 1). Fixed: at QoS 0 the window holds each message's
+  `MQTTMessageInfo` until paho wrote or discarded it (docs/performance.md, item 9).
 
 ## Observations (not failures)
 
