@@ -26,7 +26,7 @@ import time
 
 from bench.procs import REPO
 from bridge.chunked import Dechunker
-from bridge.llama_stream import _Accumulator
+from bridge.llama_events import EventAccumulator
 from bridge.llama_types import TextDelta
 from bridge.sse import SSEParser
 
@@ -49,7 +49,7 @@ class _StreamProtocol(asyncio.Protocol):
         self.head: bytes | None = b""
         self.dechunk = Dechunker(None)
         self.parser = SSEParser()
-        self.acc = _Accumulator("chat", "fake")
+        self.acc = EventAccumulator("chat", "fake")
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

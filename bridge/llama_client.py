@@ -30,6 +30,7 @@ import urllib3.exceptions
 from pydantic import BaseModel
 
 from bridge.exceptions import BackendProtocolError, IdleTimeout
+from bridge.llama_events import Kind, parse_generation
 from bridge.llama_http import (
     CallInfo,
     CancelToken,
@@ -41,7 +42,7 @@ from bridge.llama_http import (
     read_bounded,
     with_retries,
 )
-from bridge.llama_stream import Kind, Stream, parse_generation
+from bridge.llama_stream import Stream
 from bridge.llama_types import (
     Delta,
     Generation,

@@ -11,37 +11,30 @@ a delta (publishing it over MQTT, say) does not use it up.
 
 from __future__ import annotations
 
-import json
 import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 import requests
 import urllib3.exceptions
-from pydantic import ValidationError
 
 from bridge.chunked import Dechunker
 from bridge.exceptions import BackendProtocolError, BridgeError, IdleTimeout
-from bridge.llama_http import CallInfo, cancelled_error, stream_error
+from bridge.llama_events import EventAccumulator, Kind
+from bridge.llama_http import CallInfo, cancelled_error
 from bridge.llama_types import (
     Delta,
-    Generation,
-    ReasoningDelta,
     StreamEnd,
-    TextDelta,
-    ToolCallDelta,
 )
 from bridge.sse import DEFAULT_MAX_EVENT_BYTES, SSEComment, SSEParser
-from bridge.wire import Usage
 
 if TYPE_CHECKING:
     from bridge.stream_relay import Relay
 
-Kind = Literal["chat", "completion"]
 # A blocked read holds a buffer of this size (BufferedReader.read1 allocates it before
 # waiting), per stream: 64 KiB cost 16 MiB at 256 streams; 8 KiB still carries ~20
 # events per read when tokens pile up.
@@ -232,7 +225,7 @@ class Stream:
         # One read returns everything the socket holds, not one HTTP chunk (= one event).
         read: Callable[[int], bytes] = Dechunker.attach(raw) or raw.read1
         parser = SSEParser(self._max_event_bytes)
-        acc = _Accumulator(self._kind, self.url)
+        acc = EventAccumulator(self._kind, self.url)
         token = self._info.token
         waited = 0.0  # seconds blocked on the socket since the last data event
         timeout_set = None  # (socket, timeout) last set: settimeout costs two syscalls
@@ -285,9 +278,9 @@ class Stream:
         """The error a cancelled stream ends with."""
         return cancelled_error(self._info)
 
-    def new_decoders(self) -> tuple[SSEParser, _Accumulator]:
+    def new_decoders(self) -> tuple[SSEParser, EventAccumulator]:
         """A parser for this stream's events and the accumulator of its deltas."""
-        return SSEParser(self._max_event_bytes), _Accumulator(self._kind, self.url)
+        return SSEParser(self._max_event_bytes), EventAccumulator(self._kind, self.url)
 
     def idle_error(self) -> IdleTimeout:
         what = (f"only {self.pings} keep-alive ping(s)" if self.pings else "nothing")
@@ -309,134 +302,3 @@ class Stream:
             "because part of the answer was already received: check the server's log "
             "(crash, restart, out of memory?)"
         )
-
-
-class _Accumulator:
-    """Turns decoded OpenAI stream chunks into deltas and remembers how it ended."""
-
-    def __init__(self, kind: Kind, url: str) -> None:
-        self.kind = kind
-        self.url = url
-        self.done = False
-        self.finish_reason: str | None = None
-        self.usage: Usage | None = None
-        self.timings: dict[str, Any] | None = None
-
-    def event(self, data: str, event: str) -> list[Delta]:
-        if event == "error":
-            raise stream_error(_loads(data, self.url, lenient=True), self.url)
-        if data.strip() == "[DONE]":
-            self.done = True
-            return []
-        chunk = _loads(data, self.url)
-        if not isinstance(chunk, dict):
-            raise BackendProtocolError(
-                f"llama-server at {self.url} sent a stream event that is not a JSON object: "
-                f"{data[:200]!r}"
-            )
-        if "error" in chunk:
-            raise stream_error(chunk, self.url)
-        if chunk.get("usage") is not None:
-            self.usage = parse_usage(chunk["usage"], self.url)
-        if isinstance(chunk.get("timings"), dict):
-            self.timings = chunk["timings"]
-        out: list[Delta] = []
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            if choice.get("finish_reason"):
-                self.finish_reason = str(choice["finish_reason"])
-            if self.kind == "completion":
-                text = choice.get("text")
-                if isinstance(text, str) and text:
-                    out.append(TextDelta(text))
-                continue
-            delta = choice.get("delta")
-            if not isinstance(delta, dict):
-                continue
-            reasoning = delta.get("reasoning_content")
-            if isinstance(reasoning, str) and reasoning:
-                out.append(ReasoningDelta(reasoning))
-            content = delta.get("content")
-            if isinstance(content, str) and content:
-                out.append(TextDelta(content))
-            for call in delta.get("tool_calls") or ():
-                if not isinstance(call, dict):
-                    continue
-                fn = call.get("function")
-                if not isinstance(fn, dict):
-                    fn = {}
-                index = call.get("index", 0)
-                if not isinstance(index, int):
-                    raise BackendProtocolError(
-                        f"llama-server at {self.url} sent a tool call without an integer "
-                        f"index: {call!r:.200}")
-                out.append(ToolCallDelta(index=index, id=_opt_str(call.get("id")),
-                                         name=_opt_str(fn.get("name")),
-                                         arguments=_opt_str(fn.get("arguments"))))
-        return out
-
-    def end(self) -> StreamEnd:
-        if self.finish_reason is None:
-            raise BackendProtocolError(
-                f"stream from llama-server at {self.url} was cut off: it ended without a "
-                "finish_reason; the server may have crashed or a proxy closed the connection"
-            )
-        return StreamEnd(self.finish_reason, self.usage, self.timings)
-
-
-def _opt_str(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-def _loads(data: str, url: str, *, lenient: bool = False) -> Any:
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
-        if lenient:
-            return data  # an error event's text is still worth reporting as is
-        raise BackendProtocolError(
-            f"llama-server at {url} sent malformed JSON in a stream event ({exc}): "
-            f"{data[:200]!r}"
-        ) from exc
-
-
-def parse_usage(value: Any, url: str) -> Usage:
-    """Validate a ``usage`` object (extra counters are ignored)."""
-    try:
-        return Usage.model_validate(value)
-    except ValidationError as exc:
-        raise BackendProtocolError(f"llama-server at {url} sent a bad usage object: {exc}") from exc
-
-
-def parse_generation(body: bytes, kind: Kind, url: str) -> Generation:
-    """Decode the JSON answer of a non-streamed call.
-
-    Args:
-        body: the response body.
-        kind: ``"chat"`` or ``"completion"``.
-        url: for error messages.
-
-    Returns:
-        The answer.
-    """
-    payload = _loads(body.decode("utf-8", "replace"), url)
-    if isinstance(payload, dict) and "error" in payload:
-        raise stream_error(payload, url)
-    choices = payload.get("choices") if isinstance(payload, dict) else None
-    if not choices or not isinstance(choices[0], dict):
-        raise BackendProtocolError(f"llama-server at {url} answered without choices: "
-                                   f"{body[:200]!r}")
-    choice = choices[0]
-    if kind == "completion":
-        content, tool_calls, reasoning = choice.get("text"), None, None
-    else:
-        message = choice.get("message") or {}
-        content = message.get("content")
-        tool_calls = message.get("tool_calls") or None
-        reasoning = message.get("reasoning_content") or None
-    usage = parse_usage(payload["usage"], url) if payload.get("usage") is not None else None
-    timings = payload.get("timings") if isinstance(payload.get("timings"), dict) else None
-    return Generation(content=content, tool_calls=tool_calls,
-                      finish_reason=str(choice.get("finish_reason") or "stop"),
-                      usage=usage, timings=timings, reasoning=reasoning)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import itertools
+import json
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -12,7 +14,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bridge.chunked import Dechunker
-from bridge.exceptions import BackendProtocolError
+from bridge.exceptions import BackendProtocolError, BridgeError
+from bridge.llama_events import EventAccumulator, Kind, _decode_chunk
+from bridge.llama_types import Delta, TextDelta
 from bridge.mqtt_link import _publish_props
 from bridge.sse import SSEParser
 
@@ -105,3 +109,53 @@ def test_sse_lf_fast_path_matches_crlf_path(texts: list[str], cuts: list[int],
         return items + parser.finish()
 
     assert parse(wire(b"\n")) == parse(wire(b"\r\n" if crlf else b"\r"))
+
+
+# A value of any JSON type: the typed path must hand unusual ones to the lenient path.
+_odd = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=4),
+                 st.lists(st.integers(0, 2), max_size=2),
+                 st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+_call = st.fixed_dictionaries({}, optional={
+    "index": st.one_of(st.integers(0, 3), _odd), "id": _odd,
+    "function": st.one_of(st.fixed_dictionaries({}, optional={"name": _odd, "arguments": _odd}),
+                          _odd)})
+_delta = st.fixed_dictionaries({}, optional={
+    "content": st.one_of(st.text(max_size=6), _odd),
+    "reasoning_content": st.one_of(st.text(max_size=6), _odd),
+    "tool_calls": st.one_of(st.lists(st.one_of(_call, _odd), max_size=2), _odd)})
+_choice = st.fixed_dictionaries({"index": st.just(0)}, optional={
+    "delta": st.one_of(_delta, _odd), "text": st.one_of(st.text(max_size=6), _odd),
+    "finish_reason": st.one_of(st.sampled_from(["stop", "length", ""]), _odd)})
+_chunk = st.fixed_dictionaries({"object": st.just("chat.completion.chunk")}, optional={
+    "choices": st.one_of(st.lists(st.one_of(_choice, _odd), max_size=2), _odd),
+    "usage": st.one_of(st.fixed_dictionaries({"prompt_tokens": st.integers(0, 9),
+                                              "completion_tokens": st.integers(0, 9)}), _odd),
+    "timings": _odd, "error": _odd, "id": st.text(max_size=8)})
+
+
+def _outcome(acc: EventAccumulator, run: Callable[[], list[Delta]]) -> tuple[object, ...]:
+    try:
+        result: object = run()
+    except BridgeError as exc:
+        result = (type(exc).__name__, str(exc))
+    return result, acc.finish_reason, acc.usage, acc.timings, acc.done
+
+
+@given(chunk=_chunk, kind=st.sampled_from(["chat", "completion"]))
+@settings(max_examples=400, deadline=None)
+def test_typed_event_decoding_matches_the_lenient_path(chunk: dict[str, object],
+                                                       kind: Kind) -> None:
+    data = json.dumps(chunk)
+    typed, lenient = EventAccumulator(kind, "u"), EventAccumulator(kind, "u")
+    assert _outcome(typed, lambda: typed.event(data, "message")) == \
+        _outcome(lenient, lambda: lenient._lenient(data, "message"))
+
+
+def test_usual_event_takes_the_typed_path() -> None:
+    # llama-server's token event, as bench/fake_llama.py writes it (xllamacpp 2026.10).
+    data = ('{"choices":[{"finish_reason":null,"index":0,"delta":{"content":" abcd"}}],'
+            '"created":1764612345,"id":"chatcmpl-0123","model":"gemma-3-270m-it-Q4_K_M.gguf",'
+            '"system_fingerprint":"b0-unknown","object":"chat.completion.chunk"}')
+    acc = EventAccumulator("chat", "u")
+    typed = acc._typed(_decode_chunk(data))  # raises if the typed decoder refuses it
+    assert typed == [TextDelta(" abcd")] == acc.event(data, "message")
