@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import http.client
+import re
 from collections.abc import Callable
 from typing import Any
 
 from bridge.exceptions import BackendProtocolError
+
+_WHOLE_CHUNK = re.compile(rb"([0-9A-Fa-f]{1,8})\r\n")  # a chunk's plain size line
 
 
 class Dechunker:
@@ -75,6 +78,19 @@ class Dechunker:
             self._head = b""
         out: list[bytes] = []
         pos, n = 0, len(data)
+        if not (self._left or self._crlf or self._trailer):
+            # Fast path: whole chunks with a plain size line, as llama-server writes them
+            # (one event each), cut with one C-level match per chunk. The first thing it
+            # does not recognise -- a partial chunk, an extension, the last chunk, bad
+            # framing -- is left to the loop below.
+            match = _WHOLE_CHUNK.match
+            while (m := match(data, pos)) is not None:
+                start = m.end()
+                end = start + int(m.group(1), 16)
+                if end == start or data[end:end + 2] != b"\r\n":
+                    break
+                out.append(data[start:end])
+                pos = end + 2
         while pos < n:
             if self._left:
                 take = min(self._left, n - pos)
