@@ -164,8 +164,6 @@ class Stream:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ internals
-
     def pump(self, on_delta: Callable[[Delta], None], relay: Relay | None = None) -> StreamEnd:
         """Read the whole answer, calling ``on_delta`` for each delta; return how it ended.
 
@@ -187,6 +185,42 @@ class Stream:
                 return delta
             on_delta(delta)
         raise BackendProtocolError(f"stream from {self.url} ended without its end")  # unreachable
+
+    @property
+    def idle(self) -> float:
+        """The idle timeout in seconds."""
+        return self._idle
+
+    def cancelled_error(self) -> BridgeError:
+        """The error a cancelled stream ends with."""
+        return cancelled_error(self._info)
+
+    def new_decoders(self) -> tuple[SSEParser, EventAccumulator]:
+        """A parser for this stream's events and the accumulator of its deltas."""
+        return SSEParser(self._max_event_bytes), EventAccumulator(self._kind, self.url)
+
+    def idle_error(self) -> IdleTimeout:
+        what = (f"only {self.pings} keep-alive ping(s)" if self.pings else "nothing")
+        return IdleTimeout(
+            f"llama-server at {self.url} sent no data for idle={self._idle:g} s mid-stream "
+            f"({what} since the last event); the server may be stuck or overloaded: check "
+            "its log and /slots, or raise the idle timeout"
+        )
+
+    def read_error(self, exc: Exception) -> BridgeError:
+        if self.cancelled:
+            return cancelled_error(self._info)
+        if isinstance(exc, BridgeError):  # bad chunked framing, from Dechunker
+            return exc
+        if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
+            return self.idle_error()
+        return BackendProtocolError(
+            f"connection to llama-server at {self.url} broke mid-stream ({exc}); not retried "
+            "because part of the answer was already received: check the server's log "
+            "(crash, restart, out of memory?)"
+        )
+
+    # ------------------------------------------------------------------ internals
 
     def _handoff(self) -> tuple[socket.socket, bytes, Dechunker] | None:
         """The open response's socket (now non-blocking), the body bytes already read
@@ -268,37 +302,3 @@ class Stream:
                 # without [DONE] (the native /completion endpoint never sends one).
                 yield acc.end()
                 return
-
-    @property
-    def idle(self) -> float:
-        """The idle timeout in seconds."""
-        return self._idle
-
-    def cancelled_error(self) -> BridgeError:
-        """The error a cancelled stream ends with."""
-        return cancelled_error(self._info)
-
-    def new_decoders(self) -> tuple[SSEParser, EventAccumulator]:
-        """A parser for this stream's events and the accumulator of its deltas."""
-        return SSEParser(self._max_event_bytes), EventAccumulator(self._kind, self.url)
-
-    def idle_error(self) -> IdleTimeout:
-        what = (f"only {self.pings} keep-alive ping(s)" if self.pings else "nothing")
-        return IdleTimeout(
-            f"llama-server at {self.url} sent no data for idle={self._idle:g} s mid-stream "
-            f"({what} since the last event); the server may be stuck or overloaded: check "
-            "its log and /slots, or raise the idle timeout"
-        )
-
-    def read_error(self, exc: Exception) -> BridgeError:
-        if self.cancelled:
-            return cancelled_error(self._info)
-        if isinstance(exc, BridgeError):  # bad chunked framing, from Dechunker
-            return exc
-        if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
-            return self.idle_error()
-        return BackendProtocolError(
-            f"connection to llama-server at {self.url} broke mid-stream ({exc}); not retried "
-            "because part of the answer was already received: check the server's log "
-            "(crash, restart, out of memory?)"
-        )
