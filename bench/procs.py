@@ -174,8 +174,8 @@ def bridge(b: Broker, llama_url: str, *, bridge_id: str, max_concurrent: int,
     source = source or (Path(os.environ["BENCH_BRIDGE_SOURCE"])
                         if os.environ.get("BENCH_BRIDGE_SOURCE") else REPO)
     log = log_dir / f"{bridge_id}.log"
-    # The QoS goes through a config file: BRIDGE_MQTT__QOS=1 from the environment is
-    # refused ("Input should be 0, 1 or 2": the env value is the string "1").
+    # The QoS goes through a config file, which every version takes: bench.ab runs old
+    # checkouts too, and before 2026-11-21 BRIDGE_MQTT__QOS from the environment was refused.
     conf = log_dir / f"{bridge_id}.toml"
     conf.write_text(f"[mqtt]\nqos = {int(qos)}\n", encoding="utf-8")
     full_env = {**os.environ, **BENCH_ENV, **(env or {})}
