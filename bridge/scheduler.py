@@ -148,6 +148,12 @@ class FairQueue(Generic[K]):
                     return True
             return False
 
+    def close(self) -> None:
+        """Hand out no more jobs: every waiting and later :meth:`get` returns None."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
     def drain(self) -> list[K]:
         """Close the queue and return the keys of the jobs that never ran."""
         with self._cond:
@@ -186,10 +192,12 @@ class WorkerPool:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            job = self._queue.get(timeout=0.5)
+            # No timeout: an idle bridge must not wake its workers (256 of them cost 2-3 %
+            # of a core, polling twice a second); stop() and drain() close the queue.
+            job = self._queue.get()
             if job is None:
                 if self._queue.closed:
-                    return  # drained: nothing more will come, don't spin until stop()
+                    return  # closed: nothing more will come
                 continue
             with self._lock:
                 self._busy += 1
@@ -204,5 +212,6 @@ class WorkerPool:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking jobs and wait for the running ones to end (they were cancelled)."""
         self._stop.set()
+        self._queue.close()
         for thread in self._threads:
             thread.join(timeout)

@@ -142,13 +142,17 @@ class Relay:
         next_sweep = time.monotonic() + _SWEEP_S
         try:
             while not self._stopping:
-                for key, _ in self._selector.select(_SWEEP_S):
+                # With no stream there is nothing to time out: sleep until woken.
+                timeout = _SWEEP_S if self._streams else None
+                for key, _ in self._selector.select(timeout):
                     if key.data is None:
                         self._take_incoming()
                     else:
                         self._read(key.data)
                 now = time.monotonic()
-                if now >= next_sweep:
+                if not self._streams:
+                    next_sweep = now + _SWEEP_S
+                elif now >= next_sweep:
                     self._sweep(now)
                     next_sweep = now + _SWEEP_S
         except Exception:  # a bug: fail the streams rather than hang their workers

@@ -337,6 +337,16 @@ def test_idle_workers_do_not_spin_after_drain(pools: list[WorkerPool]) -> None:
     assert not q.alarm.wait(1.0), f"{q.calls} get() calls: the worker is spinning"
 
 
+def test_idle_workers_wait_without_polling(pools: list[WorkerPool]) -> None:
+    # One get() per worker to start waiting, then nothing until a job or stop(): an idle
+    # bridge with hundreds of workers must not wake them (they used to poll every 0.5 s).
+    q = CountingQueue(10, alarm_at=5)
+    pool = start_pool(pools, q, 4)
+    assert not q.alarm.wait(1.5), f"{q.calls} get() calls by 4 idle workers: they poll"
+    pool.stop(timeout=WAIT)
+    assert not any(th.is_alive() for th in pool._threads), "stop() left idle workers waiting"
+
+
 # ============================================================================ ClientLimits
 
 
