@@ -41,14 +41,17 @@ class Dechunker:
     @classmethod
     def attach(cls, raw: Any) -> Callable[[int], bytes] | None:
         """The ``read`` of a dechunker over ``raw`` (a urllib3 response), or None."""
+        return cls(raw._fp.fp).read if cls.applies(raw) else None
+
+    @staticmethod
+    def applies(raw: Any) -> bool:
+        """Whether ``raw`` (a urllib3 response) is chunked, unencoded and not read yet."""
         fp = getattr(raw, "_fp", None)  # the http.client.HTTPResponse
-        if (not isinstance(fp, http.client.HTTPResponse) or not fp.chunked
-                or fp.chunk_left is not None or fp.fp is None
-                or len(getattr(raw, "_decoded_buffer", b"")) != 0
-                or raw.headers.get("Content-Encoding", "identity").strip().lower()
-                not in ("", "identity")):
-            return None
-        return cls(fp.fp).read
+        return (isinstance(fp, http.client.HTTPResponse) and bool(fp.chunked)
+                and fp.chunk_left is None and fp.fp is not None
+                and len(getattr(raw, "_decoded_buffer", b"")) == 0
+                and raw.headers.get("Content-Encoding", "identity").strip().lower()
+                in ("", "identity"))
 
     def read(self, size: int) -> bytes:
         """Body bytes: whatever has arrived (waiting for some), b"" at the end of the body."""

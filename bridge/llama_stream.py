@@ -30,7 +30,7 @@ from bridge.llama_types import (
     Delta,
     StreamEnd,
 )
-from bridge.sse import DEFAULT_MAX_EVENT_BYTES, SSEComment, SSEParser
+from bridge.sse import DEFAULT_MAX_EVENT_BYTES, SSEComment, SSEItem, SSEParser
 
 if TYPE_CHECKING:
     from bridge.stream_relay import Relay
@@ -75,6 +75,8 @@ class Stream:
         self._closed = False
         self.pings = 0
         """Keep-alive comment frames received (for diagnostics)."""
+        self.events = 0
+        """Data events received (the idle timeout restarts with each)."""
         self.first_delta_at: float | None = None
         """``time.monotonic()`` of the first text/reasoning/tool delta."""
 
@@ -199,6 +201,26 @@ class Stream:
         """A parser for this stream's events and the accumulator of its deltas."""
         return SSEParser(self._max_event_bytes), EventAccumulator(self._kind, self.url)
 
+    def deltas(self, items: list[SSEItem], acc: EventAccumulator) -> Iterator[Delta]:
+        """The deltas in parsed SSE ``items``, in order, up to the stream's end (``acc.done``).
+
+        Counts keep-alive pings and data events, notes the first delta, and raises
+        ``StreamCancelled`` if the stream is cancelled while the consumer holds a delta.
+        """
+        for item in items:
+            if isinstance(item, SSEComment):
+                self.pings += 1
+                continue
+            self.events += 1
+            for delta in acc.event(item.data, item.event):
+                if self.cancelled:
+                    raise self.cancelled_error()
+                if self.first_delta_at is None:
+                    self.first_delta_at = time.monotonic()
+                yield delta
+            if acc.done:
+                return
+
     def idle_error(self) -> IdleTimeout:
         what = (f"only {self.pings} keep-alive ping(s)" if self.pings else "nothing")
         return IdleTimeout(
@@ -229,7 +251,7 @@ class Stream:
         self._check_content_type()
         raw, sock = self._response.raw, self._info.token.sock
         fp = getattr(getattr(raw, "_fp", None), "fp", None)  # the socket's BufferedReader
-        if (Dechunker.attach(raw) is None or sock is None or fp is None
+        if (not Dechunker.applies(raw) or sock is None or fp is None
                 or isinstance(sock, ssl.SSLSocket)):
             return None
         try:
@@ -282,21 +304,13 @@ class Stream:
             waited += time.monotonic() - before
             if token.cancelled:
                 raise cancelled_error(self._info)
-            items = parser.feed(chunk) if chunk else parser.finish()
-            for item in items:
-                if isinstance(item, SSEComment):
-                    self.pings += 1
-                    continue
+            seen = self.events
+            yield from self.deltas(parser.feed(chunk) if chunk else parser.finish(), acc)
+            if acc.done:
+                yield acc.end()
+                return
+            if self.events != seen:
                 waited = 0.0
-                for delta in acc.event(item.data, item.event):
-                    if token.cancelled:  # cancelled while the consumer held a delta
-                        raise cancelled_error(self._info)
-                    if self.first_delta_at is None:
-                        self.first_delta_at = time.monotonic()
-                    yield delta
-                if acc.done:
-                    yield acc.end()
-                    return
             if not chunk:
                 # EOF: a stream that reported its finish_reason is complete even
                 # without [DONE] (the native /completion endpoint never sends one).

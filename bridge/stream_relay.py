@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING
 
 from bridge.chunked import Dechunker
 from bridge.llama_types import Delta, StreamEnd
-from bridge.sse import SSEComment
 
 if TYPE_CHECKING:
     from bridge.llama_stream import Stream
@@ -215,25 +214,13 @@ class Relay:
                 raise stream.read_error(http.client.IncompleteRead(b""))
             else:
                 items = item.parser.finish()
-            data_seen = False
-            for event in items:
-                if isinstance(event, SSEComment):
-                    stream.pings += 1
-                    continue
-                data_seen = True
-                for delta in acc.event(event.data, event.event):
-                    if stream.first_delta_at is None:
-                        stream.first_delta_at = time.monotonic()
-                    item.on_delta(delta)
-                    if stream.cancelled:
-                        raise stream.cancelled_error()
-                if acc.done:
-                    self._end(item, result=acc.end())
-                    return
-            if not data or item.dechunker.done:
+            seen = stream.events
+            for delta in stream.deltas(items, acc):
+                item.on_delta(delta)
+            if acc.done or not data or item.dechunker.done:
                 # A stream that reported its finish_reason is complete without [DONE].
                 self._end(item, result=acc.end())
-            elif data_seen:
+            elif stream.events != seen:
                 item.last = time.monotonic()  # after on_delta: publishing is not idling
         except Exception as exc:
             self._end(item, exc=exc)
