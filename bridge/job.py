@@ -23,6 +23,8 @@ class Job:
         token: cancels the HTTP call (streamed or not) from any thread, even before it starts.
         cancelled / timed_out / shutting_down: why the token was used.
         outcome: for the request log line (``done``, ``cancelled``, ``error:<code>`` …).
+        llama_prompt_ms: llama-server's own prompt time (its ``timings.prompt_ms``), for
+            the log line: how much of ``ttft_ms`` the model itself took.
     """
 
     acc: Accepted
@@ -37,6 +39,7 @@ class Job:
     backend: str | None = None
     usage: Usage = field(default_factory=Usage)
     outcome: str = "?"
+    llama_prompt_ms: float | None = None
 
     @property
     def key(self) -> tuple[str, str]:

@@ -428,6 +428,7 @@ class Bridge:
         with stream:
             end = stream.pump(on_delta, self.relay)
         job.usage = end.usage or Usage()
+        job.llama_prompt_ms = _prompt_ms(end.timings)
         job.outcome = "done"
         finish = end.finish_reason or "stop"
         if answer is not None:
@@ -443,6 +444,7 @@ class Bridge:
             gen = backend.client.generate(inputs, tools=req.tools, tool_choice=req.tool_choice,
                                           cancel_token=job.token, **params)
         job.usage = gen.usage or Usage()
+        job.llama_prompt_ms = _prompt_ms(gen.timings)
         fields: dict[str, Any] = {"content": gen.content, "tool_calls": gen.tool_calls,
                                   "finish_reason": gen.finish_reason or "stop",
                                   "usage": job.usage, "timings": job.timings(job.usage)}
@@ -522,11 +524,12 @@ class Bridge:
         request_log.info(
             "request id=%s client=%s outcome=%s backend=%s prompt_tokens=%d "
             "completion_tokens=%d messages=%d queue_ms=%.0f ttft_ms=%s total_ms=%.0f "
-            "tokens_per_s=%s",
+            "tokens_per_s=%s llama_prompt_ms=%s",
             job.acc.request_id, job.acc.client, job.outcome, job.backend,
             job.usage.prompt_tokens, job.usage.completion_tokens, job.channel.seq.next,
             t.queue_ms, "-" if t.ttft_ms is None else f"{t.ttft_ms:.0f}", t.total_ms,
-            "-" if t.tokens_per_s is None else f"{t.tokens_per_s:.1f}")
+            "-" if t.tokens_per_s is None else f"{t.tokens_per_s:.1f}",
+            "-" if job.llama_prompt_ms is None else f"{job.llama_prompt_ms:.1f}")
 
     def _live_jobs(self) -> list[Job]:
         with self._jobs_lock:
@@ -556,3 +559,10 @@ class Bridge:
                               self._status_payload("online"), retain=True, flow_controlled=False)
         except PublishError as exc:
             log.warning("status not published: %s", exc)
+
+
+def _prompt_ms(timings: dict[str, Any] | None) -> float | None:
+    """llama-server's ``timings.prompt_ms`` if it sent a number (it is not in the spec)."""
+    value = (timings or {}).get("prompt_ms")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else None
