@@ -50,18 +50,12 @@ class CancelToken:
 
     Works in every phase: before connecting (the call then never starts), while
     waiting for a queued request's headers, mid-stream and during retry backoff.
-
-    Args:
-        on_sent: called in the calling thread each time a request of the call has been
-            sent and the wait for llama-server's answer begins (the bridge publishes
-            ``start`` then, while llama-server reads the prompt). It must not raise.
     """
 
-    def __init__(self, on_sent: Callable[[], None] | None = None) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._event = threading.Event()
         self._sock: socket.socket | None = None
-        self._on_sent = on_sent
 
     @property
     def cancelled(self) -> bool:
@@ -94,8 +88,6 @@ class CancelToken:
             self._sock = sock
             if self._event.is_set():
                 _shutdown(sock)
-        if self._on_sent is not None:
-            self._on_sent()
 
     def detach(self) -> None:
         """Forget the socket: the call is over and its connection may be reused."""

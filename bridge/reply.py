@@ -81,8 +81,6 @@ class ReplyChannel:
         self.terminal: str | None = None
         self.record: list[bytes] | None = [] if record else None
         self._record_bytes = 0
-        self._pending_start: bytes | None = None  # see defer_start_locked
-        self._start_due: float | None = None
 
     # ------------------------------------------------------------------ low level
 
@@ -92,10 +90,7 @@ class ReplyChannel:
         No deadline: a message whose ``seq`` is taken must be sent, or the device sees a
         gap and never gets its terminal message. While the broker is away this waits
         (until the link closes); ``max_generation_s`` meanwhile cancels the HTTP call.
-        A deferred ``start`` goes first: it holds ``seq`` 0.
         """
-        if self._pending_start is not None:
-            self._publish_start()
         self.link.publish(self.topic, payload, correlation_data=self.correlation_data,
                           flow_controlled=flow_controlled)
         self.last_sent = time.monotonic()
@@ -119,41 +114,6 @@ class ReplyChannel:
         Sent by the intake thread, which must never wait for the publish window.
         """
         self._send(StartMsg, flow_controlled=False, model=model, queue=queue)
-
-    def defer_start_locked(self, model: str | None, within_s: float) -> None:
-        """Take ``seq`` 0 for a ``start`` (``queue`` 0) that is published later.
-
-        For a request a worker runs at once. It is published by :meth:`send_start`
-        (the worker calls it when the request to llama-server is sent), before any other
-        message, or by the ticker's :meth:`poll` once ``within_s`` is up (connecting or
-        retrying takes long), whichever comes first. Why: publishing it from the intake
-        thread costs 0.2-1 ms of GIL time just when the worker builds and sends the HTTP
-        request, which is on the path to the first token; once the request is sent,
-        llama-server reads the prompt and the bridge has time. The caller holds
-        :attr:`lock`.
-        """
-        self._pending_start = encode(StartMsg(id=self.request_id, seq=self.seq.take(),
-                                              model=model, queue=0))
-        self._start_due = time.monotonic() + within_s
-
-    def send_start(self) -> None:
-        """Publish a deferred ``start`` now, if it is still pending. Never raises: a
-        failed publish is logged, like any ``start`` the intake could not send."""
-        if self._pending_start is None:
-            return
-        with self.lock:
-            try:
-                if self._pending_start is not None:
-                    self._publish_start()
-            except PublishError as exc:
-                log.warning("start for %s not sent: %s", self.request_id, exc)
-
-    def _publish_start(self) -> None:
-        start, self._pending_start, self._start_due = self._pending_start, None, None
-        assert start is not None
-        # Like an immediate start, never held back by the publish window: the intake's
-        # cancel of a queued request publishes through here too.
-        self._publish(start, flow_controlled=False)
 
     def progress(self, **fields: Any) -> None:
         """Heartbeat (``queued_ms`` or ``prompt_progress``); no-op after the terminal message."""
@@ -202,12 +162,9 @@ class ReplyChannel:
             other = self._reasoning.due()
             if due is None or (other is not None and other < due):
                 due = other
-        if due is not None and self._grid_s:
-            due -= due % self._grid_s
-        start = self._start_due
-        if start is not None and (due is None or start < due):
-            return start
-        return due
+        if due is None or not self._grid_s:
+            return due
+        return due - due % self._grid_s
 
     def poll(self) -> None:
         """Flush text whose coalescing time is up. Never waits for a busy channel."""
@@ -215,8 +172,6 @@ class ReplyChannel:
             return  # the worker is publishing right now; it will see the deadline itself
         try:
             now = time.monotonic()
-            if self._start_due is not None and self._start_due <= now:
-                self._publish_start()
             grid = self._grid_s
             for chunker in (self._text, self._reasoning):
                 if chunker is not None:

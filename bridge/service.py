@@ -35,7 +35,7 @@ from bridge.exceptions import (
 from bridge.intake import Accepted, Rejected, parse_cancel, parse_request
 from bridge.job import Job
 from bridge.limits import ClientLimits, DedupeCache
-from bridge.llama_client import CancelToken, Delta, ReasoningDelta, TextDelta
+from bridge.llama_client import Delta, ReasoningDelta, TextDelta
 from bridge.metrics import BridgeMetrics, LiveState
 from bridge.mqtt_link import Inbound, MqttLink, PublishError
 from bridge.profiles import ProfileRegistry, UnknownProfile, apply_profile
@@ -51,10 +51,6 @@ request_log = logging.getLogger("bridge.requests")
 
 _INTAKE_BOUND = 10_000  # inbound messages waiting for validation
 _SHUTDOWN_MESSAGE = "the bridge is shutting down; send the request again"
-# A request a worker takes at once gets its `start` when its HTTP request is sent; if
-# connecting takes longer (llama-server away, retries), the ticker sends it at its first
-# tick after this (it ticks at least every 0.25 s).
-_START_WITHIN_S = 0.02
 _DEFAULT_HTTP_POOL = 64  # kept-alive connections per backend (urllib3 opens more on demand)
 
 
@@ -222,8 +218,7 @@ class Bridge:
                                correlation_data=acc.correlation_data, chunk_bytes=acc.chunk_bytes,
                                flush_s=self.cfg.flush_ms / 1000.0,
                                record=self.cfg.dedupe_ttl_s > 0)
-        job = Job(acc, channel, deadline=acc.received_at + self.cfg.max_generation_s,
-                  token=CancelToken(on_sent=channel.send_start))
+        job = Job(acc, channel, deadline=acc.received_at + self.cfg.max_generation_s)
         with self._jobs_lock:
             self.jobs[key] = job
         workers = self.workers
@@ -232,10 +227,7 @@ class Bridge:
                 ahead = self.queue.put(client, key, lambda: self._run(job), group=group)
                 free = (workers.size - workers.busy) if workers else 0
                 position = 0 if ahead < free else ahead - free + 1
-                if position == 0:  # a worker starts it now and sends `start` (seq 0) then
-                    channel.defer_start_locked(self.pool.model_name, _START_WITHIN_S)
-                else:
-                    channel.start_locked(self.pool.model_name, position)
+                channel.start_locked(self.pool.model_name, position)
         except QueueFull:
             self._forget(job)
             self._reject(acc.reply_topic, acc.request_id, acc.correlation_data, ErrorCode.busy,
