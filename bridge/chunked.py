@@ -81,20 +81,23 @@ class Dechunker:
             self._head = b""
         out: list[bytes] = []
         pos, n = 0, len(data)
-        if not (self._left or self._crlf or self._trailer):
-            # Fast path: whole chunks with a plain size line, as llama-server writes them
-            # (one event each), cut with one C-level match per chunk. The first thing it
-            # does not recognise -- a partial chunk, an extension, the last chunk, bad
-            # framing -- is left to the loop below.
-            match = _WHOLE_CHUNK.match
-            while (m := match(data, pos)) is not None:
-                start = m.end()
-                end = start + int(m.group(1), 16)
-                if end == start or data[end:end + 2] != b"\r\n":
-                    break
-                out.append(data[start:end])
-                pos = end + 2
+        match = _WHOLE_CHUNK.match
         while pos < n:
+            if not (self._left or self._crlf or self._trailer):
+                # Fast path: whole chunks with a plain size line, as llama-server writes
+                # them (one event each), cut with one C-level match per chunk. The first
+                # thing it does not recognise -- a partial chunk, an extension, the last
+                # chunk, bad framing -- is one step of the general code below, after
+                # which this resumes (a read of 16 KiB ends and the next begins mid-chunk).
+                while (m := match(data, pos)) is not None:
+                    start = m.end()
+                    end = start + int(m.group(1), 16)
+                    if end == start or data[end:end + 2] != b"\r\n":
+                        break
+                    out.append(data[start:end])
+                    pos = end + 2
+                if pos >= n:
+                    break
             if self._left:
                 take = min(self._left, n - pos)
                 out.append(data[pos:pos + take] if take < n else data)
