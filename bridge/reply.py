@@ -125,7 +125,10 @@ class ReplyChannel:
         """Add generated text.
 
         Returns:
-            True if the chunker now holds buffered text (the ticker must flush it later).
+            True if buffered text got a new flush deadline (the ticker must be told
+            :meth:`due`); False if nothing is buffered or the deadline is the one
+            buffered text already had (most deltas: telling the ticker again per token
+            was measurable).
         """
         with self.lock:
             if self.first_text_at is None:
@@ -133,21 +136,31 @@ class ReplyChannel:
             if self._reasoning is not None and self._reasoning.pending:
                 for payload in self._reasoning.flush():
                     self._publish(payload)
-            for payload in self._text.feed(text):
+            chunker = self._text
+            before = chunker.due()
+            for payload in chunker.feed(text):
                 self._publish(payload)
-            return self._text.pending
+            due = chunker.due()
+            return due is not None and due != before
 
     def reasoning(self, text: str) -> bool:
-        """Add reasoning text (only when the request asked for it)."""
+        """Add reasoning text (only when the request asked for it).
+
+        Returns:
+            as :meth:`text`.
+        """
         with self.lock:
             if self._reasoning is None:
                 self._reasoning = Chunker(self.request_id, self.seq, chunk_bytes=self.chunk_bytes,
                                           flush_s=self._flush_s, field="reasoning")
             for payload in self._text.flush():
                 self._publish(payload)
-            for payload in self._reasoning.feed(text):
+            chunker = self._reasoning
+            before = chunker.due()
+            for payload in chunker.feed(text):
                 self._publish(payload)
-            return self._reasoning.pending
+            due = chunker.due()
+            return due is not None and due != before
 
     def due(self) -> float | None:
         """When buffered text must be flushed (``time.monotonic()``), or None.

@@ -422,7 +422,7 @@ class Bridge:
                 buffered = channel.reasoning(delta.text)
             else:
                 return
-            if buffered:  # text waits for flush_ms: the ticker must wake for it
+            if buffered:  # text waits for flush_ms from now: the ticker must wake for it
                 self.ticker.wake_at(channel.due())
 
         with stream:
