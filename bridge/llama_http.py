@@ -12,6 +12,7 @@ another request's connection).
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import threading
@@ -130,13 +131,46 @@ def _unhook(conn: Any) -> None:
         conn._bridge_token = None
 
 
+# http.client reads a response's status line and headers through a BufferedReader of
+# io.DEFAULT_BUFFER_SIZE (8 KiB) that lives as long as the response -- for a stream, as
+# long as the answer: the largest single allocation per running stream (tracemalloc at
+# 256 streams). llama-server's headers are ~250 bytes, and the body never needs the
+# buffer: the relay reads the socket itself, and read1() of more than the buffer
+# holds reads past it.
+_RESPONSE_BUFFER = 1024
+
+
+class _SmallReaderSocket:
+    """What http.client.HTTPResponse is given instead of the socket: it only calls
+    ``makefile``, here with a small buffer."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def makefile(self, mode: str) -> Any:
+        assert mode == "rb"  # all http.client asks for
+        return self._sock.makefile("rb", buffering=_RESPONSE_BUFFER)
+
+
+class _SmallBufferResponse(http.client.HTTPResponse):
+    def __init__(self, sock: socket.socket, debuglevel: int = 0, method: str | None = None,
+                 url: str | None = None) -> None:
+        super().__init__(_SmallReaderSocket(sock), debuglevel, method, url)  # type: ignore[arg-type]
+
+
 class _HTTPConnection(HTTPConnection):
+    response_class = _SmallBufferResponse
+
     def getresponse(self) -> HTTPResponse:  # type: ignore[override]
         _hook(self)  # the request is sent; what follows is the (possibly long) wait
         return super().getresponse()
 
 
 class _HTTPSConnection(HTTPSConnection):
+    response_class = _SmallBufferResponse
+
     def getresponse(self) -> HTTPResponse:  # type: ignore[override]
         _hook(self)
         return super().getresponse()

@@ -7,8 +7,10 @@ the client close the connection.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -206,6 +208,20 @@ def test_crlf_line_endings(clients: list[LlamaCppClient]) -> None:
     with ScriptedSSEServer(script) as server:
         got, end = collect(serve(clients, server).generate_stream(MESSAGES))
     assert (got, end.finish_reason) == ("xy", "stop")
+
+
+def test_a_running_stream_holds_no_8_kib_read_buffer(clients: list[LlamaCppClient]) -> None:
+    """http.client's reader for the status line and headers lives as long as the
+    response; at its default 8 KiB it was the largest allocation per running stream."""
+    with ScriptedSSEServer(chat_stream(["a", "b"])) as server:
+        stream = serve(clients, server).generate_stream(MESSAGES)
+        with stream:
+            stream.open()
+            reader = stream._response.raw._fp.fp  # type: ignore[union-attr]
+            assert isinstance(reader, io.BufferedReader)
+            assert sys.getsizeof(reader) < 2048  # C BufferedReader counts its buffer
+            got = [d for d in stream if isinstance(d, TextDelta)]
+    assert got == [TextDelta("a"), TextDelta("b")]
 
 
 def test_slow_first_byte_within_timeout_works(clients: list[LlamaCppClient]) -> None:
