@@ -89,7 +89,7 @@ class Plan:
     length_flush: list[float]
 
 
-FULL = Plan("full", cell_s=4.0, warmup_s=1.0, latency_n=24, latency_tokens=48,
+FULL = Plan("full", cell_s=4.0, warmup_s=1.0, latency_n=40, latency_tokens=48,
             brokers=["mosquitto", "amqtt"], qos=[0, 1], flush=[0.0, 50.0],
             streams=[1, 8, 64, 256], relay_tokens=1000, raw_sizes=[PER_TOKEN_BYTES, BATCH_BYTES],
             paced_streams=[1, 8, 64, 256], paced_flush=[0.0, 50.0], paced_rate=50.0,
