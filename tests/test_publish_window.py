@@ -12,13 +12,12 @@ import threading
 import time
 from collections.abc import Iterator
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.config import load_config
 from bridge.mqtt_link import MqttLink, PublishError
 from tests.support.processes import MosquittoProcess
+from tests.support.subscriber import collecting_subscriber
 from tests.support.waiting import poll_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -37,27 +36,9 @@ def make_link(broker: MosquittoProcess, qos: int) -> MqttLink:
 @pytest.fixture
 def counter(mosquitto: MosquittoProcess) -> Iterator[tuple[list[bytes], threading.Condition]]:
     """A subscriber on ``window/#`` collecting payloads."""
-    got: list[bytes] = []
-    cond = threading.Condition()
-    subscribed = threading.Event()
-
-    def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        with cond:
-            got.append(msg.payload)
-            cond.notify_all()
-
-    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="window-counter")
-    sub.on_connect = lambda c, *_: c.subscribe("window/#", qos=1)
-    sub.on_subscribe = lambda *_: subscribed.set()
-    sub.on_message = on_message
-    sub.connect(mosquitto.host, mosquitto.port, keepalive=30)
-    sub.loop_start()
-    try:
-        assert subscribed.wait(10), "the counting subscriber never subscribed"
-        yield got, cond
-    finally:
-        sub.disconnect()
-        sub.loop_stop()
+    with collecting_subscriber(mosquitto.host, mosquitto.port, "window/#",
+                               "window-counter") as collected:
+        yield collected
 
 
 @pytest.mark.parametrize("qos", [0, 1, 2])

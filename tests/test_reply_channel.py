@@ -11,15 +11,14 @@ import threading
 import time
 from collections.abc import Iterator
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.config import load_config
 from bridge.mqtt_link import MqttLink
 from bridge.reply import ReplyChannel
-from bridge.wire import AnyReply, ChunkMsg, decode_reply
+from bridge.wire import ChunkMsg, decode_reply
 from tests.support.processes import MosquittoProcess
+from tests.support.subscriber import collecting_subscriber
 from tests.support.waiting import poll_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -28,29 +27,11 @@ TOPIC = "rchan/reply/dev/r1"
 
 
 @pytest.fixture
-def received(mosquitto: MosquittoProcess) -> Iterator[tuple[list[AnyReply], threading.Condition]]:
-    """A subscriber on ``rchan/#`` collecting decoded reply messages."""
-    got: list[AnyReply] = []
-    cond = threading.Condition()
-    subscribed = threading.Event()
-
-    def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        with cond:
-            got.append(decode_reply(msg.payload))
-            cond.notify_all()
-
-    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="rchan-sub")
-    sub.on_connect = lambda c, *_: c.subscribe("rchan/#", qos=1)
-    sub.on_subscribe = lambda *_: subscribed.set()
-    sub.on_message = on_message
-    sub.connect(mosquitto.host, mosquitto.port, keepalive=30)
-    sub.loop_start()
-    try:
-        assert subscribed.wait(10), "the subscriber never subscribed"
-        yield got, cond
-    finally:
-        sub.disconnect()
-        sub.loop_stop()
+def received(mosquitto: MosquittoProcess) -> Iterator[tuple[list[bytes], threading.Condition]]:
+    """The payloads published on ``rchan/#``, and a condition to wait on."""
+    with collecting_subscriber(mosquitto.host, mosquitto.port, "rchan/#",
+                               "rchan-sub") as collected:
+        yield collected
 
 
 @pytest.fixture
@@ -67,8 +48,8 @@ def link(mosquitto: MosquittoProcess) -> Iterator[MqttLink]:
 
 
 def test_a_new_flush_deadline_is_reported_once_per_period(
-        link: MqttLink, received: tuple[list[AnyReply], threading.Condition]) -> None:
-    got, cond = received
+        link: MqttLink, received: tuple[list[bytes], threading.Condition]) -> None:
+    payloads, cond = received
     channel = ReplyChannel(link, TOPIC, "r1", correlation_data=None, chunk_bytes=256,
                            flush_s=0.02)
     assert channel.text("first") is False  # published at once: nothing buffered
@@ -85,8 +66,13 @@ def test_a_new_flush_deadline_is_reported_once_per_period(
     with channel.lock:
         channel._flush_all()  # what the terminal message does first
     sent = "first a b c" + "x" * 300
+
+    def text() -> str:
+        return "".join(m.text or "" for m in map(decode_reply, payloads)
+                       if isinstance(m, ChunkMsg))
+
     with cond:
-        assert cond.wait_for(lambda: sum(len(m.text or "") for m in got
-                                         if isinstance(m, ChunkMsg)) >= len(sent), 10), got
+        assert cond.wait_for(lambda: len(text()) >= len(sent), 10), payloads
+    got = [decode_reply(p) for p in payloads]
     assert [m.seq for m in got] == list(range(len(got)))
-    assert "".join(m.text or "" for m in got if isinstance(m, ChunkMsg)) == sent
+    assert text() == sent
