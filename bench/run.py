@@ -385,8 +385,8 @@ def section_latency(ctx: Ctx) -> dict[str, Any]:
     inside = [p["bridge_internal_ttft"] - p["direct_ttft"] for p in pairs
               if p["bridge_internal_ttft"] is not None]
     # The same difference net of llama-server's own prompt time of each request: the
-    # model's time to first token varies by ~8 ms (sd) from request to request, which no
-    # pairing removes; what is left varies by ~1 ms. Older bridges do not log it.
+    # model's time to first token varies by 8-25 ms (sd) from request to request, which
+    # no pairing removes; what is left varies by 2-8 ms. Older bridges do not log it.
     net = [(p["bridge_ttft"] - p["bridge_prompt_ms"]) - (p["direct_ttft"] - p["direct_prompt_ms"])
            for p in pairs if p["bridge_prompt_ms"] is not None
            and isinstance(p["direct_prompt_ms"], int | float)]

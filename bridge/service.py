@@ -564,5 +564,6 @@ class Bridge:
 def _prompt_ms(timings: dict[str, Any] | None) -> float | None:
     """llama-server's ``timings.prompt_ms`` if it sent a number (it is not in the spec)."""
     value = (timings or {}).get("prompt_ms")
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
-        else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
