@@ -136,12 +136,7 @@ class ReplyChannel:
             if self._reasoning is not None and self._reasoning.pending:
                 for payload in self._reasoning.flush():
                     self._publish(payload)
-            chunker = self._text
-            before = chunker.due()
-            for payload in chunker.feed(text):
-                self._publish(payload)
-            due = chunker.due()
-            return due is not None and due != before
+            return self._feed(self._text, text)
 
     def reasoning(self, text: str) -> bool:
         """Add reasoning text (only when the request asked for it).
@@ -155,12 +150,19 @@ class ReplyChannel:
                                           flush_s=self._flush_s, field="reasoning")
             for payload in self._text.flush():
                 self._publish(payload)
-            chunker = self._reasoning
-            before = chunker.due()
-            for payload in chunker.feed(text):
-                self._publish(payload)
-            due = chunker.due()
-            return due is not None and due != before
+            return self._feed(self._reasoning, text)
+
+    def _feed(self, chunker: Chunker, text: str) -> bool:
+        """Feed ``chunker`` and publish what it completes; caller holds the lock.
+
+        Returns:
+            True if its buffered text got a new flush deadline (see :meth:`text`).
+        """
+        before = chunker.due()
+        for payload in chunker.feed(text):
+            self._publish(payload)
+        due = chunker.due()
+        return due is not None and due != before
 
     def due(self) -> float | None:
         """When buffered text must be flushed (``time.monotonic()``), or None.
