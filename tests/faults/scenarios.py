@@ -1670,7 +1670,7 @@ def poison_publish(env: Env, sizes: Sizes) -> Result:
     * a payload the broker refuses (MQTT 3.1.1, so the broker's ``max_packet_size`` is
       not announced; a non-streamed reply bigger than it) on the default reply topic.
     """
-    res = Result("11. publish the broker refuses (poison message)",
+    res = Result("6d. publish the broker refuses (poison message)",
                  "3 hostile + 3 victim requests, scripted backend, QoS 1",
                  "202-level Response Topic (with and without the intake check); reply over "
                  "an unannounced max_packet_size")
