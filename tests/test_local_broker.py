@@ -20,6 +20,7 @@ SUBSCRIBE before the marker.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import queue
@@ -174,7 +175,8 @@ class Device:
 class CliRun:
     """``python -m bridge run`` in a child process, its output (the log) collected."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, port: int, args: list[str], env: dict[str, str]) -> None:
+        self.port = port
         # Its own process group, so a test can send SIGINT to it as a terminal's Ctrl-C does.
         self.proc = subprocess.Popen([sys.executable, "-m", "bridge", "run", *args], cwd=ROOT,
                                      env=env, text=True, stdout=subprocess.PIPE,
@@ -252,7 +254,7 @@ def start_run(tmp_path: Path, run_tmp: Path, llama_server: str
         else:
             env.pop(MOSQUITTO_ENV, None)
             _mosquitto()
-        run = CliRun(["--mqtt-port", str(port), "--llama-url", llama_server,
+        run = CliRun(port, ["--mqtt-port", str(port), "--llama-url", llama_server,
                       "--bridge-id", "run-test", "--sessions-db", str(tmp_path / "s.db"),
                       *extra], env)
         started.append(run)
@@ -261,6 +263,10 @@ def start_run(tmp_path: Path, run_tmp: Path, llama_server: str
     yield start
     for run in started:
         run.end(signal.SIGKILL)
+    for port in {run.port for run in started}:  # a failed test leaves no broker behind
+        for pid in _broker_processes(port):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _watch_status(port: int) -> Device:
