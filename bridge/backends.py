@@ -42,10 +42,12 @@ class Backend:
 
     url: str
     client: LlamaCppClient
+    name: str = "backend-1"
     healthy: bool = False
     slots: int = 1
     active: int = 0
     model: str | None = None
+    #: why it is unhealthy, as a device may read it (no URL); the log has the full error
     last_error: str | None = None
     models: list[str] = field(default_factory=list)
     #: every spelling of ``models`` a request may use, case-folded (see the module doc)
@@ -57,8 +59,10 @@ class Backend:
         return model.casefold() in self.names
 
     def snapshot(self) -> dict[str, Any]:
-        """For the status topic."""
-        return {"url": self.url, "healthy": self.healthy, "slots": self.slots,
+        """For the status topic, which every device may read: the backend's name, never
+        its URL (devices need not learn where llama-server runs; the log and the metrics
+        have it)."""
+        return {"name": self.name, "healthy": self.healthy, "slots": self.slots,
                 "active": self.active, "model": self.model, "models": self.models,
                 "error": self.last_error}
 
@@ -82,7 +86,8 @@ class BackendPool:
 
     Args:
         settings: the ``[llama]`` configuration (its ``urls`` must be set by now).
-        on_change: called (from the probe thread) when a backend's health changes.
+        on_change: called when something the status shows changes: a backend's health
+            (from the probe thread) or its active requests (from the worker).
         pool_size: HTTP connections kept open per backend; at least the number of
             concurrent requests, or urllib3 discards (and logs) every extra one.
     """
@@ -96,8 +101,8 @@ class BackendPool:
         key = settings.api_key.get_secret_value() if settings.api_key else None
         self.backends = [
             Backend(url, LlamaCppClient(url, timeouts=timeouts, retry=retry, api_key=key,
-                                        pool_size=pool_size))
-            for url in urls
+                                        pool_size=pool_size), name=name)
+            for url, name in zip(urls, settings.backend_names(len(urls)), strict=True)
         ]
         self._interval = settings.health_interval_s
         self._on_change = on_change
@@ -154,7 +159,8 @@ class BackendPool:
             best = max(candidates, key=lambda b: (b.slots - b.active, -b.last_used))
             best.active += 1
             best.last_used = next(self._uses)
-            return best
+        self._notify()
+        return best
 
     def _no_backend(self, model: str | None) -> BackendUnavailable | RequestRejected:
         """The error for "no backend can take this request"; caller holds the lock."""
@@ -182,15 +188,16 @@ class BackendPool:
     def release(self, backend: Backend) -> None:
         with self._lock:
             backend.active -= 1
+        self._notify()
 
     def mark_failed(self, backend: Backend, exc: BackendError) -> None:
         """Take a backend out after a connection failure; the probe puts it back."""
         with self._lock:
             changed = backend.healthy
             backend.healthy = False
-            backend.last_error = str(exc)[:200]
+            backend.last_error = exc.public_message[:200]
         if changed:
-            log.warning("backend %s marked unhealthy: %s", backend.url, exc)
+            log.warning("backend %s (%s) marked unhealthy: %s", backend.name, backend.url, exc)
             self._notify()
 
     def _probe(self, backend: Backend) -> None:
@@ -215,12 +222,15 @@ class BackendPool:
                 backend.last_error = f"status {health.status}"
         except BackendError as exc:
             ok = False
-            backend.last_error = str(exc)[:200]
+            detail = str(exc)
+            backend.last_error = exc.public_message[:200]
+        else:
+            detail = backend.last_error or ""
         backend.healthy = ok
         if ok != was:
-            log.log(logging.INFO if ok else logging.WARNING, "backend %s is %s%s", backend.url,
-                    "healthy" if ok else "unhealthy",
-                    "" if ok else f" ({backend.last_error})")
+            log.log(logging.INFO if ok else logging.WARNING, "backend %s (%s) is %s%s",
+                    backend.name, backend.url, "healthy" if ok else "unhealthy",
+                    "" if ok else f" ({detail})")
             self._notify()
 
     def _probe_loop(self) -> None:

@@ -296,7 +296,7 @@ def status(cfg: DeploymentConfig, timeout: float) -> int:
         print(f"no bridge status under {cfg.prefix}/status/+", file=sys.stderr)
         return EXIT_NO_ANSWER
     for topic, body in sorted(seen.items()):
-        backends = ", ".join(f"{b.get('url')} {'ok' if b.get('healthy') else 'DOWN'}"
+        backends = ", ".join(f"{b.get('name')} {'ok' if b.get('healthy') else 'DOWN'}"
                              f" ({b.get('active', 0)}/{b.get('slots', '?')} busy)"
                              for b in body.get("backends", []))
         print(f"{topic}: {body.get('state')}"

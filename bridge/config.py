@@ -101,6 +101,11 @@ class LlamaSettings(BaseModel):
         default_factory=list,
         description="llama-server base URLs. Empty: start an embedded llama.cpp (xllamacpp).",
     )
+    names: list[str] = Field(
+        default_factory=list,
+        description="A name per URL, in the same order, shown on the status topic instead "
+                    "of the URL (devices may read it). Empty: backend-1, backend-2, ...",
+    )
     api_key: SecretStr | None = None
     connect_timeout_s: float = Field(5.0, gt=0)
     first_byte_timeout_s: float = Field(
@@ -122,6 +127,34 @@ class LlamaSettings(BaseModel):
                 raise ValueError(f"llama url {url!r} must start with http:// or https://")
         return [u.rstrip("/") for u in urls]
 
+    @field_validator("names")
+    @classmethod
+    def _valid_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not _PROFILE_NAME.match(name):
+                raise ValueError(f"backend name {name!r} must match [A-Za-z0-9_.-]{{1,64}} "
+                                 "(a label, not an address: devices see it)")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"backend names must be unique; given more than once: "
+                             f"{', '.join(twice)}")
+        return names
+
+    @model_validator(mode="after")
+    def _one_name_per_url(self) -> LlamaSettings:
+        # Without urls the bridge starts one embedded llama.cpp server: one name at most.
+        if self.names and len(self.names) != max(1, len(self.urls)):
+            raise ValueError(
+                f"[llama] names has {len(self.names)} entries and urls {len(self.urls)}: give "
+                "one name per URL, in the same order (or leave names out: backend-1, ...)")
+        return self
+
+    def backend_names(self, count: int) -> list[str]:
+        """The names of ``count`` backends: ``names`` if given, else backend-1, backend-2, ..."""
+        if self.names and len(self.names) == count:
+            return list(self.names)
+        return [f"backend-{i}" for i in range(1, count + 1)]
+
 
 class DeploymentConfig(BaseSettings):
     """Every setting of one bridge process, with its default."""
@@ -137,9 +170,13 @@ class DeploymentConfig(BaseSettings):
         pattern=r"^[A-Za-z0-9_.-]{1,64}$",
         description="Subscribe through $share/{group}/... so N bridges split requests (MQTT 5).",
     )
-    chunk_bytes: int = Field(512, ge=MIN_CHUNK_BYTES, description="Default chunk payload bound.")
+    chunk_bytes: int = Field(
+        512, ge=MIN_CHUNK_BYTES,
+        description=f"Default chunk payload bound, at least {MIN_CHUNK_BYTES}. A request's "
+                    f"own chunk_bytes below {MIN_CHUNK_BYTES} is refused (bad_request).")
     max_chunk_bytes: int = Field(
-        16384, ge=MIN_CHUNK_BYTES, description="Largest chunk_bytes a request may ask for."
+        16384, ge=MIN_CHUNK_BYTES,
+        description="Largest chunk_bytes a request may ask for; a larger one is lowered to it."
     )
     max_message_bytes: int = Field(
         65536, ge=1024, description="No published message exceeds this (nor the broker's limit)."

@@ -16,11 +16,16 @@ typed ``error`` reply without a lookup table scattered across modules::
         │   └── BackendStreamError   ``data: {"error": ...}`` arrived mid-stream
         ├── BackendProtocolError malformed events, stream cut without a finish
         └── StreamCancelled      the stream was cancelled by its owner
+
+Whether a device may retry (``retryable``) is decided per class; for llama-server's own
+errors (:class:`BackendHTTPError`) by :func:`backend_retryable` from one table,
+:data:`LLAMA_ERROR_TYPES`, keyed by the error ``type`` llama-server sends.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from bridge.wire import ErrorCode
 
@@ -133,8 +138,7 @@ class BackendHTTPError(BackendError):
         self.status = status
         self.error_type = error_type
         self.body = body
-        # 4xx means the request itself is wrong: retrying the same request won't help.
-        self.retryable = status == 0 or status >= 500 or status == 429
+        self.retryable = backend_retryable(status, error_type, message)
 
 
 class BackendStreamError(BackendHTTPError):
@@ -149,3 +153,79 @@ class StreamCancelled(BackendError):
     """The stream was cancelled (by :meth:`Stream.cancel`); the connection is closed."""
 
     retryable = False
+
+
+# --------------------------------------------------------------------------- llama-server's errors
+
+
+@dataclass(frozen=True)
+class LlamaErrorType:
+    """How the bridge treats one of llama-server's error types.
+
+    Attributes:
+        status: the HTTP status llama-server sends it with (its ``format_error_response``).
+        retryable: whether the same request, sent again later, can succeed.
+        meaning: what it says, for the docs.
+    """
+
+    status: int
+    retryable: bool
+    meaning: str
+
+
+LLAMA_ERROR_TYPES: dict[str, LlamaErrorType] = {
+    "invalid_request_error": LlamaErrorType(
+        400, False, "the request is wrong as sent (a field's type or range, a grammar)"),
+    "exceed_context_size_error": LlamaErrorType(
+        400, False, "the prompt does not fit the context: shorten it or ask for fewer "
+                    "max_tokens"),
+    "authentication_error": LlamaErrorType(
+        401, False, "the bridge's [llama] api_key is wrong: an operator must fix it"),
+    "permission_error": LlamaErrorType(403, False, "not allowed on this server"),
+    "not_found_error": LlamaErrorType(404, False, "no such endpoint or model"),
+    "not_supported_error": LlamaErrorType(
+        501, False, "the server lacks a feature the request needs"),
+    "unavailable_error": LlamaErrorType(
+        503, True, "the model is still loading (retried by the bridge first)"),
+    "server_error": LlamaErrorType(
+        500, True, "a failure inside llama-server -- unless its message shows that the "
+                   "request's content cannot be parsed (REQUEST_FAULTS)"),
+}
+"""llama-server's error types (``error.type`` of its error body), one row each.
+
+Grounded in llama-server's ``format_error_response`` (tools/server), which maps each
+``ERROR_TYPE_*`` to this type string and HTTP status. The README's error table is this
+table; ``tests/test_errors.py`` plays every row against a scripted llama-server.
+"""
+
+REQUEST_FAULTS = re.compile(
+    r"Failed to parse (?:messages|tools)|Missing tool|Unsupported tool", re.IGNORECASE)
+"""Messages of errors that llama-server sends as HTTP 500 ``server_error`` although the
+request's content is at fault: its chat-message and tool parsers throw plain runtime
+errors, which its HTTP layer answers as 500 (``Failed to parse messages: Missing tool call
+type: …``, ``… Unsupported tool call type …``, ``Failed to parse tools: Missing tool type
+…``). The same request fails the same way every time."""
+
+
+def backend_retryable(status: int, error_type: str | None, message: str) -> bool:
+    """Whether a device may retry a request that llama-server answered with an error.
+
+    Args:
+        status: the HTTP status (0: an ``error`` event in the middle of a stream).
+        error_type: llama-server's ``error.type``, if it sent one.
+        message: its message.
+    Returns:
+        False when the same request cannot succeed: a request-content fault
+        (:data:`REQUEST_FAULTS`), a known type whose row says so
+        (:data:`LLAMA_ERROR_TYPES`), or, without a known type (a proxy, an older
+        server), a 4xx status other than 408/429 or 501. True otherwise.
+    """
+    if REQUEST_FAULTS.search(message):
+        return False
+    known = LLAMA_ERROR_TYPES.get(error_type or "")
+    if known is not None:
+        return known.retryable
+    if status == 0:
+        return True  # an untyped error mid-stream: the server failed while answering
+    return status in (408, 429) or (status >= 500 and status != 501)
+

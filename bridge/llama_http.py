@@ -37,6 +37,7 @@ from bridge.exceptions import (
     ConnectTimeout,
     FirstByteTimeout,
     StreamCancelled,
+    backend_retryable,
 )
 from bridge.llama_types import RetryPolicy
 
@@ -322,9 +323,18 @@ def http_error(resp: requests.Response, info: CallInfo) -> BackendHTTPError:
     hint = " (model still loading?)" if resp.status_code == 503 else ""
     return BackendHTTPError(
         f"llama-server at {info.url} answered HTTP {resp.status_code}"
-        f"{f' {error_type}' if error_type else ''}{hint}: {message}",
+        f"{f' {error_type}' if error_type else ''}{hint}: {message}"
+        f"{_final(resp.status_code, error_type, message)}",
         status=resp.status_code, error_type=error_type, body=body,
     )
+
+
+def _final(status: int, error_type: str | None, message: str) -> str:
+    """What to tell a device whose request llama-server refused for good (see
+    :func:`bridge.exceptions.backend_retryable`)."""
+    if backend_retryable(status, error_type, message):
+        return ""
+    return " -- the request cannot succeed as sent: change it before sending it again"
 
 
 def stream_error(data: Any, url: str) -> BackendStreamError:
@@ -337,7 +347,7 @@ def stream_error(data: Any, url: str) -> BackendStreamError:
         message = str(err.get("message") or err)
     return BackendStreamError(
         f"llama-server at {url} reported an error mid-stream"
-        f"{f' ({error_type})' if error_type else ''}: {message}",
+        f"{f' ({error_type})' if error_type else ''}: {message}{_final(0, error_type, message)}",
         status=0, error_type=error_type, body=data,
     )
 
@@ -369,7 +379,9 @@ def read_bounded(resp: requests.Response, limit: int, *, truncate: bool = False)
 
 
 def _retryable(exc: BaseException) -> bool:
-    # Only failures where llama-server has certainly not started an answer we read.
+    # Only failures where llama-server has certainly not started an answer we read, and
+    # of the HTTP errors only "still loading" (503, unavailable_error), which passes in
+    # seconds; what a device may retry later is BackendHTTPError.retryable.
     if isinstance(exc, StreamCancelled | BackendStreamError):
         return False
     if isinstance(exc, BackendHTTPError):

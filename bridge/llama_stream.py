@@ -31,6 +31,7 @@ from bridge.llama_types import (
     StreamEnd,
 )
 from bridge.sse import DEFAULT_MAX_EVENT_BYTES, SSEComment, SSEItem, SSEParser
+from bridge.wire import Usage
 
 if TYPE_CHECKING:
     from bridge.stream_relay import Relay
@@ -79,6 +80,10 @@ class Stream:
         """Data events received (the idle timeout restarts with each)."""
         self.first_delta_at: float | None = None
         """``time.monotonic()`` of the first text/reasoning/tool delta."""
+        self.token_events = 0
+        """Data events that carried generated text, reasoning or a tool call and were
+        handed on: one per token as llama-server streams (see :meth:`usage_so_far`)."""
+        self._acc: EventAccumulator | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -199,7 +204,23 @@ class Stream:
 
     def new_decoders(self) -> tuple[SSEParser, EventAccumulator]:
         """A parser for this stream's events and the accumulator of its deltas."""
-        return SSEParser(self._max_event_bytes), EventAccumulator(self._kind, self.url)
+        self._acc = EventAccumulator(self._kind, self.url)
+        return SSEParser(self._max_event_bytes), self._acc
+
+    def usage_so_far(self) -> Usage:
+        """The usage of what was generated until now, also for a stream that never ended.
+
+        llama-server reports usage only in the stream's last event, which a cancelled (or
+        broken) stream never gets. Then ``completion_tokens`` is :attr:`token_events` --
+        llama-server streams one event per generated token -- and ``prompt_tokens`` what
+        its timings said (``prompt_n``), else 0.
+        """
+        acc = self._acc
+        if acc is not None and acc.usage is not None:
+            return acc.usage
+        prompt = (acc.timings or {}).get("prompt_n") if acc is not None else None
+        return Usage(prompt_tokens=prompt if type(prompt) is int and prompt >= 0 else 0,
+                     completion_tokens=self.token_events)
 
     def deltas(self, items: list[SSEItem], acc: EventAccumulator) -> Iterator[Delta]:
         """The deltas in parsed SSE ``items``, in order, up to the stream's end (``acc.done``).
@@ -212,11 +233,15 @@ class Stream:
                 self.pings += 1
                 continue
             self.events += 1
+            counted = False
             for delta in acc.event(item.data, item.event):
                 if self.cancelled:
                     raise self.cancelled_error()
                 if self.first_delta_at is None:
                     self.first_delta_at = time.monotonic()
+                if not counted:  # before the consumer sees it: a cancel may follow at once
+                    counted = True
+                    self.token_events += 1
                 yield delta
             if acc.done:
                 return
@@ -280,8 +305,7 @@ class Stream:
         raw = self._response.raw
         # One read returns everything the socket holds, not one HTTP chunk (= one event).
         read: Callable[[int], bytes] = Dechunker.attach(raw) or raw.read1
-        parser = SSEParser(self._max_event_bytes)
-        acc = EventAccumulator(self._kind, self.url)
+        parser, acc = self.new_decoders()
         token = self._info.token
         waited = 0.0  # seconds blocked on the socket since the last data event
         timeout_set = None  # (socket, timeout) last set: settimeout costs two syscalls

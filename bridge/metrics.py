@@ -270,21 +270,25 @@ class _LiveCollector(Collector):
         size.add_metric([], nbytes)
         yield size
 
+        # By URL (the operator's view; the endpoint is not for devices) and by the name
+        # the status topic shows.
+        labels = ["backend", "name"]
         healthy = GaugeMetricFamily(f"{PREFIX}_backend_healthy",
-                                    "1 if the llama-server is in rotation.", labels=["backend"])
+                                    "1 if the llama-server is in rotation.", labels=labels)
         slots = GaugeMetricFamily(f"{PREFIX}_backend_slots", "Slots the llama-server reports.",
-                                  labels=["backend"])
+                                  labels=labels)
         busy = GaugeMetricFamily(f"{PREFIX}_backend_active",
                                  "Requests this bridge runs on the llama-server now.",
-                                 labels=["backend"])
+                                 labels=labels)
         served = CounterMetricFamily(f"{PREFIX}_backend_requests",
                                      "Finished requests by the llama-server that served them.",
-                                     labels=["backend"])
+                                     labels=labels)
         for b in live.backends():
-            healthy.add_metric([b.url], 1.0 if b.healthy else 0.0)
-            slots.add_metric([b.url], b.slots)
-            busy.add_metric([b.url], b.active)
-            served.add_metric([b.url], by_backend.get(b.url, 0))
+            key = [b.url, b.name]
+            healthy.add_metric(key, 1.0 if b.healthy else 0.0)
+            slots.add_metric(key, b.slots)
+            busy.add_metric(key, b.active)
+            served.add_metric(key, by_backend.get(b.url, 0))
         yield healthy
         yield slots
         yield busy

@@ -73,7 +73,7 @@ class Bridge:
         self.topics = config.topics
         # One pooled connection per concurrent stream. With max_concurrent unset the
         # concurrency (the servers' slots) is known only after probing: 64 covers most.
-        self.pool = BackendPool(config.llama, llama_urls, on_change=self.publish_status,
+        self.pool = BackendPool(config.llama, llama_urls, on_change=self._status_changed,
                                 pool_size=max(config.max_concurrent or 0, _DEFAULT_HTTP_POOL))
         self.limits = ClientLimits(config.client_max_inflight, config.client_rate_per_min)
         self.dedupe = DedupeCache(config.dedupe_ttl_s)
@@ -219,7 +219,8 @@ class Bridge:
         if not admitted:
             self.dedupe.forget(key)
             self._reject(acc.reply_topic, acc.request_id, acc.correlation_data,
-                         ErrorCode.rate_limited, why, client, retry_after_ms=retry_ms)
+                         ErrorCode.rate_limited, why, client, retryable=True,
+                         retry_after_ms=retry_ms)
             return
         channel = ReplyChannel(self.link, acc.reply_topic, acc.request_id,
                                correlation_data=acc.correlation_data, chunk_bytes=acc.chunk_bytes,
@@ -242,12 +243,14 @@ class Bridge:
                          client, retryable=True, retry_after_ms=2000)
             return
         self.stats["accepted"] += 1
+        self.ticker.status_changed()
 
     def _reject(self, topic: str, request_id: str, correlation: bytes | None, code: ErrorCode,
                 message: str, client: str, *, retryable: bool = False,
                 retry_after_ms: int | None = None) -> None:
         self.stats["rejected"] += 1
         self.metrics.request_rejected(code.value)
+        self.ticker.status_changed()
         request_log.info("request id=%s client=%s outcome=error code=%s message=%r",
                          request_id, client, code.value, message)
         payload = encode(ErrorMsg(id=request_id, seq=0, code=code, message=message,
@@ -438,8 +441,11 @@ class Bridge:
                 self.ticker.wake_at(channel.due())
 
         with stream:
-            end = stream.pump(on_delta, self.relay)
-        job.usage = end.usage or Usage()
+            try:
+                end = stream.pump(on_delta, self.relay)
+            finally:  # a cancelled stream never gets llama-server's usage: count its tokens
+                job.usage = stream.usage_so_far()
+        job.usage = end.usage or job.usage
         job.llama_prompt_ms = _prompt_ms(end.timings)
         job.outcome = "done"
         finish = end.finish_reason or "stop"
@@ -587,6 +593,7 @@ class Bridge:
                    "cancelled" if kind == "cancelled" else "errors"] += 1
         t = job.timings(job.usage)
         self.metrics.request_finished(job.outcome, job.backend, t, job.usage)
+        self.ticker.status_changed()
         request_log.info(
             "request id=%s client=%s outcome=%s backend=%s prompt_tokens=%d "
             "completion_tokens=%d messages=%d queue_ms=%.0f ttft_ms=%s total_ms=%.0f "
@@ -616,8 +623,14 @@ class Bridge:
             )
         return json.dumps(body, separators=(",", ":")).encode()
 
+    def _status_changed(self) -> None:
+        """Something the status shows changed (a backend's health or load): the ticker
+        republishes it within about a second."""
+        self.ticker.status_changed()
+
     def publish_status(self) -> None:
-        """Publish the retained online status (on connect, periodically, on backend change)."""
+        """Publish the retained online status: on connect, and from the ticker every
+        ``status_interval_s`` and soon after a change (at most about once a second)."""
         if self._stopping.is_set() or not self.link.connected:
             return
         try:

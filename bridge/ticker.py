@@ -5,7 +5,10 @@
 * sends ``progress`` heartbeats after ``heartbeat_s`` of silence (queued, or
   waiting for the first token);
 * cancels requests that run past ``max_generation_s``;
-* runs a periodic callback (the status message).
+* publishes the status message: every ``status_interval_s``, and soon after anything
+  it shows changes (:meth:`Ticker.status_changed`), at most once per
+  :data:`STATUS_MIN_INTERVAL_S` -- a change within that second is published at its
+  end, never dropped.
 
 Workers call :meth:`Ticker.wake_at` when they buffer text, so a flush is never
 later than its deadline, without polling every stream at ``flush_ms``.
@@ -24,21 +27,29 @@ from bridge.mqtt_link import PublishError
 log = logging.getLogger("bridge.ticker")
 
 _MAX_SLEEP_S = 0.25  # heartbeats and deadlines are checked at least this often
+STATUS_MIN_INTERVAL_S = 1.0
+"""Least time between two status publishes caused by changes: N requests in a second
+cost one status message, not N."""
 
 
 class Ticker:
     """Args:
         jobs: returns a snapshot of the live jobs.
         heartbeat_s: silence after which a ``progress`` message is sent.
-        periodic: called every ``periodic_s`` (from this thread).
+        periodic: publishes the status (from this thread): every ``periodic_s``, and after
+            :meth:`status_changed`, at most once per ``min_interval_s``.
     """
 
     def __init__(self, jobs: Callable[[], list[Job]], heartbeat_s: float,
-                 periodic: Callable[[], None], periodic_s: float) -> None:
+                 periodic: Callable[[], None], periodic_s: float,
+                 min_interval_s: float = STATUS_MIN_INTERVAL_S) -> None:
         self._jobs = jobs
         self._heartbeat_s = heartbeat_s
         self._periodic = periodic
         self._periodic_s = periodic_s
+        self._min_interval_s = min_interval_s
+        self._changed = False  # something the status shows changed since it was built
+        self._last_status = float("-inf")  # time.monotonic() of the last publish
         self._cond = threading.Condition()
         self._next_wake = 0.0
         self._stop = threading.Event()
@@ -52,6 +63,15 @@ class Ticker:
         with self._cond:
             self._cond.notify_all()
         self._thread.join(5)
+
+    def status_changed(self) -> None:
+        """Something the status shows changed: publish it within ``min_interval_s``.
+
+        Cheap and safe from any thread; many calls within the interval make one publish.
+        """
+        if not self._changed:
+            self._changed = True
+            self.wake_at(max(time.monotonic(), self._last_status + self._min_interval_s))
 
     def wake_at(self, due: float | None) -> None:
         """Make sure the ticker runs no later than ``due`` (``time.monotonic()``)."""
@@ -67,12 +87,17 @@ class Ticker:
             with self._cond:
                 self._next_wake = now + _MAX_SLEEP_S
             wake = self.tick(now)
-            if now >= next_periodic:
+            status_due = self._last_status + self._min_interval_s
+            if now >= next_periodic or (self._changed and now >= status_due):
                 next_periodic = now + self._periodic_s
+                self._changed = False  # before building it: a later change makes another
+                self._last_status = now
                 try:
                     self._periodic()
                 except Exception:
                     log.exception("periodic task failed")
+            elif self._changed:
+                wake = min(wake, status_due)
             with self._cond:
                 # A worker may have asked for an earlier wake while we were busy.
                 self._next_wake = min(self._next_wake, wake, next_periodic)

@@ -11,7 +11,9 @@ import json
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+from bridge.chunker import MIN_CHUNK_BYTES
 
 ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 """Request ids: one topic level, no wildcards, no ``/``."""
@@ -55,38 +57,64 @@ class ChatMessage(BaseModel):
         return self
 
 
+MAX_MESSAGES = 256
+"""Most ``messages`` in one request."""
+MAX_TOOLS = 128
+"""Most ``tools`` in one request."""
+MAX_STOP_STRINGS = 16
+"""Most ``stop`` strings in one request."""
+MAX_MODEL_CHARS = 256
+"""Longest ``model`` name."""
+
+
 class BridgeRequest(BaseModel):
     """A request published by a device on ``P/request/{client}`` as a JSON object.
 
-    Plain-text payloads become ``BridgeRequest(messages=[user message])``.
-    Unknown fields are rejected (``extra="forbid"``) so a typo is reported, not ignored.
+    A payload whose first non-whitespace character is ``{`` is parsed as JSON and must be
+    a valid JSON object of these fields; any other payload (``[1]``, ``"hi"`` or ``hello``
+    alike) becomes ``BridgeRequest(messages=[one user message with the payload as text])``
+    (:func:`bridge.intake.parse_request`). Unknown fields are rejected
+    (``extra="forbid"``) so a typo is reported, not ignored.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     id: Annotated[str, Field(pattern=ID_PATTERN)] | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)] | None = None
+    messages: Annotated[list[ChatMessage],
+                        Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
     prompt: str | None = None
     session: Annotated[str, Field(pattern=ID_PATTERN)] | None = None
     clear: bool = False
     profile: Annotated[str, Field(pattern=ID_PATTERN)] | None = None
-    model: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS)] | None = None
 
     temperature: Annotated[float, Field(ge=0, le=5)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0, le=100_000)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = None
     repeat_penalty: Annotated[float, Field(ge=0, le=10)] | None = None
 
-    tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: str | dict[str, Any] | None = None
     stream: bool = True
-    chunk_bytes: Annotated[int, Field(ge=1)] | None = None
+    chunk_bytes: int | None = None
     think: bool | None = None
     reasoning: bool = False
+
+    @field_validator("chunk_bytes")
+    @classmethod
+    def _chunk_bytes_floor(cls, value: int | None) -> int | None:
+        # Below the floor a device could not be served safely: every chunk would exceed
+        # the buffer it announced. Above max_chunk_bytes it is lowered (always safe).
+        if value is not None and value < MIN_CHUNK_BYTES:
+            raise ValueError(
+                f"chunk_bytes must be at least {MIN_CHUNK_BYTES} (the smallest chunk the "
+                f"bridge sends), got {value}; values above the bridge's max_chunk_bytes "
+                "are lowered to it")
+        return value
 
     @model_validator(mode="after")
     def _exactly_one_input(self) -> BridgeRequest:

@@ -113,8 +113,9 @@ def _status(rec: Recorder, bridge_id: str, want: Callable[[dict[str, Any]], bool
     return matching(rec.messages)[-1]
 
 
-def _backend(status: dict[str, Any], url: str) -> dict[str, Any]:
-    return next(b for b in status["backends"] if b["url"] == url)
+def _backend(status: dict[str, Any], name: str) -> dict[str, Any]:
+    """A backend in a status message, by its name (the status never shows URLs)."""
+    return next(b for b in status["backends"] if b["name"] == name)
 
 
 @pytest.fixture
@@ -168,9 +169,9 @@ def test_requests_spread_and_route_by_model(
         assert [m.type for m in msgs] == ["start", "error"]
         assert msgs[-1].code == "bad_request" and not msgs[-1].retryable
         assert "'alpha', 'beta'" in msgs[-1].message and "gamma" in msgs[-1].message
-        snapshot = {b["url"]: b["models"] for b in
+        snapshot = {b["name"]: b["models"] for b in
                     json.loads(bridge._status_payload("online"))["backends"]}
-        assert snapshot == {alpha.url: ["alpha"], beta.url: ["beta"]}
+        assert snapshot == {"backend-1": ["alpha"], "backend-2": ["beta"]}
 
 
 @BROKERS
@@ -208,9 +209,9 @@ def test_failover_before_first_byte_only_then_put_back(
                 check_reply_stream(msgs)
                 assert msgs[-1].type == "done", msgs[-1]
             down = _status(rec, "failover",
-                           lambda s: not _backend(s, first.url)["healthy"], since)
-            assert _backend(down, second.url)["healthy"]
-            assert _backend(down, first.url)["error"]
+                           lambda s: not _backend(s, "backend-1")["healthy"], since)
+            assert _backend(down, "backend-2")["healthy"]
+            assert _backend(down, "backend-1")["error"]
 
             # 3. Back up: the probe puts it back and it serves again.
             since = len(rec.messages)

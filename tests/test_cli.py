@@ -89,7 +89,8 @@ def test_run_ask_status_on_embedded_defaults(embedded_bridge: tuple[RunningBridg
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
     assert "llm/status/cli-test: online" in status.stdout, status.stdout
-    assert "ok (" in status.stdout  # the backend is healthy
+    assert "backend-1 ok (" in status.stdout  # the backend is healthy, shown by its name
+    assert "http://" not in status.stdout  # never by its URL
 
     assert bridge.stop() == 0
     log = "".join(bridge.lines)

@@ -48,7 +48,7 @@ def test_outcome_labels() -> None:
 
 def test_metrics_of_one_bridge_are_private_and_complete() -> None:
     backend = Backend("http://127.0.0.1:9", LlamaCppClient("http://127.0.0.1:9"),
-                      healthy=True, slots=4, active=1)
+                      name="gpu-a", healthy=True, slots=4, active=1)
     first = BridgeMetrics("b1", "0.1.0", _live([backend]))
     second = BridgeMetrics("b2", "0.1.0", _live())  # a second registry: no name clash
     first.request_finished("done", backend.url,
@@ -72,7 +72,7 @@ def test_metrics_of_one_bridge_are_private_and_complete() -> None:
     assert s[("llm_bridge_published_messages_total", ())] == 10
     assert s[("llm_bridge_published_bytes_total", ())] == 2048
     assert s[("llm_bridge_tokens_total", (("kind", "completion"),))] == 30
-    url = (("backend", backend.url),)
+    url = (("backend", backend.url), ("name", backend.name))
     assert s[("llm_bridge_backend_healthy", url)] == 1
     assert s[("llm_bridge_backend_slots", url)] == 4
     assert s[("llm_bridge_backend_active", url)] == 1
@@ -133,7 +133,7 @@ def test_metrics_endpoint_log_line_and_status_stats(
         assert resp.status_code == 200
         return _samples(resp.text)
 
-    backend = (("backend", llama_server),)
+    backend = (("backend", llama_server), ("name", "backend-1"))
     try:
         with running_bridge(broker.host, broker.port, [llama_server], protocol=broker.protocol,
                             bridge_id="metrics-e2e", metrics_port=port, max_tokens_cap=2000,

@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -193,11 +194,11 @@ def check_bridge_messages(recorder: Recorder, log: PublishLog, cfg: DeploymentCo
     """Assert the wire contract on every message the bridge published (SPEC §4, §6, §7).
 
     Every message is UTF-8 JSON of at most ``max_message_bytes``; it is on
-    ``P/status/{bridge_id}`` or on ``P/reply/{client}/...`` of a client that sent a
-    request; reply messages are valid reply messages, chunks are within the
-    ``chunk_bytes`` of their request, every message of a reply topic has the same
-    QoS (the configured one) and, at MQTT 5 (bridge and recorder), Content Type
-    ``application/json``.
+    ``P/status/{bridge_id}`` (never naming a backend's address) or on
+    ``P/reply/{client}/...`` of a client that sent a request; reply messages are
+    valid reply messages, chunks are within the ``chunk_bytes`` of their request,
+    every message of a reply topic has the same QoS (the configured one) and, at
+    MQTT 5 (bridge and recorder), Content Type ``application/json``.
 
     Args:
         recorder: recorded everything (``#``) while the bridge ran.
@@ -219,6 +220,10 @@ def check_bridge_messages(recorder: Recorder, log: PublishLog, cfg: DeploymentCo
         assert isinstance(body, dict), (m.topic, m.payload[:80])
         assert len(m.payload) <= cfg.max_message_bytes, (m.topic, len(m.payload))
         if m.topic == f"{prefix}/status/{cfg.bridge_id}":
+            # every device may read it: it names backends, never says where they run
+            for url in cfg.llama.urls:
+                where = urlsplit(url).netloc.encode()
+                assert where not in m.payload, (m.topic, where, m.payload[:300])
             continue
         head = f"{prefix}/reply/"
         assert m.topic.startswith(head), f"the bridge published on {m.topic!r}"
