@@ -22,7 +22,13 @@ import pytest
 
 from bridge.chunker import MIN_CHUNK_BYTES
 from bridge.config import DeploymentConfig, LlamaSettings, load_config
-from bridge.intake import MAX_CORRELATION_BYTES, Accepted, Rejected, parse_request
+from bridge.intake import (
+    MAX_CORRELATION_BYTES,
+    MIN_REPLY_ROOM,
+    Accepted,
+    Rejected,
+    parse_request,
+)
 from bridge.llama_client import MAX_ANSWER_BYTES
 from bridge.mqtt_link import Inbound
 from bridge.reply import _RECORD_LIMIT
@@ -153,12 +159,33 @@ def check_correlation(value: str, code: ErrorCode) -> None:
 def check_response_topic(value: str, code: ErrorCode) -> None:
     (hi,) = numbers(value)
     head = f"llm/reply/{CLIENT}/"
-    levels = "/".join(["abcdefg"] * 200)  # short levels: only the total length is at stake
+    levels = "/".join(["x" * 60] * 20)  # few levels: only the total length is at stake
     at_limit = (head + levels)[:hi]
     at_limit = at_limit.rstrip("/") + "x" * (hi - len(at_limit.rstrip("/")))
     assert len(at_limit.encode()) == hi
     accepted({"messages": HI}, response_topic=at_limit)
     refused({"messages": HI}, code, response_topic=at_limit + "x")
+
+
+def check_response_levels(value: str, code: ErrorCode) -> None:
+    (hi,) = numbers(value)
+    head = f"llm/reply/{CLIENT}/"  # 3 levels
+    at_limit = head + "/".join(["l"] * (hi - 3))
+    accepted({"messages": HI}, response_topic=at_limit)
+    assert f"{hi + 1} topic levels" in refused({"messages": HI}, code,
+                                               response_topic=at_limit + "/l").message
+
+
+def check_reply_room(value: str, code: ErrorCode) -> None:
+    (room,) = numbers(value)
+    assert room == MIN_REPLY_ROOM
+    topic = f"llm/reply/{CLIENT}/" + "x" * 200
+    msg = Inbound(f"llm/request/{CLIENT}", json.dumps({"messages": HI}).encode(), topic, None,
+                  None, 1.0)
+    size = len(topic.encode())
+    assert isinstance(parse_request(msg, CLIENT, CFG, size + room), Accepted)
+    result = parse_request(msg, CLIENT, CFG, size + room - 1)
+    assert isinstance(result, Rejected) and result.code == code, result
 
 
 def check_nesting(value: str, code: ErrorCode) -> None:
@@ -181,6 +208,8 @@ def constant(actual: int) -> Callable[[str, ErrorCode], None]:
 FIXED: dict[str, Callable[[str, ErrorCode], None]] = {
     "MQTT 5 Correlation Data": check_correlation,
     "MQTT 5 Response Topic": check_response_topic,
+    "MQTT 5 Response Topic levels": check_response_levels,
+    "what a reply topic leaves of the largest reply message": check_reply_room,
     "`messages`": check_messages,
     "`tools`": check_tools,
     "`stop`": check_stop,
