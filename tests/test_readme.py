@@ -159,11 +159,13 @@ def test_sessions_example_remembers_the_name(readme_bridge: int,
     assert "Ada" in text(t2), text(t2)
     assert [m["type"] for m in t3 if m["type"] != "progress"] == ["start", "done"]
     assert t3[-1]["finish_reason"] == "cleared"
-    # The same question without the session does not know the name: t2 remembered it.
+    # The same chat without the session does not know the name: t2 remembered it.
+    question = {"role": "user", "content": "What is my name?"}
     with BridgeClient(MqttSettings(host="127.0.0.1", port=readme_bridge),
                       client="kitchen-control") as dev:
         alone = [m.model_dump(exclude_none=True) for m in dev.ask(
-            {"prompt": "What is my name?", "temperature": 0}, idle_timeout=ANSWER_TIMEOUT)]
+            {"messages": [question], "temperature": 0, "max_tokens": 32},
+            idle_timeout=ANSWER_TIMEOUT)]
     check_answer(alone)
     assert "Ada" not in text(alone)
 
