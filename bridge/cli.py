@@ -224,13 +224,14 @@ def _run_until(cfg: DeploymentConfig, stop: threading.Event, log: logging.Logger
     from bridge.service import Bridge
 
     with ExitStack() as stack:
+        bridge_cfg = cfg  # cfg stays as loaded: SIGHUP compares the reloaded file with it
         if cfg.mqtt.host is None:
-            from bridge.embedded_broker import EmbeddedBroker
+            from bridge.local_broker import describe, start_local_broker, use_local_broker
 
-            broker = EmbeddedBroker("127.0.0.1", cfg.mqtt.port)
-            broker.start()
-            stack.callback(broker.stop)
-            log.info("embedded amqtt broker on 127.0.0.1:%d (MQTT 3.1.1)", cfg.mqtt.port)
+            broker = start_local_broker(cfg.mqtt.port)
+            stack.callback(broker.stop)  # registered first, so it stops last
+            log.info("%s", describe(broker))
+            bridge_cfg = use_local_broker(cfg, broker)
         urls = list(cfg.llama.urls)
         if not urls:
             from bridge.embedded_llama import EmbeddedLlama
@@ -240,7 +241,7 @@ def _run_until(cfg: DeploymentConfig, stop: threading.Event, log: logging.Logger
                                   model=cfg.llama.embedded_model)
             urls = [llama.start()]
             stack.callback(llama.stop)
-        bridge = Bridge(cfg, urls)
+        bridge = Bridge(bridge_cfg, urls)
         try:
             bridge.start()
         except ConnectionError as exc:

@@ -49,7 +49,8 @@ class MqttSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     host: str | None = Field(
-        None, description="Broker host. Unset: start an embedded amqtt broker on 127.0.0.1."
+        None, description="Broker host. Unset: start a local broker on 127.0.0.1 "
+                          "(Mosquitto if installed, else amqtt)."
     )
     port: int = Field(1883, ge=1, le=65535)
     username: str | None = None
@@ -60,7 +61,8 @@ class MqttSettings(BaseModel):
     cert_file: Path | None = None
     key_file: Path | None = None
     protocol: Literal["auto", "5", "3.1.1"] = Field(
-        "auto", description="'auto' tries MQTT 5 and falls back to 3.1.1 (amqtt speaks only 3.1.1)."
+        "auto", description="'auto' tries MQTT 5 and falls back to 3.1.1; with the local "
+                            "broker, its own (Mosquitto 5, amqtt 3.1.1)."
     )
     # An int range, not Literal[0, 1, 2]: the environment gives the string "1", which a
     # Literal refuses ("Input should be 0, 1 or 2") while an int field coerces it.

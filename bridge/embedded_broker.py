@@ -1,26 +1,36 @@
-"""An in-process MQTT broker (amqtt 0.12) for single-box setups and tests.
+"""An in-process MQTT broker (amqtt 0.12): the fallback local broker.
 
-The bridge starts one when no external broker is configured, so that
-``llamacpp-mqtt-bridge run`` works on a fresh machine without Mosquitto.
-The broker runs in its own thread with its own asyncio event loop: the bridge
-itself is threaded (paho), and a private loop keeps amqtt's tasks from ever
-competing with anything else.
+``llamacpp-mqtt-bridge run`` without ``--mqtt-host`` starts Mosquitto when it is
+installed and this broker when it is not (:mod:`bridge.local_broker`). It runs in its own
+thread with its own asyncio event loop: the bridge itself is threaded (paho), and a
+private loop keeps amqtt's tasks from ever competing with anything else.
 
-amqtt 0.12 quirks, measured against paho-mqtt 2.2 on loopback (see
+Two amqtt 0.12.1 defects a device would see are fixed here (:class:`_Broker`; the tests
+in ``tests/test_local_broker.py`` show them fixed):
+
+* **Retained messages leaked to every connecting client.** On each CONNECT amqtt sent
+  the retained messages matching *every filter any session had subscribed to* to the
+  new client: with a dashboard subscribed to ``llm/status/+``, a device subscribing to
+  ``llm/reply/kitchen/#`` got the bridge's status. (It meant to resend a resumed
+  session's own subscriptions' retained messages.) Now a client gets only those of its
+  own filters.
+* **Concurrent CONNECTs failed** with ``RuntimeError: dictionary changed size during
+  iteration``: amqtt walks its subscription table across ``await`` points while other
+  clients' SUBSCRIBEs change it; the connection was dropped after its CONNACK. The
+  table now hands out copies to iterate over.
+
+Known quirks that remain, measured against paho-mqtt 2.2 on loopback (see
 ``tests/test_brokers.py`` for the tests that pin them):
 
 * **MQTT 3.1.1 only.** A v5 CONNECT is answered with CONNACK "unsupported
   protocol version" (paho 2.2 reports reason code 132 and, with
-  ``loop_start()``, keeps retrying). Clients must fall back to 3.1.1; there are
-  no v5 properties, no Maximum Packet Size, no shared subscriptions.
+  ``loop_start()``, keeps retrying). A v5 CONNECT with a Will is mis-parsed instead
+  ("Will flag set, but will topic/message not present" logged at WARNING, no
+  CONNACK): clients must connect with 3.1.1 from the start, as ``run`` does. There
+  are no v5 properties, no Maximum Packet Size, no shared subscriptions.
 * **``$share/...`` filters are accepted but never match**: amqtt treats the
   whole string as a literal filter. A bridge subscribing through a shared
   subscription receives no requests at all on amqtt -- subscribe plainly.
-* **Retained messages leak to every connecting client.** On each CONNECT amqtt
-  sends the retained messages matching *every filter any session has
-  subscribed to*, to the new client, even if it subscribed to nothing (QoS 0,
-  retain flag set). A client must dispatch messages by its own subscriptions
-  and must not assume an incoming message matches one.
 * **Messages queued for an offline persistent session arrive with the retain
   flag set.** The retain flag is therefore not a reliable "stale message"
   signal on amqtt; requests queued while the bridge was away look retained.
@@ -50,14 +60,16 @@ import asyncio
 import contextlib
 import errno
 import logging
-import socket
 import threading
+from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from amqtt.broker import Broker
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
+
+from bridge.local_broker import LocalBrokerError, check_port_free, port_in_use_error
 
 __all__ = ["EmbeddedBroker", "EmbeddedBrokerError", "OpenAuthPlugin"]
 
@@ -68,8 +80,44 @@ _log = logging.getLogger(__name__)
 _NOISY_LOGGERS = ("amqtt", "transitions")
 
 
-class EmbeddedBrokerError(RuntimeError):
+class EmbeddedBrokerError(LocalBrokerError):
     """The embedded broker could not start or stop."""
+
+
+class _SnapshotDict(dict[str, Any]):
+    """amqtt's subscription table (filter -> sessions), iterated over copies.
+
+    amqtt loops over this table with ``await`` inside the loop (sending retained
+    messages on CONNECT, routing a publish); another client's SUBSCRIBE adding a filter
+    meanwhile made the loop raise "dictionary changed size during iteration".
+    """
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().__iter__()))
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
+        return list(super().items())
+
+
+class _Broker(Broker):  # type: ignore[misc]  # amqtt ships no type information
+    """amqtt's broker with the two defects a device would see fixed (module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._subscriptions: dict[str, Any] = _SnapshotDict()
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        """Send retained messages for ``subscription`` only if ``session`` holds it.
+
+        amqtt calls this on SUBSCRIBE (the session holds the filter by then) and, on
+        every CONNECT, for each filter of *any* session: those are not the client's.
+        """
+        holders = self._subscriptions.get(subscription[0], ())
+        if all(held.client_id != session.client_id for held, _qos in holders):
+            return
+        await super()._publish_retained_messages_for_subscription(subscription, session)
 
 
 class OpenAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type information
@@ -99,6 +147,8 @@ class OpenAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no ty
 class EmbeddedBroker:
     """An amqtt broker running in a background thread with its own event loop.
 
+    A :class:`~bridge.local_broker.LocalBroker`: ``kind`` "amqtt", ``protocol`` "3.1.1".
+
     Args:
         host: address to listen on. Keep the default (loopback): the embedded
             broker has no authentication.
@@ -115,6 +165,9 @@ class EmbeddedBroker:
         with EmbeddedBroker(port=0) as broker:
             client.connect(broker.host, broker.port)
     """
+
+    kind: Literal["mosquitto", "amqtt"] = "amqtt"
+    protocol: Literal["5", "3.1.1"] = "3.1.1"
 
     def __init__(
         self,
@@ -258,28 +311,18 @@ class EmbeddedBroker:
         """Fail early, with a clear message, when the port is already taken.
 
         amqtt would fail too, but only after logging a traceback at ERROR level.
-        SO_REUSEADDR mirrors what asyncio's server does, so a port in TIME_WAIT
-        does not count as taken.
         """
-        if self._requested_port == 0:
-            return
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((self.host, self._requested_port))
-            except OSError as exc:
-                raise self._describe_start_error(exc) from exc
+        try:
+            check_port_free(self.host, self._requested_port)
+        except LocalBrokerError as exc:
+            raise EmbeddedBrokerError(str(exc)) from exc.__cause__
 
     def _describe_start_error(self, error: BaseException) -> EmbeddedBrokerError:
         cause: BaseException | None = error
         while cause is not None:
             if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
-                return EmbeddedBrokerError(
-                    f"cannot start the embedded MQTT broker: port {self._requested_port} on "
-                    f"{self.host} is already in use (another broker such as Mosquitto, or "
-                    f"another bridge?). Use that broker with --mqtt-host/--mqtt-port, or "
-                    f"pick a free port for the embedded one with --mqtt-port."
-                )
+                return EmbeddedBrokerError(str(port_in_use_error(self.host,
+                                                                 self._requested_port)))
             if isinstance(cause, OSError) and cause.errno == errno.EADDRNOTAVAIL:
                 return EmbeddedBrokerError(
                     f"cannot start the embedded MQTT broker: address {self.host} is not "
@@ -306,7 +349,7 @@ class EmbeddedBroker:
 
     async def _serve(self) -> None:
         assert self._stop_requested is not None
-        broker = Broker(self.config(), loop=asyncio.get_running_loop())
+        broker = _Broker(self.config(), loop=asyncio.get_running_loop())
         await broker.start()
         self._port = _bound_port(broker) or self._requested_port
         self._started.set()

@@ -22,6 +22,9 @@ from bridge.wire import BridgeRequest, ChatMessage, ErrorCode
 _MAX_ERROR_CHARS = 400
 MAX_CORRELATION_BYTES = 256
 """Largest MQTT 5 Correlation Data echoed on replies (a device needs a short token)."""
+MIN_REPLY_ROOM = 512
+"""Bytes a reply topic must leave free in the largest message the link may publish: room
+for an ``error`` with its longest message, or a ``done`` with usage and timings."""
 
 
 def new_request_id() -> str:
@@ -72,8 +75,11 @@ def parse_request(
     topics = config.topics
     fallback_id = new_request_id()
     # A valid MQTT 5 Response Topic is where the device listens: errors go there too.
-    response_ok = (msg.response_topic is not None
-                   and topics.is_allowed_response_topic(client, msg.response_topic))
+    # One the broker would refuse (too deep, say) gets the error on the default topic.
+    response_problem = None if msg.response_topic is None else \
+        topics.response_topic_problem(client, msg.response_topic) or \
+        _room_problem(msg.response_topic, max_payload)
+    response_ok = msg.response_topic is not None and response_problem is None
 
     # Every reply echoes the Correlation Data: a large one would make each reply exceed a
     # small broker's Maximum Packet Size (and paho then reconnects and resends forever).
@@ -146,18 +152,27 @@ def parse_request(
     if msg.response_topic is not None:
         if not response_ok:
             return reject(ErrorCode.bad_request,
-                          f"Response Topic {msg.response_topic[:100]!r} is not allowed: it must "
-                          f"lie under {topics.reply_namespace(client)} and have no wildcards",
-                          request_id)
+                          f"Response Topic {msg.response_topic[:100]!r} is not allowed: "
+                          f"{response_problem}", request_id)
         reply_topic = msg.response_topic
 
-    wanted_chunk = request.chunk_bytes or config.chunk_bytes
     # The link counts the topic against its limit, so a full chunk must leave room for it.
     room = max_payload - len(reply_topic.encode())
+    wanted_chunk = request.chunk_bytes or config.chunk_bytes
     chunk_bytes = max(MIN_CHUNK_BYTES, min(wanted_chunk, config.max_chunk_bytes, room))
     max_tokens = min(request.max_tokens or config.max_tokens_default, config.max_tokens_cap)
     return Accepted(client, request, request_id, reply_topic, msg.correlation_data,
                     msg.expires_at, msg.received_at, chunk_bytes, max_tokens)
+
+
+def _room_problem(topic: str, max_payload: int) -> str | None:
+    """Why ``topic`` leaves too little of a reply message for the message itself, or None."""
+    size = len(topic.encode("utf-8", "surrogatepass"))
+    if max_payload - size >= MIN_REPLY_ROOM:
+        return None
+    return (f"it takes {size} of the {max_payload} bytes a reply message may have "
+            f"(max_message_bytes or the broker's Maximum Packet Size) and {MIN_REPLY_ROOM} "
+            "must stay free for the message")
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -21,7 +21,8 @@ class Job:
         deadline: ``time.monotonic()`` when ``max_generation_s`` is up.
         state: ``queued`` → ``running`` → ``finished``.
         token: cancels the HTTP call (streamed or not) from any thread, even before it starts.
-        cancelled / timed_out / shutting_down: why the token was used.
+        cancelled / timed_out / shutting_down / refused: why the token was used
+            (``refused``: the broker would not take a message of its reply stream).
         outcome: for the request log line (``done``, ``cancelled``, ``error:<code>`` …).
         llama_prompt_ms: llama-server's own prompt time (its ``timings.prompt_ms``), for
             the log line: how much of ``ttft_ms`` the model itself took.
@@ -36,6 +37,7 @@ class Job:
     cancelled: bool = False
     timed_out: bool = False
     shutting_down: bool = False
+    refused: bool = False
     backend: str | None = None
     usage: Usage = field(default_factory=Usage)
     outcome: str = "?"

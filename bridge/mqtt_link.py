@@ -38,6 +38,13 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bridge.config import DeploymentConfig
+from bridge.refusals import (
+    RefusalDetector,
+    RefusedStreams,
+    StreamKey,
+    delivered,
+    drop_messages,
+)
 
 log = logging.getLogger("bridge.mqtt")
 
@@ -100,6 +107,11 @@ class PublishError(Exception):
     """A message could not be handed to the broker (too large, or the link is closing)."""
 
 
+class StreamRefused(PublishError):
+    """The broker closed the connection on a message of this reply stream: nothing more
+    is published on it (see :mod:`bridge.refusals`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Inbound:
     """One message received on a subscribed topic.
@@ -140,10 +152,15 @@ class MqttLink:
         will_payload: bytes,
         subscriptions: list[str],
         on_connected: Callable[[], None] | None = None,
+        on_refused: Callable[[StreamKey], None] | None = None,
     ) -> None:
         self._cfg = config
         self._on_message = on_message
         self._on_connected = on_connected
+        self._on_refused = on_refused
+        self._refusals = RefusalDetector()
+        self.refused = RefusedStreams()
+        self._to_drop: list[tuple[StreamKey, list[int]]] = []  # paho's thread only
         self._will = will_payload
         self._subscriptions = subscriptions
         self._shared = any(t.startswith("$share/") for t in subscriptions)
@@ -336,7 +353,7 @@ class MqttLink:
         retain: bool = False,
         flow_controlled: bool = True,
         deadline: float | None = None,
-    ) -> None:
+    ) -> mqtt.MQTTMessageInfo:
         """Hand one message to paho at the configured QoS.
 
         Args:
@@ -347,13 +364,18 @@ class MqttLink:
             flow_controlled: wait for room in the publish window. Only the
                 request intake passes False: it must never wait on the network thread.
             deadline: ``time.monotonic()`` after which waiting gives up.
+        Returns:
+            paho's handle of the message (see :meth:`delivered`).
         Raises:
+            StreamRefused: the broker refused an earlier message of this reply stream.
             PublishError: payload too large for the broker, or the link is closing
                 / the deadline passed while waiting for room.
         """
         client = self._client
         if client is None or self._closing:
             raise PublishError("MQTT link is closed")
+        if self.refused and (topic, correlation_data) in self.refused:
+            raise StreamRefused(f"the broker refused an earlier message on {topic[:100]!r}")
         if len(payload) + len(topic.encode()) > self.max_payload_bytes:
             raise PublishError(
                 f"message of {len(payload)} bytes on a topic of {len(topic.encode())} bytes "
@@ -392,6 +414,17 @@ class MqttLink:
                 self.published -= 1
                 self.published_bytes -= len(payload)
             raise PublishError(f"paho refused the publish: {mqtt.error_string(info.rc)}")
+        return info
+
+    def delivered(self, info: mqtt.MQTTMessageInfo, timeout: float) -> bool | None:
+        """Whether a message :meth:`publish` returned reached the broker: True once
+        acknowledged (QoS 1, 2) or written (QoS 0), False if refused or discarded, None
+        if still pending after ``timeout`` seconds (a broker outage: paho resends it)."""
+        return delivered(info, self._cfg.mqtt.qos, 0 if self._no_wait else timeout)
+
+    def forget_refused(self, key: StreamKey) -> None:
+        """Allow publishing on a refused stream again (its request has ended)."""
+        self.refused.discard(key)
 
     def stop_waiting(self) -> None:
         """From now on a publish that would wait for the window fails instead (shutdown):
@@ -452,6 +485,8 @@ class MqttLink:
         else:
             filters: list[tuple[str, int]] = [(topic, qos) for topic in self._subscriptions]
             _, self._sub_mid = client.subscribe(filters)
+        self._refusals.connected()
+        self._drop_refused(client)  # before paho resends its session's messages
         self._connected.set()
         self._first_connack.set()
         log.info(
@@ -472,6 +507,35 @@ class MqttLink:
             return
         if not self._closing:
             log.warning("MQTT connection lost (%s); paho reconnects by itself", reason)
+            if not self._qos0:
+                self._note_refused(client)
+
+    def _note_refused(self, client: mqtt.Client) -> None:
+        """Break the reconnect loop of a message the broker keeps refusing: stop publishing
+        on its stream now, drop its queued messages at the next CONNACK."""
+        found = self._refusals.disconnected(client)
+        if found is None:
+            return
+        key, mids = found
+        self.refused.add(key)
+        self._to_drop.append((key, mids))
+        log.error("the broker closed the connection twice on the same message (topic %r): "
+                  "its reply stream (%d queued messages) is dropped and its request ended",
+                  key[0][:200], len(mids))
+        if self._on_refused is not None:
+            try:
+                self._on_refused(key)
+            except Exception:  # never kill paho's network thread
+                log.exception("error handling the refused stream %r", key[0][:200])
+
+    def _drop_refused(self, client: mqtt.Client) -> None:
+        while self._to_drop:
+            key, mids = self._to_drop.pop()
+            dropped = drop_messages(client, mids)
+            with self._window:  # they will never be acknowledged
+                self._outstanding -= len(dropped)
+                self._window.notify_all()
+            log.info("dropped %d refused messages on %r", len(dropped), key[0][:200])
 
     def _handle_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any

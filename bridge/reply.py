@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Any
 
+import paho.mqtt.client as mqtt
+
 from bridge.chunker import Chunker, SeqCounter
 from bridge.exceptions import BridgeError
 from bridge.mqtt_link import MqttLink, PublishError
@@ -79,20 +81,22 @@ class ReplyChannel:
         self.first_text_at: float | None = None
         self.finished = False
         self.terminal: str | None = None
+        # paho's handle of the terminal message: whether it reached the broker.
+        self.terminal_info: mqtt.MQTTMessageInfo | None = None
         self.record: list[bytes] | None = [] if record else None
         self._record_bytes = 0
 
     # ------------------------------------------------------------------ low level
 
-    def _publish(self, payload: bytes, *, flow_controlled: bool = True) -> None:
+    def _publish(self, payload: bytes, *, flow_controlled: bool = True) -> mqtt.MQTTMessageInfo:
         """Publish one payload; caller holds the lock.
 
         No deadline: a message whose ``seq`` is taken must be sent, or the device sees a
         gap and never gets its terminal message. While the broker is away this waits
         (until the link closes); ``max_generation_s`` meanwhile cancels the HTTP call.
         """
-        self.link.publish(self.topic, payload, correlation_data=self.correlation_data,
-                          flow_controlled=flow_controlled)
+        info = self.link.publish(self.topic, payload, correlation_data=self.correlation_data,
+                                 flow_controlled=flow_controlled)
         self.last_sent = time.monotonic()
         if self.record is not None:
             self._record_bytes += len(payload) + _RECORD_ENTRY_OVERHEAD
@@ -100,11 +104,13 @@ class ReplyChannel:
                 self.record = None  # too big to keep; a duplicate then gets an error instead
             else:
                 self.record.append(payload)
+        return info
 
     def _send(self, message_type: type[Any], *, flow_controlled: bool = True,
-              **fields: Any) -> None:
-        self._publish(encode(message_type(id=self.request_id, seq=self.seq.take(), **fields)),
-                      flow_controlled=flow_controlled)
+              **fields: Any) -> mqtt.MQTTMessageInfo:
+        return self._publish(
+            encode(message_type(id=self.request_id, seq=self.seq.take(), **fields)),
+            flow_controlled=flow_controlled)
 
     # ------------------------------------------------------------------ messages
 
@@ -251,4 +257,23 @@ class ReplyChannel:
             try:
                 self._flush_all()  # buffered text always precedes the terminal message
             finally:
-                self._send(message_type, flow_controlled=flow_controlled, **fields)
+                self.terminal_info = self._send(message_type, flow_controlled=flow_controlled,
+                                                **fields)
+
+    def refused(self, topic: str, message: str) -> None:
+        """End a request whose reply stream the broker refused: one ``error`` on ``topic``.
+
+        Sent whatever was sent before (the refused messages never arrived, so the
+        device saw no terminal message), with the next ``seq``; the refused messages
+        show as a gap. Not recorded: a duplicate of this request must run again.
+        """
+        with self.lock:
+            self.finished = True
+            self.terminal = ErrorMsg.__name__
+            self.record = None
+            payload = encode(ErrorMsg(id=self.request_id, seq=self.seq.take(),
+                                      code=ErrorCode.internal, message=message, retryable=False))
+            # Not flow controlled: it may be sent from the intake thread (see Bridge._confirm).
+            self.terminal_info = self.link.publish(topic, payload,
+                                                   correlation_data=self.correlation_data,
+                                                   flow_controlled=False)

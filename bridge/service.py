@@ -37,8 +37,9 @@ from bridge.job import Job
 from bridge.limits import ClientLimits, DedupeCache
 from bridge.llama_client import Delta, ReasoningDelta, TextDelta
 from bridge.metrics import BridgeMetrics, LiveState
-from bridge.mqtt_link import Inbound, MqttLink, PublishError
+from bridge.mqtt_link import Inbound, MqttLink, PublishError, StreamRefused
 from bridge.profiles import ProfileRegistry, UnknownProfile, apply_profile
+from bridge.refusals import StreamKey
 from bridge.reply import ReplyChannel
 from bridge.scheduler import FairQueue, QueueFull, WorkerPool
 from bridge.sessions import Sessions, as_chat
@@ -52,6 +53,11 @@ request_log = logging.getLogger("bridge.requests")
 _INTAKE_BOUND = 10_000  # inbound messages waiting for validation
 _SHUTDOWN_MESSAGE = "the bridge is shutting down; send the request again"
 _DEFAULT_HTTP_POOL = 64  # kept-alive connections per backend (urllib3 opens more on demand)
+# How long a finished request waits for the broker to acknowledge its terminal message,
+# so that the request log says what was delivered (normally well under a millisecond).
+_CONFIRM_S = 5.0
+_REFUSED_MESSAGE = ("the broker closed the bridge's connection on a reply message of this "
+                    "request and would not take it; the answer was stopped")
 
 
 class Bridge:
@@ -100,6 +106,7 @@ class Bridge:
             subscriptions=[self.topics.request_filter(config.shared_group),
                            self.topics.cancel_filter()],
             on_connected=self.publish_status,
+            on_refused=self._on_refused,
         )
 
     # ================================================================= lifecycle
@@ -280,7 +287,7 @@ class Bridge:
             job.outcome = "cancelled"
             # The intake thread must never wait for the publish window (B9).
             job.channel.done("cancelled", None, job.timings(None), flow_controlled=False)
-            self._finish(job)
+            self._finish(job, wait=False)
         else:
             job.token.cancel()  # closes the HTTP connection: llama-server frees the slot
 
@@ -300,6 +307,9 @@ class Bridge:
             if shutting_down:
                 self._shut_down(job)
                 return
+            if job.refused:  # its `start` was refused while it was queued
+                self._refused(job)
+                return
             if job.cancelled:  # cancel raced with the worker taking the job
                 job.outcome = "cancelled"
                 job.channel.done("cancelled", None, job.timings(None))
@@ -316,6 +326,8 @@ class Bridge:
                 self._with_backend(job, self._stream)
         except StreamCancelled:
             self._cancelled(job)
+        except StreamRefused:
+            self._refused(job)
         except BridgeError as exc:
             job.outcome = f"error:{exc.code.value}"
             if isinstance(exc, BackendError):  # the device's copy has no backend address
@@ -471,7 +483,9 @@ class Bridge:
     def _cancelled(self, job: Job) -> None:
         """The HTTP call was cancelled: say why, as the terminal message."""
         channel = job.channel
-        if job.timed_out:
+        if job.refused:
+            self._refused(job)
+        elif job.timed_out:
             job.outcome = "error:timeout"
             channel.error(ErrorCode.timeout,
                           f"the answer took longer than max_generation_s "
@@ -481,6 +495,36 @@ class Bridge:
         else:
             job.outcome = "cancelled"
             channel.done("cancelled", job.usage, job.timings(job.usage))
+
+    def _on_refused(self, key: StreamKey) -> None:
+        """paho's thread: the broker refused a message of reply stream ``key``. Stop the
+        requests answering on it (their workers then end them, see :meth:`_refused`)."""
+        with self._jobs_lock:
+            hit = [j for j in self.jobs.values()
+                   if (j.channel.topic, j.channel.correlation_data) == key]
+        for job in hit:
+            job.refused = True
+            job.token.cancel()  # stops generating: nothing of it can be delivered
+
+    def _refused(self, job: Job) -> None:
+        """End a request whose reply stream the broker refused with one ``error``.
+
+        A Response Topic may itself be what the broker refuses, so the error goes to the
+        request's default reply topic then (the device's own namespace); otherwise it
+        goes where the refused messages went.
+        """
+        job.outcome = "publish_failed"
+        channel = job.channel
+        self.link.forget_refused((channel.topic, channel.correlation_data))
+        default = self.topics.reply(job.acc.client, job.acc.request_id)
+        log.error("request %s of %s: the broker refused its reply stream on %r; ending it "
+                  "with an error on %r", job.acc.request_id, job.acc.client,
+                  channel.topic[:200], default)
+        try:
+            channel.refused(default, _REFUSED_MESSAGE)
+        except PublishError as exc:
+            log.warning("could not tell %s that its answer was stopped: %s",
+                        job.acc.request_id, exc)
 
     def _shut_down(self, job: Job) -> None:
         """The bridge is stopping under a job it took: tell the device to send it again."""
@@ -495,7 +539,7 @@ class Bridge:
             job.channel.error(code, message, retryable=retryable)
         except PublishError as exc:
             log.warning("could not answer %s: %s", job.acc.request_id, exc)
-        self._finish(job)
+        self._finish(job, wait=False)
 
     def _forget(self, job: Job) -> None:
         with self._jobs_lock:
@@ -503,15 +547,37 @@ class Bridge:
         self.limits.finished(job.acc.client)
         self.dedupe.forget(job.key)
 
-    def _finish(self, job: Job) -> None:
+    def _confirm(self, job: Job, wait: bool) -> str:
+        """What became of the terminal message, for the request log.
+
+        Args:
+            job: the finished request.
+            wait: wait (at most ``_CONFIRM_S``) for the broker's acknowledgement; never
+                from the intake thread, which must not depend on the network thread.
+        Returns:
+            ``acked``, ``refused`` (the request then ends as :meth:`_refused` says),
+            ``pending`` (no answer from the broker yet) or ``none`` (nothing was sent).
+        """
+        info = job.channel.terminal_info
+        if info is None:
+            return "none"
+        ok = self.link.delivered(info, _CONFIRM_S if wait else 0.0)
+        if ok is False and job.outcome != "publish_failed":
+            self._refused(job)  # the terminal message itself was refused
+        return {True: "acked", False: "refused", None: "pending"}[ok]
+
+    def _finish(self, job: Job, *, wait: bool = True) -> None:
         with self._jobs_lock:
             if job.state == "finished":
                 return
             job.state = "finished"
             self.jobs.pop(job.key, None)
         self.limits.finished(job.acc.client)
+        terminal = self._confirm(job, wait)
         kind = job.outcome.split(":")[0]
-        if kind == "error" and job.channel.first_text_at is None:
+        if kind == "publish_failed":
+            self.dedupe.forget(job.key)  # nothing complete arrived: a resend must run
+        elif kind == "error" and job.channel.first_text_at is None:
             # Nothing was generated: a retry with the same id (what `retryable` invites)
             # must be served, not answered with this error again.
             self.dedupe.forget(job.key)
@@ -524,12 +590,12 @@ class Bridge:
         request_log.info(
             "request id=%s client=%s outcome=%s backend=%s prompt_tokens=%d "
             "completion_tokens=%d messages=%d queue_ms=%.0f ttft_ms=%s total_ms=%.0f "
-            "tokens_per_s=%s llama_prompt_ms=%s",
+            "tokens_per_s=%s llama_prompt_ms=%s terminal=%s",
             job.acc.request_id, job.acc.client, job.outcome, job.backend,
             job.usage.prompt_tokens, job.usage.completion_tokens, job.channel.seq.next,
             t.queue_ms, "-" if t.ttft_ms is None else f"{t.ttft_ms:.0f}", t.total_ms,
             "-" if t.tokens_per_s is None else f"{t.tokens_per_s:.1f}",
-            "-" if job.llama_prompt_ms is None else f"{job.llama_prompt_ms:.1f}")
+            "-" if job.llama_prompt_ms is None else f"{job.llama_prompt_ms:.1f}", terminal)
 
     def _live_jobs(self) -> list[Job]:
         with self._jobs_lock:

@@ -1,7 +1,8 @@
 """The command line as a user runs it (README quick start): real processes, real sockets.
 
-``run`` with no ``--mqtt-host`` starts the embedded amqtt broker and, with no
-``--llama-url``, an embedded llama.cpp: exactly the quick-start path.
+``run`` with no ``--mqtt-host`` starts a local broker (Mosquitto, installed here) and,
+with no ``--llama-url``, an embedded llama.cpp: exactly the quick-start path. The local
+broker itself is tested in ``tests/test_local_broker.py``.
 """
 
 from __future__ import annotations

@@ -521,6 +521,25 @@ def test_rejections_go_to_a_valid_response_topic(payload: bytes) -> None:
     assert result.correlation_data == b"c7"
 
 
+def test_response_topic_deeper_than_brokers_allow_is_refused_on_the_default_topic() -> None:
+    """202 levels: Mosquitto 2.0 disconnects a client publishing that. The error names the
+    limit and goes to the default reply topic, which the broker takes."""
+    deep = NS + "l/" * 198 + "l"
+    rej = reject({"id": "deep", "messages": HI}, response_topic=deep, correlation_data=b"c")
+    assert rej.code is ErrorCode.bad_request
+    assert "202 topic levels; the limit is 32" in rej.message
+    assert rej.reply_topic == f"{NS}deep" and rej.correlation_data == b"c"
+
+
+def test_response_topic_that_leaves_no_room_for_a_message_is_refused() -> None:
+    topic = NS + "x" * 600
+    msg = inbound({"id": "r1", "messages": HI}, response_topic=topic)
+    assert isinstance(parse_request(msg, CLIENT, CFG, MAX_PAYLOAD), Accepted)
+    rej = parse_request(msg, CLIENT, CFG, 1024)  # a broker with a tiny Maximum Packet Size
+    assert isinstance(rej, Rejected) and rej.code is ErrorCode.bad_request
+    assert "512 must stay free" in rej.message and rej.reply_topic == f"{NS}r1"
+
+
 def test_rejections_ignore_a_forbidden_response_topic() -> None:
     result = parse_request(inbound(b"\xff", response_topic="llm/reply/other/x"),
                            CLIENT, CFG, MAX_PAYLOAD)

@@ -230,7 +230,9 @@ def test_metrics_endpoint_log_line_and_status_stats(
                   "total_ms=", "tokens_per_s="):
         assert field in done, (field, done)
     # llama-server's own prompt time, to tell the model's share of ttft_ms from the bridge's
-    assert re.search(r" llama_prompt_ms=\d+\.\d$", done), done
+    assert re.search(r" llama_prompt_ms=\d+\.\d ", done), done
+    # whether the broker took the terminal message (PUBACK at QoS 1)
+    assert done.endswith(" terminal=acked"), done
     assert "outcome=cancelled" in next(ln for ln in lines if "id=m-long " in ln)
     rejected = next(ln for ln in lines if "id=m-2 " in ln)
     assert "outcome=error code=bad_request" in rejected and "client=dev-metrics" in rejected

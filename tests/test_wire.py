@@ -280,6 +280,42 @@ def test_response_topic_rejected(topic: str) -> None:
     assert not Topics().is_allowed_response_topic("dev1", topic)
 
 
+DEEP_202 = "llm/reply/dev1/" + "l/" * 198 + "l"  # 202 levels: Mosquitto 2.0 disconnects
+
+
+@pytest.mark.parametrize(("topic", "named"), [
+    (DEEP_202, "202 topic levels; the limit is 32"),
+    ("llm/reply/dev1/" + "l/" * 29 + "l", "33 topic levels; the limit is 32"),
+    ("llm/reply/dev1/" + "x" * 1010, "1025 bytes long; the limit is 1024 bytes"),
+    ("llm/reply/dev1/a\x01b", "U+0001"),
+    ("llm/reply/dev1/a\x7fb", "U+007F"),
+    ("llm/reply/dev1/a\x9fb", "U+009F"),
+    ("llm/reply/dev1/a\ufdd0", "U+FDD0"),
+    ("llm/reply/dev1/a\uffff", "U+FFFF"),
+    ("llm/reply/dev1/a\U0010fffe", "U+10FFFE"),
+    ("llm/reply/dev1/a/+", "U+002B"),
+    ("llm/reply/dev2/x", "must lie under llm/reply/dev1/"),
+])
+def test_response_topic_problem_names_the_limit(topic: str, named: str) -> None:
+    problem = Topics().response_topic_problem("dev1", topic)
+    assert problem is not None and named in problem, problem
+
+
+@pytest.mark.parametrize("topic", [
+    "llm/reply/dev1/" + "l/" * 28 + "l",  # exactly 32 levels
+    "llm/reply/dev1/" + "x" * 1009,  # exactly 1024 bytes
+    "llm/reply/dev1/émoji-😀/ok",  # non-ASCII that is not a control or non-character
+])
+def test_response_topic_at_the_limits_is_allowed(topic: str) -> None:
+    assert Topics().response_topic_problem("dev1", topic) is None
+
+
+def test_prefix_too_deep_for_reply_topics_is_refused() -> None:
+    Topics("/".join(["p"] * 29))  # + reply/{client}/{id} = 32 levels: fine
+    with pytest.raises(ValueError, match="too many levels"):
+        Topics("/".join(["p"] * 30))
+
+
 def test_clear_with_both_messages_and_prompt_is_rejected() -> None:
     with pytest.raises(ValidationError, match="not both"):
         BridgeRequest.model_validate({"session": "s1", "clear": True, "prompt": "x",

@@ -58,6 +58,7 @@ SCENARIOS: list[tuple[str, Scenario]] = [
     ("burst", scenarios.burst),
     ("hostile_input", scenarios.hostile_input),
     ("oversized_correlation_data", scenarios.oversized_correlation_data),
+    ("poison_publish", scenarios.poison_publish),
     ("non_finite_numbers", scenarios.non_finite_numbers),
     ("duplicate_ids", scenarios.duplicate_ids),
     ("retained_request", scenarios.retained_request),
@@ -311,6 +312,18 @@ B10 is checked by `tests/test_backends.py` and `tests/test_wire.py`, B11 by
   lowered the room for good, down to a bridge that could not publish at all. Nothing
   tested QoS 0 (the default is 1). Fixed: at QoS 0 the window holds each message's
   `MQTTMessageInfo` until paho wrote or discarded it (docs/performance.md, item 9).
+- **B12 -- one reply the broker refused cut every device off** (fixed). An MQTT 5 request
+  with a Response Topic of 202 levels inside the device's own namespace was accepted;
+  Mosquitto 2.0 closes the connection of a client publishing more than 200 levels, paho
+  reconnected and sent the same unacknowledged `start` first again: 111 reconnects in
+  65 s, no device served, and the request logged `outcome=done`. Fixed twice over: the
+  intake refuses reply topics brokers refuse (over 32 levels or 1024 bytes, control
+  characters, non-characters, too little room left for the message) with `bad_request`
+  on the default reply topic; and a message that is the oldest unacknowledged one at
+  two consecutive disconnects (with a reconnect between) is dropped with the rest of its
+  reply stream, the request ends with an `error` on `P/reply/{client}/{id}`, and the
+  request log says `outcome=publish_failed terminal=refused` (`bridge/refusals.py`).
+  At QoS 0 nothing is resent: a refused message costs one reconnect and is lost.
 
 ## Observations (not failures)
 

@@ -12,17 +12,21 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import logging
 import os
 import random
 import signal
 import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import requests
+from paho.mqtt.properties import Properties
 
+from bridge import topics as bridge_topics
 from bridge.service import Bridge
 from bridge.wire import TERMINAL_TYPES
 from tests.faults.rig import (
@@ -52,6 +56,7 @@ from tests.support.scripted_sse import (
     PING,
     Action,
     Pause,
+    Respond,
     Send,
     SSEHeaders,
     Stall,
@@ -81,6 +86,9 @@ BUGS: dict[str, str] = {
           "window was full",
     "B9": "B9: cancelling a queued request made the intake thread wait for the publish "
           "window; with the broker slow to acknowledge, a burst deadlocked the bridge",
+    "B12": "B12: a reply the broker refused by closing the connection (an MQTT 5 Response "
+           "Topic of 202 levels) was resent after every reconnect: no device was served, "
+           "and the request was logged outcome=done",
 }
 
 #: scenario (report key) -> the bug it shows; the report says "regression test for Bn"
@@ -95,6 +103,7 @@ BUG_OF: dict[str, str] = {
     "stale_keepalive_probe": "B7",
     "stop_while_broker_frozen": "B8",
     "broker_stops_reading": "B9",
+    "poison_publish": "B12",
     "soak": "B7",  # at default settings the long soak meets B7 (backend_unavailable)
 }
 
@@ -1572,6 +1581,138 @@ def oversized_correlation_data(env: Env, sizes: Sizes) -> Result:
         views = [*hostile.views().values(), victim.view(victim.topic("v1"))]
         tally(res, views, streams=2)
     return res.check()
+
+
+class _RequestLog(logging.Handler):
+    """Collects the bridge's request log lines (``bridge.requests``) of one scenario."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self._logger = logging.getLogger("bridge.requests")
+
+    def __enter__(self) -> _RequestLog:
+        self._logger.addHandler(self)
+        self._level = self._logger.level
+        self._logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def of(self, request_id: str) -> str:
+        return next((ln for ln in self.lines if f"id={request_id} " in ln), "")
+
+
+def _poison_case(res: Result, env: Env, name: str, *, protocol: Literal["5", "3.1.1"],
+                 broker_conf: str, request: dict[str, Any], props: Properties | None,
+                 llama: FaultLlama, expect_code: str, **bridge_settings: Any) -> list[StreamView]:
+    """One device sends a request whose replies the broker refuses; another device asks
+    right after. Checks what each device receives, the bridge's connections and its log.
+
+    Returns:
+        what the other device and the hostile one received (on the default reply topic).
+    """
+    broker = MosquittoProcess(env.dir(f"mosquitto-{name}"), extra_conf=broker_conf)
+    with ExitStack() as stack, _RequestLog() as requests_log:
+        stack.enter_context(broker)
+        bridge = stack.enter_context(start_bridge(broker.host, broker.port, [llama.url],
+                                                  protocol=protocol, **bridge_settings))
+        hostile, victim = stack.enter_context(devices(
+            broker.host, broker.port, [f"{name}-h", f"{name}-v"], protocol=protocol))
+        hostile.request(request, props=props)
+        started = time.monotonic()
+        victim.request({"id": "v1", "prompt": "y", "max_tokens": 4})
+        served = victim.wait(lambda d: d.has_terminal(d.topic("v1")), 60)
+        served_s = time.monotonic() - started
+        answered = hostile.wait(lambda d: d.has_terminal(d.topic(request["id"])), 30)
+        hostile_view = hostile.view(hostile.topic(request["id"]))
+        # The request log line follows the terminal message by at most the confirm wait.
+        wait_until(lambda: bool(requests_log.of(request["id"])), 10)
+        line = requests_log.of(request["id"])
+        connections = broker.log_path.read_text(errors="replace").count(
+            f" as {bridge.cfg.mqtt_client_id} ")
+        terminal = hostile_view.terminal or {}
+        res.note(f"{name}: the bridge connected {connections} times; the other device was "
+                 f"served {served_s:.1f} s after the refused request; the refused request "
+                 f"ended with {terminal.get('type')}/{terminal.get('code')} after "
+                 f"{hostile_view.missing} lost message(s); its log line: "
+                 f"{line[line.find('outcome='):][:60]!r}")
+        res.expect(served, f"{name}: the other device was not served: the bridge is stuck")
+        res.expect(answered and terminal.get("code") == expect_code,
+                   f"{name}: the refused request did not end with a {expect_code} error "
+                   f"on its default reply topic: {hostile_view.messages}")
+        res.expect(connections <= 4, f"{name}: {connections} connections: a reconnect loop")
+        dead = bridge_threads_alive(bridge)
+        res.expect(not dead, f"{name}: bridge threads died: {dead}")
+        if expect_code == "internal":
+            res.expect("outcome=publish_failed" in line,
+                       f"{name}: the request log does not say publish_failed: {line!r}")
+        return [victim.view(victim.topic("v1")), hostile_view]
+
+
+def poison_publish(env: Env, sizes: Sizes) -> Result:
+    """Publishes the broker answers by closing the connection (Mosquitto 2.0).
+
+    Three cases, each with a second device asking right after the hostile request:
+
+    * an MQTT 5 Response Topic of 202 levels (Mosquitto disconnects a client publishing
+      more than 200): refused at intake with ``bad_request`` naming the limit, sent to
+      the default reply topic; the bridge never publishes on the deep topic;
+    * the same request with the intake's level limit lifted, standing for any refusal
+      the intake does not know: the bridge must drop the refused stream after at most
+      two reconnects, end the request with an ``error`` on its default reply topic, log
+      ``outcome=publish_failed``, and serve the other device;
+    * a payload the broker refuses (MQTT 3.1.1, so the broker's ``max_packet_size`` is
+      not announced; a non-streamed reply bigger than it) on the default reply topic.
+    """
+    res = Result("6d. publish the broker refuses (poison message)",
+                 "3 hostile + 3 victim requests, scripted backend, QoS 1",
+                 "202-level Response Topic (with and without the intake check); reply over "
+                 "an unannounced max_packet_size")
+    deep = "llm/reply/{name}-h/" + "l/" * 198 + "l"
+    views: list[StreamView] = []
+    with FaultLlama() as fake:
+        for name, lifted in (("deeprt", False), ("deeprt-lifted", True)):
+            with ExitStack() as patches:
+                if lifted:
+                    patches.enter_context(_patched(bridge_topics, "MAX_TOPIC_LEVELS", 10_000))
+                views += _poison_case(res, env, name, protocol="5", broker_conf="", llama=fake,
+                                      request={"id": "deep", "prompt": "x", "max_tokens": 4},
+                                      props=v5_props(response_topic=deep.format(name=name)),
+                                      expect_code="internal" if lifted else "bad_request")
+
+    def long_reply(path: str, body: dict[str, Any]) -> list[Action]:
+        if body.get("stream"):
+            return stream_script(path)
+        choice = {"index": 0, "finish_reason": "stop", "text": "w" * 3000}
+        return [Respond(200, {"choices": [choice],
+                              "usage": {"prompt_tokens": 1, "completion_tokens": 3000}})]
+
+    with FaultLlama(long_reply) as fake:
+        views += _poison_case(res, env, "oversize", protocol="3.1.1",
+                              broker_conf="max_packet_size 2048", llama=fake,
+                              request={"id": "big", "prompt": "x", "max_tokens": 4,
+                                       "stream": False},
+                              props=None, expect_code="internal")
+    res.sent = len(views)
+    # The refused messages of the hostile requests count as lost: they never arrived.
+    tally(res, views)
+    return res.check()
+
+
+@contextmanager
+def _patched(target: Any, name: str, value: Any) -> Iterator[None]:
+    old = getattr(target, name)
+    setattr(target, name, value)
+    try:
+        yield
+    finally:
+        setattr(target, name, old)
 
 
 def non_finite_numbers(env: Env, sizes: Sizes) -> Result:

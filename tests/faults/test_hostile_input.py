@@ -23,6 +23,12 @@ def test_oversized_correlation_data_cannot_knock_the_bridge_off_the_broker(env: 
     assert result.terminal == result.sent
 
 
+def test_a_publish_the_broker_refuses_never_cuts_the_bridge_off(env: Env) -> None:
+    """Regression test for B12: every request ends, the other devices are served."""
+    result = scenarios.poison_publish(env, SIZES)
+    assert result.terminal == result.sent
+
+
 def test_nan_and_infinity_are_bad_requests_not_forwarded(env: Env) -> None:
     """Regression test for B5."""
     result = scenarios.non_finite_numbers(env, SIZES)

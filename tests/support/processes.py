@@ -21,7 +21,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Any, Literal
 
 from bridge.embedded_broker import EmbeddedBroker
 from bridge.embedded_llama import EmbeddedLlama, EmbeddedLlamaError, EmbeddedLlamaUnavailable
+from bridge.mosquitto_child import MosquittoChild, MosquittoStartError, find_binary, wait_for_port
 
 __all__ = [
     "CERTS_DIR",
@@ -107,53 +107,13 @@ def free_port(host: str = LOCALHOST) -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(
-    host: str,
-    port: int,
-    deadline: float = 10.0,
-    proc: subprocess.Popen[bytes] | None = None,
-) -> None:
-    """Wait until ``host:port`` accepts TCP connections.
-
-    Args:
-        host: address to connect to.
-        port: TCP port.
-        deadline: seconds to wait at most.
-        proc: if given, fail fast when this process exits meanwhile.
-
-    Raises:
-        TimeoutError: nothing accepted connections in time.
-        RuntimeError: ``proc`` exited first.
-    """
-    end = time.monotonic() + deadline
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(
-                f"process {proc.pid} exited ({proc.returncode}) before {port} opened"
-            )
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            pass
-        if time.monotonic() >= end:
-            raise TimeoutError(f"{host}:{port} did not accept connections within {deadline} s")
-        time.sleep(0.02)  # poll interval, bounded by the deadline above
-
-
 def mosquitto_available() -> bool:
     """Whether the ``mosquitto`` and ``mosquitto_passwd`` binaries can be found.
 
     Returns:
         True if both are on PATH (or in /usr/sbin, where Debian puts mosquitto).
     """
-    return _which("mosquitto") is not None and _which("mosquitto_passwd") is not None
-
-
-def _which(name: str) -> str | None:
-    import shutil
-
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+    return find_binary("mosquitto") is not None and find_binary("mosquitto_passwd") is not None
 
 
 # ---------------------------------------------------------------------------- brokers
@@ -321,10 +281,14 @@ class MosquittoProcess:
         self.log_path = self.workdir / "mosquitto.log"
         self.data_dir = self.workdir / "data"
         self.password_file = self.workdir / "passwd"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._paused = False
+        self._child: MosquittoChild | None = None
 
     # -- public helpers
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        """The broker process, or None when not running."""
+        return self._child.proc if self._child is not None else None
 
     @property
     def pid(self) -> int | None:
@@ -404,7 +368,7 @@ class MosquittoProcess:
         """
         if self.running:
             return self
-        binary = _which("mosquitto")
+        binary = find_binary("mosquitto")
         if binary is None:
             raise RuntimeError(
                 "mosquitto is not installed: apt-get install -y mosquitto mosquitto-clients"
@@ -416,30 +380,23 @@ class MosquittoProcess:
         attempts = 1 if self._fixed_port else 3
         for attempt in range(attempts):
             self.conf_path.write_text(self.render_conf(), encoding="utf-8")
-            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            with open(self.log_path, "ab") as log:
-                # Mosquitto logs to the file itself (log_dest file); stderr catches
-                # what it says before the config is read.
-                self.proc = subprocess.Popen(
-                    [binary, "-c", str(self.conf_path)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    cwd=self.workdir,
-                )
+            # Mosquitto logs to the file itself (log_dest file); its stdout and stderr,
+            # what it says before the config is read, go there too. A port that accepts
+            # connections may belong to someone else (that is how a taken port looks):
+            # the child waits for Mosquitto's own "running" line before trying the ports.
+            child = MosquittoChild(binary, self.conf_path, host=self.host,
+                                   ports=sorted({self.port, self.plain_port}),
+                                   cwd=self.workdir, output_file=self.log_path,
+                                   die_with_parent=False)
+            self._child = child
             _live.add(self)
             try:
-                # A port that accepts connections may belong to someone else (that
-                # is how a taken port looks); Mosquitto logs "... running" only once
-                # all of ITS listeners are open, so wait for that line first.
-                self._wait_for_log(" running", log_offset, timeout)
-                for port in sorted({self.port, self.plain_port}):
-                    wait_for_port(self.host, port, timeout, proc=self.proc)
+                child.start(timeout)
                 return self
-            except (TimeoutError, RuntimeError) as exc:
-                in_use = "Address already in use" in self._log_since(log_offset)
-                self.kill()
-                if in_use and attempt + 1 < attempts:
+            except MosquittoStartError as exc:
+                self._child = None
+                _live.discard(self)
+                if exc.port_in_use and attempt + 1 < attempts:
                     self.port = free_port()
                     self.plain_port = free_port() if self.preset == "secure" else self.port
                     continue
@@ -449,73 +406,33 @@ class MosquittoProcess:
                 ) from exc
         raise AssertionError("unreachable")
 
-    def _log_since(self, offset: int) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def _wait_for_log(self, needle: str, offset: int, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        while needle not in self._log_since(offset):
-            if self.proc is None or self.proc.poll() is not None:
-                code = self.proc.returncode if self.proc is not None else "?"
-                raise RuntimeError(f"mosquitto exited with status {code}")
-            if time.monotonic() >= end:
-                raise TimeoutError(
-                    f"mosquitto did not report {needle.strip()!r} within {timeout} s"
-                )
-            time.sleep(0.02)  # poll interval, bounded by the deadline above
-
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (Mosquitto saves its persistence database), wait, SIGKILL if needed.
 
         Args:
             timeout: seconds to wait for a clean exit.
         """
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-                if self._paused:  # a stopped process only acts on SIGTERM once continued
-                    proc.send_signal(signal.SIGCONT)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout)
-        self._paused = False
-        self.proc = None
+        child, self._child = self._child, None
+        if child is not None:
+            child.stop(timeout)
         _live.discard(self)
 
     def kill(self) -> None:
         """SIGKILL: a crash. Whatever was not yet autosaved is lost."""
-        proc = self.proc
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait(10)
-        self._paused = False
-        self.proc = None
+        child, self._child = self._child, None
+        if child is not None:
+            child.kill()
         _live.discard(self)
 
     def pause(self) -> None:
         """SIGSTOP: the broker freezes (connections stay open, nothing is answered)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGSTOP)
-            self._paused = True
+        if self._child is not None:
+            self._child.send_signal(signal.SIGSTOP)
 
     def resume(self) -> None:
         """SIGCONT after :meth:`pause`."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self._paused = False
+        if self._child is not None:
+            self._child.send_signal(signal.SIGCONT)
 
     def restart(self, timeout: float = 10.0) -> MosquittoProcess:
         """Stop (cleanly, if still running) and start again on the same ports.
@@ -597,7 +514,7 @@ class MosquittoProcess:
         return "\n".join(lines) + "\n"
 
     def _write_password_file(self) -> None:
-        passwd = _which("mosquitto_passwd")
+        passwd = find_binary("mosquitto_passwd")
         if passwd is None:
             raise RuntimeError("mosquitto_passwd is missing: apt-get install -y mosquitto")
         self.password_file.unlink(missing_ok=True)
