@@ -275,7 +275,10 @@ def section_latency(ctx: Ctx) -> dict[str, Any]:
     env = {"BRIDGE_LLAMA__HEALTH_INTERVAL_S": "2"}
     # One llama.cpp thread: on a shared 2-core machine two threads spin-wait on each
     # other whenever another process takes a core (seen: 1 token/s instead of 50).
-    with EmbeddedLlama(parallel=1, ctx=2048, threads=1) as llama, procs.mosquitto() as broker, \
+    # ChatML, as when docs/performance.md was measured: the base model never ends its turn,
+    # so every answer runs to latency_tokens (the quick-start template stops after a line).
+    with EmbeddedLlama(parallel=1, ctx=2048, threads=1, chat_template="chatml") as llama, \
+            procs.mosquitto() as broker, \
             procs.bridge(broker, llama.url, bridge_id=ctx.next_id(), max_concurrent=1,
                          flush_ms=50, qos=1, log_dir=ctx.logs, env=env) as br:
         direct = LlamaCppClient(llama.url)

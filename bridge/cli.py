@@ -18,10 +18,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from bridge import __version__
-from bridge.config import DeploymentConfig, load_config
+from bridge.config import DeploymentConfig, MqttSettings, load_config
 
 if TYPE_CHECKING:
     from bridge.service import Bridge
@@ -29,62 +29,137 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_ERROR_REPLY, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 
 
-def _mqtt_flags(p: argparse.ArgumentParser) -> None:
+def _default(model: type[BaseModel], name: str) -> Any:
+    """The default of a configuration field, so that --help cannot drift from it."""
+    return model.model_fields[name].default
+
+
+def _config_flag(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "configuration",
+        "A flag left out takes its value from BRIDGE_* environment variables, then from "
+        "the --config file, then the default shown.")
+    g.add_argument("--config", type=Path, metavar="FILE",
+                   help="TOML configuration file (config/bridge.example.toml lists every "
+                        "setting; default: none)")
+
+
+def _mqtt_flags(p: argparse.ArgumentParser, command: str) -> None:
+    _config_flag(p)
     g = p.add_argument_group("MQTT broker")
-    g.add_argument("--config", type=Path, help="TOML configuration file")
-    g.add_argument("--mqtt-host", help="broker host (run: default is an embedded broker)")
-    g.add_argument("--mqtt-port", type=int, help="broker port (default 1883)")
-    g.add_argument("--mqtt-username")
-    g.add_argument("--mqtt-password")
-    g.add_argument("--mqtt-tls", action="store_true", default=None, help="connect with TLS")
-    g.add_argument("--mqtt-ca", type=Path, help="CA certificate file for TLS")
-    g.add_argument("--mqtt-cert", type=Path, help="client certificate file for TLS")
-    g.add_argument("--mqtt-key", type=Path, help="client key file for TLS")
-    g.add_argument("--mqtt-protocol", choices=["auto", "5", "3.1.1"])
-    g.add_argument("--prefix", help="topic prefix (default 'llm')")
+    if command == "run":
+        host_default = "default: none, start an embedded broker on 127.0.0.1"
+        protocol_default = "default auto: MQTT 5 if the broker speaks it, else 3.1.1"
+    else:
+        host_default = "default 127.0.0.1"
+        protocol_default = "default auto, which connects with 3.1.1"
+    g.add_argument("--mqtt-host", metavar="HOST", help=f"broker host name or address "
+                                                       f"({host_default})")
+    g.add_argument("--mqtt-port", type=int, metavar="PORT",
+                   help=f"broker TCP port (default {_default(MqttSettings, 'port')})")
+    g.add_argument("--mqtt-username", metavar="NAME",
+                   help="broker account (default: none, connect anonymously)")
+    g.add_argument("--mqtt-password", metavar="PASSWORD",
+                   help="password of that account (default: none); BRIDGE_MQTT__PASSWORD "
+                        "keeps it out of the process list")
+    g.add_argument("--mqtt-tls", action="store_true", default=None,
+                   help="connect with TLS (default: plain TCP)")
+    g.add_argument("--mqtt-ca", type=Path, metavar="FILE",
+                   help="CA certificate (PEM) that signed the broker's certificate "
+                        "(default: the system's CAs)")
+    g.add_argument("--mqtt-cert", type=Path, metavar="FILE",
+                   help="client certificate (PEM) for TLS client authentication (default: none)")
+    g.add_argument("--mqtt-key", type=Path, metavar="FILE",
+                   help="private key (PEM) of --mqtt-cert (default: none)")
+    g.add_argument("--mqtt-protocol", choices=["auto", "5", "3.1.1"],
+                   help=f"MQTT version ({protocol_default})")
+    g.add_argument("--prefix", metavar="PREFIX",
+                   help=f"first topic level(s): PREFIX/request/CLIENT, ... "
+                        f"(default {_default(DeploymentConfig, 'prefix')!r})")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``run``, ``ask`` and ``status`` command line, every flag with its help."""
     parser = argparse.ArgumentParser(
         prog="llamacpp-mqtt-bridge",
         description="Stream answers from llama.cpp's llama-server to MQTT devices.")
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="start the bridge")
-    _mqtt_flags(run)
+    cfg = DeploymentConfig.model_fields
+    run = sub.add_parser("run", help="start the bridge",
+                         description="Start the bridge; with no --mqtt-host and no --llama-url "
+                                     "also an embedded broker and an embedded llama.cpp.")
+    _mqtt_flags(run, "run")
     g = run.add_argument_group("bridge")
     g.add_argument("--llama-url", action="append", dest="llama_urls", metavar="URL",
-                   help="llama-server base URL (repeatable); none: start an embedded llama.cpp")
-    g.add_argument("--bridge-id")
-    g.add_argument("--chunk-bytes", type=int, help="default max bytes of a chunk message")
-    g.add_argument("--flush-ms", type=float, help="coalesce tokens for at most this long")
-    g.add_argument("--max-concurrent", type=int, help="default: llama-server's slot count")
-    g.add_argument("--shared-group", help="subscribe through $share/NAME/... (several bridges)")
-    g.add_argument("--sessions-db", type=Path)
-    g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    g.add_argument("--metrics-port", type=int,
-                   help="serve Prometheus metrics on this port (default: off)")
-    g.add_argument("--metrics-host",
-                   help="address of the metrics endpoint (default 127.0.0.1: it has no auth)")
+                   help="llama-server base URL, e.g. http://127.0.0.1:8080 (repeat it for "
+                        "several servers; default: none, start an embedded llama.cpp)")
+    g.add_argument("--bridge-id", metavar="NAME",
+                   help="name of this bridge: its status topic PREFIX/status/NAME and MQTT "
+                        "client id (default: the host name)")
+    g.add_argument("--chunk-bytes", type=int, metavar="BYTES",
+                   help="largest chunk message in bytes, JSON included, for requests that "
+                        f"give no chunk_bytes (default {cfg['chunk_bytes'].default})")
+    g.add_argument("--flush-ms", type=float, metavar="MS",
+                   help="coalesce tokens into one chunk for at most this many milliseconds "
+                        f"(default {cfg['flush_ms'].default:g})")
+    g.add_argument("--max-concurrent", type=int, metavar="N",
+                   help="requests run at once (default: the llama-servers' slot count)")
+    g.add_argument("--shared-group", metavar="NAME",
+                   help="subscribe through $share/NAME/... so that several bridges split the "
+                        "requests; needs MQTT 5 (default: none)")
+    g.add_argument("--sessions-db", type=Path, metavar="FILE",
+                   help="SQLite file of session conversations, created on first use "
+                        f"(default {cfg['sessions_db'].default})")
+    g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help=f"log verbosity (default {cfg['log_level'].default})")
+    g.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on this TCP port (default: none, no "
+                        "metrics endpoint)")
+    g.add_argument("--metrics-host", metavar="ADDRESS",
+                   help="address of the metrics endpoint; it has no authentication "
+                        f"(default {cfg['metrics_host'].default})")
 
-    ask = sub.add_parser("ask", help="send a prompt and print the streamed answer")
-    ask.add_argument("prompt", help="the question (plain text)")
-    _mqtt_flags(ask)
-    ask.add_argument("--client", help="device name (default: ask-<random>)")
-    ask.add_argument("--max-tokens", type=int, default=128)
-    ask.add_argument("--temperature", type=float)
-    ask.add_argument("--seed", type=int)
-    ask.add_argument("--chunk-bytes", type=int)
-    ask.add_argument("--session", help="keep the conversation on the bridge under this name "
-                                       "(sessions are per device: give --client too)")
-    ask.add_argument("--profile", help="a named preset of the bridge's config")
-    ask.add_argument("--json", action="store_true", help="print every reply message as JSON")
-    ask.add_argument("--timeout", type=float, default=120.0, help="max silence in seconds")
+    ask = sub.add_parser("ask", help="send a prompt and print the streamed answer",
+                         description="Send one prompt to the bridge as a device would and "
+                                     "print the answer as it streams, then a summary line.")
+    ask.add_argument("prompt", help="the question (plain text, one user message)")
+    _mqtt_flags(ask, "ask")
+    g = ask.add_argument_group("request")
+    g.add_argument("--client", metavar="NAME",
+                   help="device name, the CLIENT topic level (default: ask-<number>, new "
+                        "each time)")
+    g.add_argument("--max-tokens", type=int, metavar="N",
+                   help="longest answer in tokens (default: the bridge's max_tokens_default, "
+                        f"{cfg['max_tokens_default'].default} unless configured, or the "
+                        "profile's max_tokens)")
+    g.add_argument("--temperature", type=float, metavar="T",
+                   help="sampling temperature, 0 for the most likely tokens (default: the "
+                        "profile's, else llama-server's own, 0.8)")
+    g.add_argument("--seed", type=int, metavar="N",
+                   help="sampling seed, for repeatable answers (default: a random seed)")
+    g.add_argument("--chunk-bytes", type=int, metavar="BYTES",
+                   help="largest chunk message in bytes (default: the bridge's chunk_bytes, "
+                        f"{cfg['chunk_bytes'].default} unless configured)")
+    g.add_argument("--session", metavar="NAME",
+                   help="keep the conversation on the bridge under this name; sessions "
+                        "belong to a device, so give --client too (default: none)")
+    g.add_argument("--profile", metavar="NAME",
+                   help="a named preset of the bridge's config (default: none)")
+    g.add_argument("--json", action="store_true",
+                   help="print every reply message as JSON (default: the text only)")
+    g.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="give up after this many seconds without a reply message "
+                        "(default %(default)g)")
 
-    status = sub.add_parser("status", help="show the retained status of every bridge")
-    _mqtt_flags(status)
-    status.add_argument("--timeout", type=float, default=3.0)
+    status = sub.add_parser("status", help="show the retained status of every bridge",
+                            description="Print the retained status message of every bridge "
+                                        "under the prefix.")
+    _mqtt_flags(status, "status")
+    status.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
+                        help="wait at most this many seconds for status messages "
+                             "(default %(default)g)")
     return parser
 
 
@@ -219,9 +294,8 @@ def ask(cfg: DeploymentConfig, args: argparse.Namespace) -> int:
     """Publish one prompt, print the answer as it streams, then a summary line."""
     from bridge.client import BridgeClient, ReplyTimeout, SequenceError
 
-    request: dict[str, Any] = {"messages": [{"role": "user", "content": args.prompt}],
-                               "max_tokens": args.max_tokens}
-    for key in ("temperature", "seed", "chunk_bytes", "session", "profile"):
+    request: dict[str, Any] = {"messages": [{"role": "user", "content": args.prompt}]}
+    for key in ("max_tokens", "temperature", "seed", "chunk_bytes", "session", "profile"):
         if getattr(args, key) is not None:
             request[key] = getattr(args, key)
     client = BridgeClient(cfg.mqtt, prefix=cfg.prefix,

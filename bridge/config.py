@@ -188,6 +188,11 @@ class DeploymentConfig(BaseSettings):
     )
     queue_size: int = Field(64, ge=1, description="Requests waiting; beyond it: 'busy'.")
     max_request_bytes: int = Field(65536, ge=256)
+    max_tokens_default: int = Field(
+        256, ge=1,
+        description="max_tokens of a request that gives none (and has no profile that does): "
+                    "a few sentences, so that a forgotten limit does not stream for minutes. "
+                    "Capped by max_tokens_cap.")
     max_tokens_cap: int = Field(4096, ge=1, description="Upper bound on a request's max_tokens.")
     max_generation_s: float = Field(600.0, gt=0, description="Hard limit per request.")
     dedupe_ttl_s: float = Field(600.0, ge=0, description="Same (client, id) never runs twice.")

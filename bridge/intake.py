@@ -160,7 +160,7 @@ def parse_request(
     room = max_payload - len(reply_topic.encode())
     wanted_chunk = request.chunk_bytes or config.chunk_bytes
     chunk_bytes = max(MIN_CHUNK_BYTES, min(wanted_chunk, config.max_chunk_bytes, room))
-    max_tokens = min(request.max_tokens or config.max_tokens_cap, config.max_tokens_cap)
+    max_tokens = min(request.max_tokens or config.max_tokens_default, config.max_tokens_cap)
     return Accepted(client, request, request_id, reply_topic, msg.correlation_data,
                     msg.expires_at, msg.received_at, chunk_bytes, max_tokens)
 

@@ -18,7 +18,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -29,6 +28,7 @@ import requests
 import urllib3.exceptions
 from pydantic import BaseModel
 
+from bridge import safe_json
 from bridge.exceptions import BackendProtocolError, IdleTimeout
 from bridge.llama_events import Kind, parse_generation
 from bridge.llama_http import (
@@ -204,7 +204,7 @@ class LlamaCppClient:
         resp = self._get(info, attempts=2)
         try:
             try:
-                data = json.loads(read_bounded(resp, MAX_SMALL_BYTES))
+                data = safe_json.loads(read_bounded(resp, MAX_SMALL_BYTES))
             except (ValueError, urllib3.exceptions.HTTPError, OSError):
                 data = None
         finally:
@@ -274,7 +274,7 @@ class LlamaCppClient:
         resp = self._post(info, json_text({"content": text}).encode(), self.timeouts.request,
                           "request")
         try:
-            data = json.loads(read_bounded(resp, MAX_SMALL_BYTES))
+            data = safe_json.loads(read_bounded(resp, MAX_SMALL_BYTES))
         except (ValueError, urllib3.exceptions.HTTPError, OSError) as exc:
             raise BackendProtocolError(f"bad answer from {info.url}: {exc}") from exc
         finally:
@@ -388,7 +388,7 @@ class LlamaCppClient:
         info = CallInfo(self._url(path))
         resp = _checked(self._get(info, self.retry.attempts), info)
         try:
-            return json.loads(read_bounded(resp, MAX_SMALL_BYTES))
+            return safe_json.loads(read_bounded(resp, MAX_SMALL_BYTES))
         except (ValueError, urllib3.exceptions.HTTPError, OSError) as exc:
             raise BackendProtocolError(f"bad answer from {info.url}: {exc}") from exc
         finally:

@@ -10,12 +10,12 @@ checked field by field, which decides exactly as before.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 import msgspec
 from pydantic import ValidationError
 
+from bridge import safe_json
 from bridge.exceptions import BackendProtocolError
 from bridge.llama_http import stream_error
 from bridge.llama_types import (
@@ -76,7 +76,8 @@ class EventAccumulator:
             BackendStreamError: an error event.
             BackendProtocolError: malformed JSON, or not what llama-server sends.
         """
-        if event == "message" and data[:1] == "{":
+        # Too deep for msgspec's recursion: the lenient path refuses it as malformed.
+        if event == "message" and data[:1] == "{" and not safe_json.too_deep(data):
             try:
                 chunk = _decode_chunk(data)
             except msgspec.MsgspecError:
@@ -193,8 +194,8 @@ def _opt_str(value: Any) -> str | None:
 
 def _loads(data: str, url: str, *, lenient: bool = False) -> Any:
     try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+        return safe_json.loads(data)
+    except ValueError as exc:
         if lenient:
             return data  # an error event's text is still worth reporting as is
         raise BackendProtocolError(

@@ -63,8 +63,17 @@ def _llama_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+# The suite's servers answer chat requests with ChatML, which the packaged *base* model
+# has never seen: it never ends its turn, so every stream runs to max_tokens -- the long,
+# steady streams that the load, fault and cancel tests need. (The quick-start default,
+# a plain transcript with stop strings, ends answers after a sentence or two; pass
+# ``chat_template=None`` for it, as tests/test_embedded_llama.py and the README tests do.)
+SUITE_CHAT_TEMPLATE = "chatml"
+
+
 def _start_llama(log_dir: Path, **kwargs: Any) -> EmbeddedLlama:
     kwargs.setdefault("threads", _llama_threads())
+    kwargs.setdefault("chat_template", SUITE_CHAT_TEMPLATE)
     llama = EmbeddedLlama(log_path=log_dir / "llama-server.log", **kwargs)
     try:
         llama.start()

@@ -7,60 +7,19 @@ broker itself is tested in ``tests/test_local_broker.py``.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.cli_proc import RunningBridge
+from tests.support.cli_proc import cli as _cli
 from tests.support.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 120.0
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bridge", *args]
-
-
-class RunningBridge:
-    """``llamacpp-mqtt-bridge run`` in a child process, with its output collected."""
-
-    def __init__(self, *args: str) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(_cli("run", *args), cwd=ROOT, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if " ready: " in line:
-                self.ready.set()
-        self.ready.set()  # EOF: wake the waiter, who checks the exit code
-
-    def wait_ready(self) -> None:
-        assert self.ready.wait(READY_TIMEOUT), "bridge not ready:\n" + "".join(self.lines)
-        assert self.proc.poll() is None, "bridge exited:\n" + "".join(self.lines)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(10)
-            self._reader.join(10)
 
 
 @pytest.fixture

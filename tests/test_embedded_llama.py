@@ -16,7 +16,12 @@ import psutil
 import pytest
 import requests
 
-from bridge.embedded_llama import EmbeddedLlama, EmbeddedLlamaError
+from bridge.embedded_llama import (
+    BASE_MODEL_CHAT_TEMPLATE,
+    BASE_MODEL_STOPS,
+    EmbeddedLlama,
+    EmbeddedLlamaError,
+)
 
 TIMEOUT = 10.0
 
@@ -108,3 +113,32 @@ def test_startup_failure_names_the_log(tmp_path: Path) -> None:
     assert "llama.log" in str(err.value)
     assert server.pid is None
     server.stop()
+
+
+# What llama.cpp's fallback (ChatML) or Gemma's own turn format would leave in answers.
+TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>")
+
+
+def test_packaged_base_model_answers_chat_as_plain_text(
+        make_llama: Callable[..., EmbeddedLlama]) -> None:
+    """The quick-start default: the base model's chat is a plain transcript, its answer
+    ends where the model would write the next turn, and it reports the file's name."""
+    server = make_llama(parallel=1, ctx=1024, chat_template=None)
+    props = requests.get(server.url + "/props", timeout=TIMEOUT).json()
+    assert props["chat_template"].strip() == BASE_MODEL_CHAT_TEMPLATE.strip()
+    assert props["model_alias"] == "gemma-3-270m-q4_k_m.gguf"
+    conversation = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": " Hello! "},
+                    {"role": "user", "content": [{"type": "text", "text": "Bye"}]}]
+    rendered = requests.post(server.url + "/apply-template", json={"messages": conversation},
+                             timeout=TIMEOUT).json()["prompt"]
+    assert rendered == "Be brief.\n\nUser: Hi\nAssistant: Hello!\nUser: Bye\nAssistant:"
+    for question in ("Why is the sky blue?", "Hello", "Tell me a short story about a robot."):
+        answer = requests.post(server.url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": question}], "max_tokens": 64,
+            "temperature": 0, "seed": 42}, timeout=300).json()["choices"][0]
+        content = answer["message"]["content"]
+        assert content.strip(), question
+        assert not any(m in content for m in (*TEMPLATE_MARKERS, *BASE_MODEL_STOPS)), content
+        assert answer["finish_reason"] == "stop", answer  # ended by itself, not by max_tokens

@@ -37,7 +37,7 @@ from bridge.wire import (
 # Every value parse_request reads is given explicitly, so no BRIDGE_* variable can change it.
 CFG = load_config(
     prefix="llm", bridge_id="test", chunk_bytes=512, max_chunk_bytes=16384,
-    max_message_bytes=65536, max_request_bytes=4096, max_tokens_cap=1000,
+    max_message_bytes=65536, max_request_bytes=4096, max_tokens_default=256, max_tokens_cap=1000,
 )
 MAX_PAYLOAD = 65536
 CLIENT = "dev1"
@@ -91,7 +91,16 @@ def test_plain_text_is_one_user_message() -> None:
     assert HEX16.match(acc.request_id)
     assert acc.reply_topic == f"{NS}{acc.request_id}"
     assert acc.chunk_bytes == CFG.chunk_bytes
-    assert acc.max_tokens == CFG.max_tokens_cap
+    assert acc.max_tokens == CFG.max_tokens_default
+
+
+def test_max_tokens_defaults_to_a_few_sentences_and_is_capped() -> None:
+    """A request without max_tokens gets max_tokens_default, not the cap: a forgotten
+    limit must not stream for minutes."""
+    assert DeploymentConfig.model_fields["max_tokens_default"].default == 256
+    assert accept({"messages": HI}).max_tokens == 256
+    small_cap = CFG.model_copy(update={"max_tokens_cap": 100})
+    assert accept({"messages": HI}, cfg=small_cap).max_tokens == 100
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", "42", '"quoted"', "null", "héllo wörld ✓ 🙂"])
@@ -312,7 +321,7 @@ def test_a_full_chunk_fits_the_link_with_its_topic() -> None:
     assert acc.chunk_bytes + len(acc.reply_topic.encode()) <= 4096
 
 
-@pytest.mark.parametrize(("requested", "expected"), [(None, 1000), (1, 1), (999, 999),
+@pytest.mark.parametrize(("requested", "expected"), [(None, 256), (1, 1), (999, 999),
                                                      (1000, 1000), (10**9, 1000)])
 def test_max_tokens_is_capped_and_defaulted(requested: int | None, expected: int) -> None:
     payload: dict[str, Any] = {"messages": HI}

@@ -7,6 +7,8 @@ the client close the connection.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import json
 import socket
@@ -374,11 +376,57 @@ def test_non_event_stream_answer_is_protocol_error(clients: list[LlamaCppClient]
         assert server.connection(0).client_closed.wait(CLOSE_SEEN_S)
 
 
-def test_deeply_nested_json_is_protocol_error(clients: list[LlamaCppClient]) -> None:
-    script = [SSEHeaders(), Send(b"data: " + b"[" * 200_000 + b"\n\n")]
-    with (ScriptedSSEServer(script) as server,
-          pytest.raises(BackendProtocolError, match="malformed JSON")):
-        collect(serve(clients, server).generate_stream(MESSAGES))
+@contextlib.contextmanager
+def python_runs_during_every_allocation() -> Iterator[list[BaseException]]:
+    """Run a little Python (a 30-call recursion) at every garbage collection, and make
+    every allocation of a container collect: as a finalizer or an unraisable-exception
+    hook may run at any allocation. Yields the errors that Python code hit."""
+    errors: list[BaseException] = []
+
+    def recurse(n: int) -> int:
+        return 0 if n == 0 else recurse(n - 1)
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            try:
+                recurse(30)
+            except RecursionError as exc:
+                errors.append(exc)
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(callback)
+    gc.set_threshold(1)
+    try:
+        yield errors
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(callback)
+
+
+@pytest.mark.parametrize("nested", [b"[" * 200_000, b'{"a":' * 100_000],
+                         ids=["arrays", "objects"])
+def test_deeply_nested_json_is_protocol_error(clients: list[LlamaCppClient],
+                                              nested: bytes) -> None:
+    """Refused as malformed without recursing: a decoder that recursed to the stack's
+    limit would make any Python that runs meanwhile (a finalizer, pytest's hook for
+    unraisable exceptions) fail with RecursionError itself."""
+    script = [SSEHeaders(), Send(b"data: " + nested + b"\n\n")]
+    with ScriptedSSEServer(script) as server:
+        stream = serve(clients, server).generate_stream(MESSAGES)
+        with (python_runs_during_every_allocation() as errors,
+              pytest.raises(BackendProtocolError, match="malformed JSON")):
+            collect(stream)
+    assert errors == []
+
+
+def test_deeply_nested_json_body_is_protocol_error(clients: list[LlamaCppClient]) -> None:
+    body = b'{"choices": ' + b"[" * 200_000
+    with ScriptedSSEServer([Respond(200, body, content_type="application/json")]) as server:
+        client = serve(clients, server)
+        with (python_runs_during_every_allocation() as errors,
+              pytest.raises(BackendProtocolError, match="malformed JSON")):
+            client.generate(MESSAGES)
+    assert errors == []
 
 
 # --------------------------------------------------------------------------- HTTP errors, retries

@@ -57,7 +57,8 @@ def llama_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     try:
         for i in range(2):
             log = tmp_path_factory.mktemp(f"llama-pair-{i}") / "llama-server.log"
-            server = EmbeddedLlama(parallel=1, ctx=1024, threads=1, log_path=log)
+            server = EmbeddedLlama(parallel=1, ctx=1024, threads=1, log_path=log,
+                                   chat_template="chatml")  # as tests/conftest.py: no stops
             servers.append(server)
             try:
                 server.start()

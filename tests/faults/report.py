@@ -86,6 +86,7 @@ class _Llamas:
 
     def make(self, **kwargs: Any) -> EmbeddedLlama:
         kwargs.setdefault("threads", max(1, min(4, os.cpu_count() or 1)))
+        kwargs.setdefault("chat_template", "chatml")  # long streams, as in tests/conftest.py
         server = EmbeddedLlama(**kwargs)
         self.started.append(server)
         server.start()

@@ -1,0 +1,203 @@
+"""The README's examples, pasted as they are, against a bridge started as it says.
+
+The bridge is ``llamacpp-mqtt-bridge run`` on embedded defaults (real llama.cpp with the
+packaged Gemma 3 270M). The only change to a pasted command is the broker port: the
+tests use a free one, not 1883 (``-p PORT`` for the Mosquitto tools, ``--mqtt-port``
+for the command line, ``port=`` in Python).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from bridge import BridgeClient, MqttSettings
+from bridge.config import DeploymentConfig
+from tests.support.cli_proc import ROOT, Line, RunningBridge, SubWatcher, cli
+from tests.support.processes import free_port
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+# A slow, shared CI machine makes a few tokens a second: bounds for the answers to end.
+ANSWER_TIMEOUT = 300.0
+TERMINAL = ("done", "reply", "error")
+# What the chat templates llama.cpp falls back to would leave in an answer.
+TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>")
+
+
+def code_block(lang: str, containing: str) -> str:
+    """The one README code block of language ``lang`` that contains ``containing``."""
+    blocks = [body for fence_lang, body in re.findall(r"^```(\w*)\n(.*?)^```", README,
+                                                      re.MULTILINE | re.DOTALL)
+              if fence_lang == lang and containing in body]
+    assert len(blocks) == 1, f"{len(blocks)} README ```{lang} blocks contain {containing!r}"
+    return str(blocks[0])
+
+
+def on_port(script: str, port: int) -> str:
+    """A shell block with the Mosquitto tools pointed at ``port``."""
+    return re.sub(r"\b(mosquitto_pub|mosquitto_sub)\b", rf"\1 -p {port}", script)
+
+
+def run_shell(script: str) -> None:
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def ended(topic: str) -> Any:
+    def check(lines: list[Line]) -> bool:
+        return any(line.topic == topic and (line.message or {}).get("type") in TERMINAL
+                   for line in lines)
+    return check
+
+
+def text(messages: list[dict[str, Any]]) -> str:
+    return "".join(m.get("text", "") for m in messages if m.get("type") == "chunk")
+
+
+def check_answer(messages: list[dict[str, Any]]) -> None:
+    """start, then chunks (and heartbeats), then done; seq 0, 1, 2 …; clean text."""
+    assert messages, "no reply"
+    assert [m["seq"] for m in messages] == list(range(len(messages))), messages
+    kinds = [m["type"] for m in messages if m["type"] != "progress"]
+    assert kinds[0] == "start" and kinds[-1] == "done", kinds
+    assert set(kinds[1:-1]) <= {"chunk"}, kinds
+    answer = text(messages)
+    assert not any(marker in answer for marker in TEMPLATE_MARKERS), answer
+
+
+@pytest.fixture(scope="module")
+def readme_bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """``llamacpp-mqtt-bridge run`` as the README starts it; yields the broker port."""
+    port = free_port()
+    db = tmp_path_factory.mktemp("readme") / "sessions.db"
+    bridge = RunningBridge("--mqtt-port", str(port), "--sessions-db", str(db),
+                           "--bridge-id", "readme")
+    try:
+        bridge.wait_ready()
+        yield port
+    finally:
+        bridge.stop()
+
+
+@pytest.fixture
+def terminal_1(readme_bridge: int) -> Iterator[SubWatcher]:
+    """Terminal 1 of the README: ``mosquitto_sub`` watching device kitchen's replies."""
+    block = code_block("sh", "# terminal 1")
+    command = next(line for line in block.splitlines() if line.startswith("mosquitto_sub"))
+    watcher = SubWatcher(on_port(command, readme_bridge))
+    try:
+        # mosquitto_sub says nothing once subscribed: publish until it shows a message.
+        probe = "llm/reply/kitchen/probe"
+        for _ in range(100):
+            run_shell(on_port(f"mosquitto_pub -h 127.0.0.1 -t {probe} -m ping", readme_bridge))
+            if watcher.wait_for(lambda lines: any(x.topic == probe for x in lines), 0.5):
+                break
+        assert watcher.on(probe) == [] and watcher.topics() == [probe], watcher.lines
+        yield watcher
+    finally:
+        watcher.stop()
+
+
+def test_mosquitto_examples_answer_as_the_readme_shows(readme_bridge: int,
+                                                       terminal_1: SubWatcher) -> None:
+    run_shell(on_port(code_block("sh", "# terminal 2: ask"), readme_bridge))
+    assert terminal_1.wait_for(ended("llm/reply/kitchen/q1"), ANSWER_TIMEOUT)
+    plain = [t for t in terminal_1.topics() if re.fullmatch(r"llm/reply/kitchen/[0-9a-f]{16}", t)]
+    assert len(plain) == 1, terminal_1.topics()  # the plain-text request's generated id
+    assert terminal_1.wait_for(ended(plain[0]), ANSWER_TIMEOUT)
+
+    sky, q1 = terminal_1.on(plain[0]), terminal_1.on("llm/reply/kitchen/q1")
+    check_answer(sky)
+    check_answer(q1)
+    # No max_tokens in the request: max_tokens_default bounds it, as the README says.
+    assert sky[-1]["usage"]["completion_tokens"] <= 256
+    assert q1[-1]["usage"]["completion_tokens"] <= 32
+    for line in terminal_1.lines:
+        if line.topic == "llm/reply/kitchen/q1" and '"chunk"' in line.payload:
+            assert len(line.payload.encode()) <= 128  # "chunk_bytes":128
+
+    # The README's sample of q1's stream is what the bridge really sends.
+    sample = [Line(*row.split(" ", 1)) for row in code_block("", "llm/reply/kitchen/q1")
+              .splitlines()]
+    shown = [line.message for line in sample]
+    assert all(m is not None for m in shown) and {line.topic for line in sample} == {
+        "llm/reply/kitchen/q1"}
+    check_answer([m for m in shown if m is not None])
+    assert shown[0] == {**q1[0], "queue": 0}, (shown[0], q1[0])  # the real model name
+    assert shown[-1] is not None and set(shown[-1]) == set(q1[-1])
+    assert set(shown[-1]["usage"]) == set(q1[-1]["usage"])
+    assert set(shown[-1]["timings"]) == set(q1[-1]["timings"])
+
+
+def test_cancel_example_cancels_a_running_stream(readme_bridge: int,
+                                                 terminal_1: SubWatcher) -> None:
+    run_shell(on_port(code_block("sh", "cancel it"), readme_bridge))
+    topic = "llm/reply/kitchen/q2"
+    assert terminal_1.wait_for(ended(topic), ANSWER_TIMEOUT)
+    q2 = terminal_1.on(topic)
+    check_answer(q2)
+    assert q2[0]["queue"] == 0  # it was running, not waiting, when the cancel came
+    assert q2[-1]["finish_reason"] == "cancelled", q2[-1]
+    assert q2[-1]["usage"]["completion_tokens"] < 2000
+
+
+def test_sessions_example_remembers_the_name(readme_bridge: int,
+                                             terminal_1: SubWatcher) -> None:
+    run_shell(on_port(code_block("sh", '"session":"cook"'), readme_bridge))
+    for rid in ("t1", "t2", "t3"):
+        assert terminal_1.wait_for(ended(f"llm/reply/kitchen/{rid}"), ANSWER_TIMEOUT), rid
+    t1, t2, t3 = (terminal_1.on(f"llm/reply/kitchen/{rid}") for rid in ("t1", "t2", "t3"))
+    check_answer(t1)
+    check_answer(t2)
+    assert "Ada" in text(t2), text(t2)
+    assert [m["type"] for m in t3 if m["type"] != "progress"] == ["start", "done"]
+    assert t3[-1]["finish_reason"] == "cleared"
+    # The same chat without the session does not know the name: t2 remembered it.
+    question = {"role": "user", "content": "What is my name?"}
+    with BridgeClient(MqttSettings(host="127.0.0.1", port=readme_bridge),
+                      client="kitchen-control") as dev:
+        alone = [m.model_dump(exclude_none=True) for m in dev.ask(
+            {"messages": [question], "temperature": 0, "max_tokens": 32},
+            idle_timeout=ANSWER_TIMEOUT)]
+    check_answer(alone)
+    assert "Ada" not in text(alone)
+
+
+def test_python_example_prints_the_stream(readme_bridge: int) -> None:
+    code = code_block("python", "BridgeClient").replace("port=1883", f"port={readme_bridge}")
+    assert f"port={readme_bridge}" in code
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=ANSWER_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    kinds = [line.split(" ", 1)[0] for line in done.stdout.splitlines()]
+    assert kinds[0] == "start" and kinds[-1] == "done" and "chunk" in kinds, done.stdout
+
+
+def test_by_hand_ask_and_status(readme_bridge: int) -> None:
+    block = code_block("sh", "llamacpp-mqtt-bridge ask")
+    for line in block.splitlines():
+        command = line.split("#", 1)[0].split()
+        if command[1:2] in (["ask"], ["status"]):
+            assert command[0] == ".venv/bin/llamacpp-mqtt-bridge"
+            argv = [a.strip('"') for a in command[1:]]
+            done = subprocess.run(cli(*argv, "--mqtt-port", str(readme_bridge)), cwd=ROOT,
+                                  capture_output=True, text=True, timeout=ANSWER_TIMEOUT)
+            assert done.returncode == 0, done.stderr
+            if argv[0] == "ask":
+                assert "tokens, first token" in done.stderr  # the summary line
+                assert not any(marker in done.stdout for marker in TEMPLATE_MARKERS)
+            else:
+                assert "llm/status/readme: online" in done.stdout
+
+
+def test_profile_example_is_a_valid_config() -> None:
+    profile = tomllib.loads(code_block("toml", "[profiles.kitchen]"))
+    cfg = DeploymentConfig(**profile)
+    assert cfg.profiles["kitchen"].max_tokens == 96
