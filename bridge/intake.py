@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from bridge import safe_json
 from bridge.chunker import MIN_CHUNK_BYTES
 from bridge.config import DeploymentConfig
 from bridge.mqtt_link import Inbound
@@ -116,9 +117,7 @@ def parse_request(
     data: dict[str, Any]
     if stripped.startswith("{"):
         try:
-            parsed = json.loads(stripped)
-        except RecursionError:
-            return reject(ErrorCode.bad_request, "JSON is nested too deeply")
+            parsed = safe_json.loads(stripped)  # depth checked first: see bridge.safe_json
         except ValueError as exc:
             return reject(ErrorCode.bad_request, f"invalid JSON: {exc}")
         if not isinstance(parsed, dict):  # e.g. '{"a":1} x' never gets here; belt and braces

@@ -13,7 +13,6 @@ another request's connection).
 from __future__ import annotations
 
 import http.client
-import json
 import socket
 import threading
 import time
@@ -29,6 +28,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.response import HTTPResponse
 
+from bridge import safe_json
 from bridge.exceptions import (
     BackendError,
     BackendHTTPError,
@@ -309,7 +309,7 @@ def http_error(resp: requests.Response, info: CallInfo) -> BackendHTTPError:
     message = raw.decode("utf-8", "replace").strip()[:500] or resp.reason or ""
     body: object = message
     try:
-        decoded = json.loads(raw)
+        decoded = safe_json.loads(raw)  # an error body is untrusted too
     except ValueError:
         decoded = None
     if isinstance(decoded, dict):

@@ -189,14 +189,16 @@ def check_reply_room(value: str, code: ErrorCode) -> None:
 
 
 def check_nesting(value: str, code: ErrorCode) -> None:
-    (about,) = numbers(value)
-    shallow, deep = about // 10, about * 10
+    (limit,) = numbers(value)
     params: Any = {"type": "object"}
-    for _ in range(shallow):
+    for _ in range(limit // 2 - 4):  # 2 levels each, within the request's own 5 levels
         params = {"type": "object", "properties": {"p": params}}
     accepted({"messages": HI, "tools": [{"type": "function",
                                          "function": {"name": "f", "parameters": params}}]})
-    assert "nested" in refused('{"a":' * deep + "1" + "}" * deep, code).message
+    # At the limit: refused for its unknown field only; one level deeper: for its depth.
+    at_limit = refused('{"a":' * limit + "1" + "}" * limit, code).message
+    assert "nested" not in at_limit and "unknown field" in at_limit, at_limit
+    assert "nested" in refused('{"a":' * (limit + 1) + "1" + "}" * (limit + 1), code).message
 
 
 def constant(actual: int) -> Callable[[str, ErrorCode], None]:
