@@ -29,8 +29,6 @@ import shutil
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import tempfile
 import threading
 import uuid
@@ -48,13 +46,12 @@ from bridge.mosquitto_child import (
     MOSQUITTO_ENV,
     find_binary,
 )
+from tests.support.cli_proc import RunningBridge
 from tests.support.processes import free_port
 from tests.support.recorder import check_reply_stream
 from tests.support.waiting import poll_until
 
-ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0  # anything on loopback
-READY_TIMEOUT = 60.0
 KINDS = ["mosquitto", "amqtt"]
 PROTOCOL = {"mosquitto": "5", "amqtt": "3.1.1"}
 FOLDER_GLOB = "llamacpp-mqtt-bridge-mosquitto-*"
@@ -160,35 +157,12 @@ class Device:
 # ---------------------------------------------------------------------------- `run`
 
 
-class CliRun:
-    """``python -m bridge run`` in a child process, its output (the log) collected."""
+class CliRun(RunningBridge):
+    """``python -m bridge run`` in its own process group, with what these tests read of its log."""
 
     def __init__(self, port: int, args: list[str], env: dict[str, str]) -> None:
+        super().__init__(*args, env=env, new_session=True)
         self.port = port
-        # Its own process group, so a test can send SIGINT to it as a terminal's Ctrl-C does.
-        self.proc = subprocess.Popen([sys.executable, "-m", "bridge", "run", *args], cwd=ROOT,
-                                     env=env, text=True, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if " ready: " in line:
-                self.ready.set()
-        self.ready.set()  # EOF: wake the waiter, who checks the exit code
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def wait_ready(self) -> None:
-        assert self.ready.wait(READY_TIMEOUT), f"not ready:\n{self.log}"
-        assert self.proc.poll() is None, f"bridge exited:\n{self.log}"
 
     def broker_pid(self) -> int:
         found = re.search(r"local broker: Mosquitto \(pid (\d+)\)", self.log)
@@ -199,19 +173,7 @@ class CliRun:
         return [line for line in self.lines if _PROBLEM.search(line)]
 
     def end(self, sig: int = signal.SIGTERM, group: bool = False) -> int:
-        """Send ``sig`` (to the whole process group, like Ctrl-C, if ``group``) and wait."""
-        if self.proc.poll() is None:
-            if group:
-                os.killpg(self.proc.pid, sig)
-            else:
-                self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(10)
-            self._reader.join(10)
+        return self.stop(sig, group=group)
 
 
 @pytest.fixture

@@ -1163,7 +1163,7 @@ def cancel_and_gone(env: Env, sizes: Sizes) -> Result:
     """
     res = Result("8. cancel, device gone, max_generation_s", "2-slot real server, "
                  "2000-token requests", "cancel running + queued; device vanishes with a "
-                 "cancel will / without one (max_generation_s 3 s)")
+                 "cancel will / without one (max_generation_s 8 s)")
     url = env.llama_url()
     res.expect(poll_until(lambda: _idle(url), bool, 60), "llama-server busy before the test")
     views: list[StreamView] = []
@@ -1209,8 +1209,9 @@ def cancel_and_gone(env: Env, sizes: Sizes) -> Result:
             freed = poll_until(lambda: _idle(url), bool, 30)
             res.expect(freed, f"slots still busy after cancels: {_slots(url)}")
 
-        # No will: only max_generation_s ends it.
-        limit = 3.0
+        # No will: only max_generation_s ends it. Long enough for a first token on a
+        # loaded two-core machine, where llama.cpp's first token has taken 7 s.
+        limit = 8.0
         with start_bridge(broker.host, broker.port, [url], protocol="5", max_tokens_cap=2000,
                           max_generation_s=limit):
             lost = Device(broker.host, broker.port, "gone-silent").connect()

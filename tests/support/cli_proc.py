@@ -24,12 +24,21 @@ def cli(*args: str) -> list[str]:
 
 
 class RunningBridge:
-    """``llamacpp-mqtt-bridge run`` in a child process, with its output collected."""
+    """``llamacpp-mqtt-bridge run ARGS`` in a child process, with its output (the log) collected.
 
-    def __init__(self, *args: str) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    Args:
+        args: the flags of ``run``.
+        env: the child's environment (default: this process's).
+        new_session: give the child its own process group, so that a test can send it a
+            terminal's Ctrl-C (:meth:`stop` with ``group=True``).
+    """
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None,
+                 new_session: bool = False) -> None:
+        env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cli("run", *args), cwd=ROOT, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=new_session)
         self.lines: list[str] = []
         self.ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -43,13 +52,22 @@ class RunningBridge:
                 self.ready.set()
         self.ready.set()  # EOF: wake the waiter, who checks the exit code
 
-    def wait_ready(self) -> None:
-        assert self.ready.wait(READY_TIMEOUT), "bridge not ready:\n" + "".join(self.lines)
-        assert self.proc.poll() is None, "bridge exited:\n" + "".join(self.lines)
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
 
-    def stop(self) -> int:
+    def wait_ready(self) -> None:
+        assert self.ready.wait(READY_TIMEOUT), f"bridge not ready:\n{self.log}"
+        assert self.proc.poll() is None, f"bridge exited:\n{self.log}"
+
+    def stop(self, sig: int = signal.SIGTERM, *, group: bool = False) -> int:
+        """Send ``sig`` (to the whole process group, like Ctrl-C, if ``group``) and wait;
+        kill it if it has not exited within 30 s. Returns its exit code."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if group:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
         try:
             return self.proc.wait(30)
         finally:
