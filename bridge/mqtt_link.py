@@ -160,6 +160,7 @@ class MqttLink:
         self._on_refused = on_refused
         self._refusals = RefusalDetector()
         self.refused = RefusedStreams()
+        self._refused_keys = self.refused.keys  # checked on every publish
         self._to_drop: list[tuple[StreamKey, list[int]]] = []  # paho's thread only
         self._will = will_payload
         self._subscriptions = subscriptions
@@ -374,7 +375,7 @@ class MqttLink:
         client = self._client
         if client is None or self._closing:
             raise PublishError("MQTT link is closed")
-        if self.refused and (topic, correlation_data) in self.refused:
+        if self._refused_keys and (topic, correlation_data) in self._refused_keys:
             raise StreamRefused(f"the broker refused an earlier message on {topic[:100]!r}")
         if len(payload) + len(topic.encode()) > self.max_payload_bytes:
             raise PublishError(

@@ -83,14 +83,17 @@ class RefusedStreams:
     """Reply streams the broker refused, so that nothing more is published on them.
 
     Bounded: the oldest entries are forgotten first (their requests have long ended).
+
+    Attributes:
+        keys: the refused streams (read-only for callers). Every publish looks here, so
+            it is a plain dict a caller can test directly (``if keys and key in keys``):
+            an empty dict costs no method call.
     """
 
     def __init__(self) -> None:
-        self._keys: OrderedDict[StreamKey, None] = OrderedDict()
+        self.keys: OrderedDict[StreamKey, None] = OrderedDict()
+        self._keys = self.keys
         self._lock = threading.Lock()
-
-    def __bool__(self) -> bool:
-        return bool(self._keys)
 
     def __contains__(self, key: StreamKey) -> bool:
         return key in self._keys
