@@ -3,7 +3,7 @@ of a cancelled stream.
 
 * Every row of :data:`bridge.exceptions.LLAMA_ERROR_TYPES` (llama-server's error types)
   is played by a scripted llama-server, streamed and not, before the first byte and
-  mid-stream; the README's table is checked against the code's.
+  mid-stream; the protocol's table (docs/protocol.md) is checked against the code's.
 * A request llama-server can never serve (an assistant ``tool_calls`` entry without
   ``"type"``: llama-server answers HTTP 500 ``server_error``) reaches the device as a
   non-retryable error -- through a scripted server and through the real llama.cpp.
@@ -40,8 +40,9 @@ from tests.support.scripted_sse import (
     event,
     llama_error,
 )
+from tests.support.waiting import poll_until
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PROTOCOL = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 MESSAGES = [{"role": "user", "content": "hi"}]
 TIMEOUT = 120.0
 
@@ -160,9 +161,9 @@ def test_error_mid_stream_is_classified_by_its_type(
     assert (info.value.status, info.value.retryable) == (0, retryable)
 
 
-def test_readme_error_table_is_the_code_table() -> None:
-    """The README's table of llama-server's error types says what LLAMA_ERROR_TYPES says."""
-    text = README.read_text(encoding="utf-8")
+def test_protocol_error_table_is_the_code_table() -> None:
+    """The protocol's table of llama-server's error types says what LLAMA_ERROR_TYPES says."""
+    text = PROTOCOL.read_text(encoding="utf-8")
     rows = re.findall(r"^\| `([a-z_]+)` \| (\d{3}) \| (yes|no)\b", text, re.MULTILINE)
     documented = {t: (int(s), r == "yes") for t, s, r in rows if t.endswith("_error")}
     assert documented == {t: (row.status, row.retryable) for t, row in LLAMA_ERROR_TYPES.items()}
@@ -237,7 +238,8 @@ def test_device_is_told_retryable_only_where_a_retry_can_succeed(amqtt: Embedded
         ("backend_error", False, "exceed_context_size_error"), too_long
     for end in ends.values():
         assert llama.url not in end.message and "127.0.0.1" not in end.message
-    assert bridge.stats["errors"] == 3
+    # Counted once the broker acknowledged each terminal message: soon after it arrived.
+    assert poll_until(lambda: bridge.stats["errors"], lambda n: n == 3, TIMEOUT) == 3
 
 
 def test_real_llama_tool_call_without_type_is_not_retryable(
@@ -312,7 +314,9 @@ def test_cancelled_done_counts_the_tokens_received(amqtt: EmbeddedBroker) -> Non
         rid = dev.send({"messages": [{"role": "user", "content": "tokens 37"}]})
         seen = _cancel_after_chunks(dev, rid, 37)
         assert llama.generations[0].client_closed.wait(10)
-        snapshot = bridge.metrics.snapshot()
+        # Counted once the broker acknowledged the `done`: soon after it arrived.
+        snapshot = poll_until(bridge.metrics.snapshot,
+                              lambda s: s["completion_tokens"] == 37, TIMEOUT)
     check_reply_stream(seen)
     done = seen[-1]
     assert (done.type, done.finish_reason) == ("done", "cancelled"), done
@@ -353,7 +357,7 @@ def test_real_llama_cancelled_done_counts_generated_tokens(
         rid = dev.send({"prompt": "Count from one to one thousand: one, two,",
                         "max_tokens": 2000})
         seen = _cancel_after_chunks(dev, rid, 40)
-        assert bridge.stats["cancelled"] == 1
+        assert poll_until(lambda: bridge.stats["cancelled"], lambda n: n == 1, TIMEOUT) == 1
     check_reply_stream(seen)
     done = seen[-1]
     assert (done.type, done.finish_reason) == ("done", "cancelled"), done
@@ -370,7 +374,7 @@ def test_cancelled_before_any_token_reports_zero(amqtt: EmbeddedBroker) -> None:
         llama.wait_generations(1, 30)
         dev.cancel(rid)
         msgs = list(dev.replies(rid, idle_timeout=TIMEOUT))
-        assert bridge.stats["cancelled"] == 1
+        assert poll_until(lambda: bridge.stats["cancelled"], lambda n: n == 1, TIMEOUT) == 1
     done = msgs[-1]
     assert (done.type, done.finish_reason) == ("done", "cancelled"), done
     assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (0, 0)
