@@ -1,6 +1,6 @@
 """A fast scripted llama-server for benchmarks: SSE chat streams at any token rate.
 
-It speaks what the bridge reads from ``llama-server`` (SPEC §10), byte for byte in
+It speaks what the bridge reads from ``llama-server``, byte for byte in
 the same shapes as xllamacpp 2026.10 writes them: HTTP/1.1 keep-alive, ``Transfer-
 Encoding: chunked`` with one chunk per event, a ``role`` chunk, one
 ``data: {json}\\n\\n`` event per token with ``choices[0].delta.content``, a

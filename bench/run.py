@@ -1,4 +1,4 @@
-"""The benchmark: every measurement side by side in one run, as ratios (SPEC §9).
+"""The benchmark: every measurement side by side in one run, as ratios (docs/performance.md).
 
     .venv/bin/python -m bench.run            # the full matrix (~7 min on 2 cores)
     .venv/bin/python -m bench.run --quick    # a reduced matrix (~2 min)

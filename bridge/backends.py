@@ -1,4 +1,6 @@
-"""The llama-server backends: health, slot counts, and which one serves the next request (SPEC §7).
+"""The llama-server backends: health, slot counts, and which one serves the next request.
+
+README, *Several llama-servers*, says what users see of it.
 
 Each backend is probed on ``/health`` (and, when healthy, ``/props`` for its slot
 count and ``/v1/models`` for the models it serves) every ``health_interval_s``. A

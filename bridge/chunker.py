@@ -1,4 +1,6 @@
-"""Turn a stream of text deltas into size-bounded ``chunk`` reply payloads (SPEC §6).
+"""Turn a stream of text deltas into size-bounded ``chunk`` reply payloads.
+
+See docs/protocol.md, *Reply messages*.
 
 This is the bridge's hot path: one :meth:`Chunker.feed` per generated token. The
 common case (a short delta that fits the buffer) costs one C-level JSON escape of

@@ -1,4 +1,4 @@
-"""Command line: ``llamacpp-mqtt-bridge run | ask | status`` (SPEC §8).
+"""Command line: ``llamacpp-mqtt-bridge run | ask | status`` (README, *Configuration*).
 
 Every ``run`` flag is also a TOML key and an environment variable (see
 ``bridge.config``); flags win over the environment, which wins over the file.

@@ -1,4 +1,6 @@
-"""Turn one inbound MQTT payload into an accepted request or a typed rejection (SPEC §5).
+"""Turn one inbound MQTT payload into an accepted request or a typed rejection.
+
+See docs/protocol.md, *Request*, *Limits*.
 
 Pure functions, no I/O: everything a hostile or buggy device can send ends here
 as either :class:`Accepted` or :class:`Rejected`, never as an exception.

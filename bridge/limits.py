@@ -1,4 +1,4 @@
-"""Per-client limits and duplicate detection (SPEC §7 "Limits", "Duplicates").
+"""Per-client limits and duplicate detection (docs/protocol.md, *Limits*).
 
 Both are bounded: a flood of distinct client names or ids cannot grow memory
 without limit (old, idle entries are evicted first).

@@ -1,4 +1,6 @@
-"""Prometheus metrics and the counters behind the status message's ``stats`` (SPEC §7).
+"""Prometheus metrics and the counters behind the status message's ``stats``.
+
+See README, *Observability*.
 
 Every :class:`~bridge.service.Bridge` owns one :class:`BridgeMetrics` with a
 private ``CollectorRegistry`` -- several bridges can live in one process (the

@@ -1,4 +1,4 @@
-"""The bridge's MQTT connection: connect, subscribe, flow-controlled publish (SPEC §7 "MQTT link").
+"""The bridge's MQTT connection: connect, subscribe, flow-controlled publish.
 
 One paho 2 client in its own network thread. What this module guarantees:
 

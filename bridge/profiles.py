@@ -1,4 +1,4 @@
-"""Named request presets from the configuration (``[profiles.NAME]``, SPEC §5 ``profile``).
+"""Named request presets from the configuration (``[profiles.NAME]``; a request's ``profile``).
 
 A profile holds what a device should not have to send every time: a system
 prompt, tools, sampling defaults, ``think`` and a ``max_tokens`` cap. A request

@@ -1,4 +1,6 @@
-"""Everything published for one request goes through its :class:`ReplyChannel` (SPEC §6).
+"""Everything published for one request goes through its :class:`ReplyChannel`.
+
+See docs/protocol.md, *Reply messages*.
 
 The channel owns the request's ``seq`` counter and its chunkers, so ``seq`` is
 contiguous from 0 across message types, and it enforces "exactly one terminal

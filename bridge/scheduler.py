@@ -1,4 +1,4 @@
-"""Bounded, fair request queue and the worker threads that drain it (SPEC §7 "Concurrency").
+"""Bounded, fair request queue and the worker threads that drain it.
 
 At most ``workers`` jobs run at once; the rest wait in one bounded queue that is
 FIFO per client and round-robin across clients, so one chatty device cannot

@@ -1,4 +1,4 @@
-"""The bridge: the path of one request, top to bottom (SPEC §4–§7).
+"""The bridge: the path of one request, top to bottom (its contract: docs/protocol.md).
 
 1. paho's network thread receives a message and hands it to the intake queue
    (:meth:`Bridge._on_inbound`) — it never publishes or blocks on the network.

@@ -1,4 +1,4 @@
-"""Server-side conversations (SPEC §5 ``session``, §7 "Sessions").
+"""Server-side conversations (a request's ``session``; README, *Sessions and profiles*).
 
 A request with ``"session": "NAME"`` does not carry the conversation: the bridge
 keeps it in SQLite, keyed by ``(client, session)``, so a device with 2 KiB of RAM

@@ -1,4 +1,4 @@
-"""The one thread for everything driven by time rather than by a token (SPEC §6, §7).
+"""The one thread for everything driven by time rather than by a token.
 
 * flushes coalesced text when its ``flush_ms`` is up (workers only flush when a
   new delta arrives, and the next one may be seconds away);

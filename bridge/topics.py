@@ -1,4 +1,4 @@
-"""MQTT topic names of the protocol (SPEC §4), as one frozen value object.
+"""MQTT topic names of the protocol (docs/protocol.md, *Topics*), as one frozen value object.
 
 Every topic the bridge subscribes to or publishes on is built here, so the rule
 "never publish outside ``P/reply/{client}/…`` for a request from ``{client}``"

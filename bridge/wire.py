@@ -1,4 +1,6 @@
-"""The wire format, defined once: request payloads and reply messages (SPEC §5, §6).
+"""The wire format, defined once: request payloads and reply messages.
+
+See docs/protocol.md, *Request* and *Reply messages*.
 
 Bridge, client, tests and docs all import these models; nothing else spells the
 JSON by hand except the chunker's fast encoder, which is tested against
@@ -23,7 +25,7 @@ CLIENT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 class ErrorCode(StrEnum):
-    """Values of an ``error`` message's ``code`` (SPEC §6)."""
+    """Values of an ``error`` message's ``code`` (docs/protocol.md, *Errors*)."""
 
     bad_request = "bad_request"
     too_large = "too_large"

@@ -1,4 +1,4 @@
-"""Several llama-servers behind one bridge: choice, model routing, failover (SPEC §7 Backends).
+"""Several llama-servers behind one bridge: choice, model routing, failover.
 
 The unit tests drive :class:`BackendPool`'s choice with hand-set state; the rest run
 two real llama.cpp servers (``make_llama``, one slot each) behind a real bridge, on

@@ -1,6 +1,6 @@
-"""Every limit answered with an error is in one README table, and the table is the code.
+"""Every limit answered with an error is in one table of the protocol, and the table is the code.
 
-``README.md`` *Limits* lists each limit (name, value, config key or "fixed", error code).
+``docs/protocol.md`` *Limits* lists each limit (name, value, config key or "fixed", error code).
 For a setting the value must be the setting's default; for a fixed limit a checker
 below plays the limit through the request parser (at the value: accepted; past it:
 refused with the documented code) or compares it with the constant it is. A row
@@ -35,7 +35,8 @@ from bridge.reply import _RECORD_LIMIT
 from bridge.sse import DEFAULT_MAX_EVENT_BYTES
 from bridge.wire import ErrorCode
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+PROTOCOL = ROOT / "docs" / "protocol.md"
 CFG = load_config(prefix="llm", bridge_id="limits", chunk_bytes=512, max_chunk_bytes=16384,
                   max_message_bytes=65536, max_request_bytes=65536, max_tokens_cap=1000)
 MAX_PAYLOAD = 65536
@@ -70,9 +71,9 @@ def refused(payload: bytes | str | dict[str, Any], code: ErrorCode, **kwargs: An
 
 
 def limits_table() -> list[tuple[str, str, str, str]]:
-    """The rows of README *Limits*: (limit, value, config key, answered with)."""
-    text = README.read_text(encoding="utf-8")
-    section = text.split("\n### Limits\n", 1)[1].split("\n#", 1)[0]
+    """The rows of the protocol's *Limits*: (limit, value, config key, answered with)."""
+    text = PROTOCOL.read_text(encoding="utf-8")
+    section = text.split("\n## Limits\n", 1)[1].split("\n#", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| limit | value | config key | answered with |"), rows[0]
     out = []
@@ -252,7 +253,7 @@ def test_limits_table_is_the_code() -> None:
             continue
         code = code_of(answer)
         if key == "fixed":
-            assert name in FIXED, f"README limit {name!r} has no check in this test: add one"
+            assert name in FIXED, f"documented limit {name!r} has no check in this test: add one"
             FIXED[name](value, code)
         else:
             default = setting_default(key)
@@ -285,10 +286,10 @@ def test_chunk_bytes_at_or_above_the_minimum_is_served(asked: int, used: int) ->
 
 
 def test_chunk_bytes_docs_say_what_the_code_does() -> None:
-    readme = README.read_text(encoding="utf-8")
-    assert "clamped" not in readme
-    assert "at least 128 (smaller is `bad_request`" in readme
-    example = (README.parent / "config" / "bridge.example.toml").read_text(encoding="utf-8")
+    protocol = PROTOCOL.read_text(encoding="utf-8")
+    assert "clamped" not in protocol
+    assert "at least 128 (smaller is `bad_request`" in protocol
+    example = (ROOT / "config" / "bridge.example.toml").read_text(encoding="utf-8")
     assert "clamped" not in example and "at least 128" in example
     field = DeploymentConfig.model_fields["chunk_bytes"]
     assert field.description and "at least 128" in field.description
@@ -312,8 +313,8 @@ def test_anything_else_is_one_user_message_as_sent(payload: str) -> None:
     assert [(m.role, m.content) for m in acc.request.messages] == [("user", payload)]
 
 
-def test_readme_says_what_is_json_and_what_is_text() -> None:
-    readme = README.read_text(encoding="utf-8")
-    assert "anything that is not a JSON object" not in readme  # what it used to say
-    assert "first character that is not whitespace" in readme
-    assert "`[1, 2]`, `\"hi\"`" in readme and "`{\"id\":` is answered" in readme
+def test_protocol_says_what_is_json_and_what_is_text() -> None:
+    protocol = PROTOCOL.read_text(encoding="utf-8")
+    assert "anything that is not a JSON object" not in protocol  # what it used to say
+    assert "first character that is not whitespace" in protocol
+    assert "`[1, 2]`, `\"hi\"`" in protocol and "`{\"id\":` is answered" in protocol

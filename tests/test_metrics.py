@@ -1,4 +1,4 @@
-"""Observability: Prometheus metrics, the per-request log line, the status ``stats`` (SPEC §7)."""
+"""Observability: Prometheus metrics, the per-request log line, the status ``stats``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""SPEC §6 size bound for the non-streamed ``reply`` (a request with ``"stream": false`` or
-``tools``): no message exceeds ``max_message_bytes``, so an answer too big for one
-``reply`` goes as ``chunk`` messages followed by a ``reply`` without ``content``.
+"""The size bound of the non-streamed ``reply`` (docs/protocol.md; a request with
+``"stream": false`` or ``tools``): no message exceeds ``max_message_bytes``, so an
+answer too big for one ``reply`` goes as ``chunk`` messages followed by a ``reply``
+without ``content``.
 
 End to end through real brokers; the long answers come from a scripted backend
 (:class:`FakeLlama`, exact text of any length) and, once, from the real llama.cpp

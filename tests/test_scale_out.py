@@ -1,4 +1,4 @@
-"""Several bridges behind one Mosquitto share the request topics (SPEC §4, README "Scaling out").
+"""Several bridges behind one Mosquitto share the request topics (README, *Scaling out*).
 
 Two bridges in one shared group (``$share/g/llm/request/+``, MQTT 5) and two real
 llama.cpp servers: every request is answered exactly once, by one of them; a cancel

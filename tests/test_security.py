@@ -1,5 +1,5 @@
 """The shipped Mosquitto ACL with the real bridge: a device can ask only as itself and read
-only its own replies (SPEC §4). Devices use TLS + passwords; the bridge its own account."""
+only its own replies. Devices use TLS + passwords; the bridge its own account."""
 
 from __future__ import annotations
 

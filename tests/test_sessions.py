@@ -1,4 +1,4 @@
-"""Sessions: server-side conversations in SQLite (SPEC §5 ``session``, §7 "Sessions").
+"""Sessions: server-side conversations in SQLite (README, *Sessions and profiles*).
 
 - the store on its own (bounds, eviction, restart, threads) and the context fitting;
 - the scheduler running one conversation's requests one at a time, in order;

@@ -111,7 +111,7 @@ class Recorder:
 
 
 def check_reply_stream(messages: list[Any]) -> None:
-    """Assert the SPEC §6 invariants of one request's messages (as received, in order)."""
+    """Assert the protocol's invariants of one request's messages (as received, in order)."""
     assert messages, "no messages"
     seqs = [m.seq for m in messages]
     assert seqs == list(range(len(messages))), f"seq not contiguous from 0: {seqs}"
@@ -191,7 +191,7 @@ def bridge_messages(recorded: Iterable[Recorded], log: PublishLog) -> list[Recor
 
 def check_bridge_messages(recorder: Recorder, log: PublishLog, cfg: DeploymentConfig, *,
                           v5: bool) -> dict[str, list[Any]]:
-    """Assert the wire contract on every message the bridge published (SPEC §4, §6, §7).
+    """Assert the wire contract on every message the bridge published (docs/protocol.md).
 
     Every message is UTF-8 JSON of at most ``max_message_bytes``; it is on
     ``P/status/{bridge_id}`` (never naming a backend's address) or on
