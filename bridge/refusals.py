@@ -21,14 +21,11 @@ one reconnect and is lost, like any QoS 0 message during a disconnect.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import OrderedDict
 from typing import Any
 
 import paho.mqtt.client as mqtt
-
-log = logging.getLogger("bridge.mqtt")
 
 StreamKey = tuple[str, bytes | None]
 """One request's reply stream: (topic, MQTT 5 Correlation Data)."""
@@ -50,7 +47,9 @@ class RefusalDetector:
     """
 
     def __init__(self) -> None:
-        self._suspect: int | None = None  # mid of the oldest unacked message at the last loss
+        # The oldest unacknowledged message at the last loss (the object, not its mid:
+        # paho reuses mids).
+        self._suspect: mqtt.MQTTMessage | None = None
         self._reconnected = False
 
     def connected(self) -> None:
@@ -69,10 +68,10 @@ class RefusalDetector:
             the refused stream and the ids of its messages in paho's session now, or None.
         """
         oldest = _oldest_unacknowledged(client)
-        refused = oldest is not None and self._reconnected and oldest.mid == self._suspect
+        refused = oldest is not None and self._reconnected and oldest is self._suspect
         self._reconnected = False
         if not refused or oldest is None:
-            self._suspect = oldest.mid if oldest is not None else None
+            self._suspect = oldest
             return None
         self._suspect = None
         key = stream_key_of(oldest)
