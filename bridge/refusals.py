@@ -91,22 +91,21 @@ class RefusedStreams:
 
     def __init__(self) -> None:
         self.keys: OrderedDict[StreamKey, None] = OrderedDict()
-        self._keys = self.keys
         self._lock = threading.Lock()
 
     def __contains__(self, key: StreamKey) -> bool:
-        return key in self._keys
+        return key in self.keys
 
     def add(self, key: StreamKey) -> None:
         with self._lock:
-            self._keys[key] = None
-            self._keys.move_to_end(key)
-            while len(self._keys) > _MAX_REFUSED:
-                self._keys.popitem(last=False)
+            self.keys[key] = None
+            self.keys.move_to_end(key)
+            while len(self.keys) > _MAX_REFUSED:
+                self.keys.popitem(last=False)
 
     def discard(self, key: StreamKey) -> None:
         with self._lock:
-            self._keys.pop(key, None)
+            self.keys.pop(key, None)
 
 
 def _oldest_unacknowledged(client: mqtt.Client) -> mqtt.MQTTMessage | None:

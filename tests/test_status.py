@@ -32,13 +32,9 @@ TIMEOUT = 60.0
 
 
 @pytest.fixture
-def amqtt() -> Iterator[EmbeddedBroker]:
-    broker = EmbeddedBroker("127.0.0.1", 0)
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
+def amqtt(amqtt_broker: EmbeddedBroker) -> EmbeddedBroker:
+    """conftest's embedded amqtt broker, under the short name these tests use."""
+    return amqtt_broker
 
 
 @pytest.fixture
