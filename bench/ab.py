@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", default=",".join(CELLS),
                    help=f"comma-separated, of: {', '.join(CELLS)}")
     a = p.parse_args(argv)
-    if not (a.before / "bridge" / "service.py").is_file():
+    if not (a.before / "bridge" / "__init__.py").is_file():
         p.error(f"{a.before} holds no bridge/ package")
     names = [n.strip() for n in a.cells.split(",") if n.strip()]
     unknown = [n for n in names if n not in CELLS]

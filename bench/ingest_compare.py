@@ -5,7 +5,7 @@
 Evidence for the design change proposed in docs/performance.md: both sides read
 paced SSE streams from :mod:`bench.fake_llama` (each token in its own TCP segment,
 as from a real model) with the bridge's own parsing code (the chunked decoder,
-:class:`bridge.sse.SSEParser`, the OpenAI chunk accumulator) and only count the
+:class:`bridge.llama.sse.SSEParser`, the OpenAI chunk accumulator) and only count the
 text deltas -- no MQTT. The thread side is ``LlamaCppClient.generate_stream`` in
 one thread per stream, exactly as the bridge's workers use it; the asyncio side
 is a sketch (a protocol per connection, no timeouts, no retries), so it shows what
@@ -25,10 +25,10 @@ import threading
 import time
 
 from bench.procs import REPO
-from bridge.chunked import Dechunker
-from bridge.llama_events import EventAccumulator
-from bridge.llama_types import TextDelta
-from bridge.sse import SSEParser
+from bridge.llama.dechunk import Dechunker
+from bridge.llama.events import EventAccumulator
+from bridge.llama.sse import SSEParser
+from bridge.llama.types import TextDelta
 
 
 def _cpu() -> float:
@@ -110,7 +110,7 @@ async def _asyncio_side(port: int, n: int, rate: float, tokens: int,
 
 def _thread_side(url: str, n: int, rate: float, tokens: int,
                  seconds: float) -> tuple[float, float]:
-    from bridge.llama_client import LlamaCppClient
+    from bridge.llama.client import LlamaCppClient
 
     client = LlamaCppClient(url, pool_size=n + 8)
     counter = [0]

@@ -242,7 +242,7 @@ def run_json(cmd: list[str], timeout: float, on_ready: Any = None) -> dict[str, 
 def _amqtt_main(port: int) -> int:
     import logging
 
-    from bridge.embedded_broker import EmbeddedBroker
+    from bridge.mqtt.brokers.amqtt import EmbeddedBroker
 
     # amqtt logs a warning for every refused MQTT 5 CONNECT; the bridges get --mqtt-protocol.
     logging.basicConfig(level=logging.ERROR)

@@ -1,7 +1,7 @@
 """One plain paho publisher, as fast as paho and the broker allow: the limit a bridge works under.
 
 Publishes payloads of ``--size`` bytes on one topic at ``--qos`` for ``--duration``
-seconds, with the same flow control as the bridge's :class:`bridge.mqtt_link.MqttLink`
+seconds, with the same flow control as the bridge's :class:`bridge.mqtt.link.MqttLink`
 (at most ``--window`` messages handed to paho and not yet acknowledged -- at QoS 0:
 not yet written, seen through their ``MQTTMessageInfo`` without an ``on_publish`` --,
 paho's in-flight window at its default of 20, TCP_NODELAY) but nothing else: no JSON,

@@ -5,7 +5,7 @@
 
 Sections (docs/performance.md explains each and records a run):
 
-1. **latency** -- real llama.cpp (Gemma 3 270M, :class:`bridge.embedded_llama.EmbeddedLlama`)
+1. **latency** -- real llama.cpp (Gemma 3 270M, :class:`bridge.llama.embedded.EmbeddedLlama`)
    behind Mosquitto: time to first token and total time seen by an MQTT device
    through the bridge vs. a direct HTTP SSE client (``LlamaCppClient.generate_stream``),
    same prompt and seed, runs interleaved (ABBA), paired differences and ratios.
@@ -260,8 +260,8 @@ def section_latency(ctx: Ctx) -> dict[str, Any]:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from bridge.embedded_llama import EmbeddedLlama
-    from bridge.llama_client import LlamaCppClient, StreamEnd, TextDelta
+    from bridge.llama.client import LlamaCppClient, StreamEnd, TextDelta
+    from bridge.llama.embedded import EmbeddedLlama
 
     plan = ctx.plan
     say(f"== 1. added latency, real model: {plan.latency_n} interleaved pairs, "

@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bridge.embedded_llama import EmbeddedLlama
-from bridge.mosquitto_child import MOSQUITTO_ENV
+from bridge.llama.embedded import EmbeddedLlama
+from bridge.mqtt.brokers.mosquitto import MOSQUITTO_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 

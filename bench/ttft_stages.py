@@ -37,9 +37,9 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--traced-bridge"]:
 
     import urllib3.connection
 
-    import bridge.reply
-    import bridge.scheduler
-    import bridge.service
+    import bridge.service.bridge
+    import bridge.service.reply
+    import bridge.service.scheduler
     from bridge.cli import main
 
     marks: list[tuple[str, float]] = []
@@ -57,18 +57,18 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--traced-bridge"]:
 
         setattr(owner, attr, wrapper)
 
-    Bridge = bridge.service.Bridge
+    Bridge = bridge.service.bridge.Bridge
     wrap(Bridge, "_on_inbound", "a. paho thread has the request")
     wrap(Bridge, "_accept", "b. intake thread has it")
-    wrap(bridge.service, "parse_request", "c. validated", after=True)
-    wrap(bridge.scheduler.FairQueue, "put", "d. queued")
-    wrap(bridge.scheduler.FairQueue, "get", "e. a worker has it", after=True)
+    wrap(bridge.service.bridge, "parse_request", "c. validated", after=True)
+    wrap(bridge.service.scheduler.FairQueue, "put", "d. queued")
+    wrap(bridge.service.scheduler.FairQueue, "get", "e. a worker has it", after=True)
     wrap(Bridge, "_prepare", "f. HTTP call starts", after=True)
     wrap(urllib3.connection.HTTPConnection, "connect", "g. connecting")
     wrap(urllib3.connection.HTTPConnection, "request", "h. request sent", after=True)
     wrap(http.client.HTTPConnection, "getresponse", "i. response headers", after=True)
-    wrap(bridge.reply.ReplyChannel, "text", "j. first text to the channel")
-    wrap(bridge.reply.ReplyChannel, "text", "k. first chunk handed to paho", after=True)
+    wrap(bridge.service.reply.ReplyChannel, "text", "j. first text to the channel")
+    wrap(bridge.service.reply.ReplyChannel, "text", "k. first chunk handed to paho", after=True)
 
     def dump(path: str = os.environ["TTFT_STAGES_OUT"]) -> None:
         with open(path, "w", encoding="utf-8") as out:
@@ -101,7 +101,7 @@ FAKE_PROMPT = "fake: rate=50 tokens=5"
 
 def _direct_ttft(client: Any, prompt: str, max_tokens: int) -> tuple[float, float | None]:
     """The direct client's TTFT in ms and llama-server's prompt_ms for it."""
-    from bridge.llama_client import StreamEnd, TextDelta
+    from bridge.llama.client import StreamEnd, TextDelta
 
     t = time.perf_counter()
     first: float | None = None
@@ -123,7 +123,7 @@ def measure(source: Path, llama_url: str, broker: procs.Broker, pairs: int, prom
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from bridge.llama_client import LlamaCppClient
+    from bridge.llama.client import LlamaCppClient
 
     marks_file, log = work / "marks.json", work / "bridge.log"
     conf = work / "bridge.toml"
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", type=Path, help="another checkout, measured alternately")
     p.add_argument("--passes", type=int, default=1, help="with --before: ABBA passes")
     a = p.parse_args(argv)
-    from bridge.embedded_llama import EmbeddedLlama
+    from bridge.llama.embedded import EmbeddedLlama
 
     sources = [procs.REPO] if a.before is None else [a.before, procs.REPO]
     order = sources if a.before is None else \

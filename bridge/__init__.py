@@ -3,11 +3,10 @@
 The public API; everything else is private to the package.
 """
 
-__version__ = "0.1.0"
-
-from bridge.client import BridgeClient
-from bridge.config import DeploymentConfig, LlamaSettings, MqttSettings, load_config
-from bridge.exceptions import (
+from bridge.config.settings import DeploymentConfig, LlamaSettings, MqttSettings, load_config
+from bridge.llama.client import LlamaCppClient
+from bridge.mqtt.device import BridgeClient
+from bridge.protocol.errors import (
     BackendError,
     BackendHTTPError,
     BackendProtocolError,
@@ -21,10 +20,10 @@ from bridge.exceptions import (
     RequestRejected,
     StreamCancelled,
 )
-from bridge.llama_client import LlamaCppClient
-from bridge.service import Bridge
-from bridge.topics import Topics
-from bridge.wire import BridgeRequest, ErrorCode, decode_reply, encode
+from bridge.protocol.messages import BridgeRequest, ErrorCode, decode_reply, encode
+from bridge.protocol.topics import Topics
+from bridge.service.bridge import Bridge
+from bridge.version import __version__
 
 __all__ = [
     "BackendError",

@@ -1,7 +1,7 @@
 """Command line: ``llamacpp-mqtt-bridge run | ask | status`` (README, *Configuration*).
 
 Every ``run`` flag is also a TOML key and an environment variable (see
-``bridge.config``); flags win over the environment, which wins over the file.
+``bridge.config.settings``); flags win over the environment, which wins over the file.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from bridge import __version__
-from bridge.config import DeploymentConfig, MqttSettings, load_config
+from bridge.config.settings import DeploymentConfig, MqttSettings, load_config
+from bridge.version import __version__
 
 if TYPE_CHECKING:
-    from bridge.service import Bridge
+    from bridge.service.bridge import Bridge
 
 EXIT_OK, EXIT_ERROR_REPLY, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 
@@ -221,12 +221,12 @@ def run(cfg: DeploymentConfig, stop: threading.Event | None = None,
 
 def _run_until(cfg: DeploymentConfig, stop: threading.Event, log: logging.Logger,
                reload: Callable[[], DeploymentConfig] | None = None) -> int:
-    from bridge.service import Bridge
+    from bridge.service.bridge import Bridge
 
     with ExitStack() as stack:
         bridge_cfg = cfg  # cfg stays as loaded: SIGHUP compares the reloaded file with it
         if cfg.mqtt.host is None:
-            from bridge.local_broker import describe, start_local_broker, use_local_broker
+            from bridge.mqtt.brokers.local import describe, start_local_broker, use_local_broker
 
             broker = start_local_broker(cfg.mqtt.port)
             stack.callback(broker.stop)  # registered first, so it stops last
@@ -234,7 +234,7 @@ def _run_until(cfg: DeploymentConfig, stop: threading.Event, log: logging.Logger
             bridge_cfg = use_local_broker(cfg, broker)
         urls = list(cfg.llama.urls)
         if not urls:
-            from bridge.embedded_llama import EmbeddedLlama
+            from bridge.llama.embedded import EmbeddedLlama
 
             log.info("no --llama-url: starting an embedded llama.cpp server (xllamacpp)")
             llama = EmbeddedLlama(parallel=cfg.llama.embedded_parallel, ctx=cfg.llama.embedded_ctx,
@@ -292,7 +292,7 @@ def reload_profiles(bridge: Bridge, running: DeploymentConfig,
 
 def ask(cfg: DeploymentConfig, args: argparse.Namespace) -> int:
     """Publish one prompt, print the answer as it streams, then a summary line."""
-    from bridge.client import BridgeClient, ReplyTimeout, SequenceError
+    from bridge.mqtt.device import BridgeClient, ReplyTimeout, SequenceError
 
     request: dict[str, Any] = {"messages": [{"role": "user", "content": args.prompt}]}
     for key in ("max_tokens", "temperature", "seed", "chunk_bytes", "session", "profile"):
@@ -341,7 +341,7 @@ def ask(cfg: DeploymentConfig, args: argparse.Namespace) -> int:
 
 def status(cfg: DeploymentConfig, timeout: float) -> int:
     """Print the retained status message of every bridge under the prefix."""
-    from bridge.client import BridgeClient
+    from bridge.mqtt.device import BridgeClient
 
     client = BridgeClient(cfg.mqtt, prefix=cfg.prefix)
     try:

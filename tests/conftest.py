@@ -67,7 +67,7 @@ def _llama_threads() -> int:
 # has never seen: it never ends its turn, so every stream runs to max_tokens -- the long,
 # steady streams that the load, fault and cancel tests need. (The quick-start default,
 # a plain transcript with stop strings, ends answers after a sentence or two; pass
-# ``chat_template=None`` for it, as tests/test_embedded_llama.py and the README tests do.)
+# ``chat_template=None`` for it, as tests/llama/test_embedded.py and the README tests do.)
 SUITE_CHAT_TEMPLATE = "chatml"
 
 

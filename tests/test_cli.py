@@ -2,7 +2,7 @@
 
 ``run`` with no ``--mqtt-host`` starts a local broker (Mosquitto, installed here) and,
 with no ``--llama-url``, an embedded llama.cpp: exactly the quick-start path. The local
-broker itself is tested in ``tests/test_local_broker.py``.
+broker itself is tested in ``tests/mqtt/test_local_broker.py``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bridge.cli import build_parser
-from bridge.config import DeploymentConfig
+from bridge.config.settings import DeploymentConfig
 from tests.support.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from bridge import BridgeClient, MqttSettings
-from bridge.config import DeploymentConfig
+from bridge.config.settings import DeploymentConfig
 from tests.support.cli_proc import ROOT, Line, RunningBridge, SubWatcher, cli
 from tests.support.processes import free_port
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bridge.embedded_llama import EmbeddedLlama
+from bridge.llama.embedded import EmbeddedLlama
 from tests.faults.rig import Env
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 
-from bridge.embedded_llama import EmbeddedLlama
+from bridge.llama.embedded import EmbeddedLlama
 from tests.faults import scenarios
 from tests.faults.rig import Env, Result, ScenarioFailed
 from tests.faults.sizes import LONG, SHORT, Sizes
@@ -193,7 +193,7 @@ def render(rows: list[tuple[str, Result | None, str, str]], sizes: Sizes, comman
         "Machine: " + "; ".join(machine()) + f". Load average at start / end: {load[0]} / "
         f"{load[1]} (the machine is shared: times are indicative only).",
         "",
-        "Every scenario drives the real bridge (`bridge.service.Bridge` in the runner's "
+        "Every scenario drives the real bridge (`bridge.service.bridge.Bridge` in the runner's "
         "process; the soak runs `python -m bridge run` as a child process) against real "
         "Mosquitto 2.0 (started from the shipped `mosquitto/mosquitto.conf`) and real "
         "llama.cpp (xllamacpp, Gemma 3 270M) on 127.0.0.1. A scripted llama-server "
@@ -249,8 +249,8 @@ BUGS_AND_OBSERVATIONS = """
 
 The scenarios that show them stay in the suite as regression tests: the rows marked
 "regression test for Bn" above say how each did on the code this report was made from.
-B10 is checked by `tests/test_backends.py` and `tests/test_wire.py`, B11 by
-`tests/test_publish_window.py`.
+B10 is checked by `tests/llama/test_pool.py` and `tests/protocol/test_messages.py`, B11 by
+`tests/mqtt/test_link_window.py`.
 
 - **B1 -- a retryable error was replayed to a retry with the same id** (fixed).
   `Bridge._finish` recorded every finished request in the duplicate cache, errors
@@ -322,7 +322,7 @@ B10 is checked by `tests/test_backends.py` and `tests/test_wire.py`, B11 by
   on the default reply topic; and a message that is the oldest unacknowledged one at
   two consecutive disconnects (with a reconnect between) is dropped with the rest of its
   reply stream, the request ends with an `error` on `P/reply/{client}/{id}`, and the
-  request log says `outcome=publish_failed terminal=refused` (`bridge/refusals.py`).
+  request log says `outcome=publish_failed terminal=refused` (`bridge/mqtt/refusals.py`).
   At QoS 0 nothing is resent: a refused message costs one reconnect and is lost.
 
 ## Observations (not failures)

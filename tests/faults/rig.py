@@ -32,10 +32,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge.config import load_config
-from bridge.embedded_llama import EmbeddedLlama
-from bridge.service import Bridge
-from bridge.wire import TERMINAL_TYPES
+from bridge.config.settings import load_config
+from bridge.llama.embedded import EmbeddedLlama
+from bridge.protocol.messages import TERMINAL_TYPES
+from bridge.service.bridge import Bridge
 
 SEED = 42
 DEADLINE = 180.0  # generous bound on anything a scenario waits for (noisy 2-core machine)

@@ -1,6 +1,6 @@
 """The fault scenarios, each a function ``(env, sizes) -> Result`` that asserts its outcome.
 
-Every scenario drives the REAL bridge (:class:`bridge.service.Bridge` in-process,
+Every scenario drives the REAL bridge (:class:`bridge.service.bridge.Bridge` in-process,
 or the ``llamacpp-mqtt-bridge run`` command as a child process for the soak)
 against real Mosquitto and real llama.cpp; a scripted llama-server stands in
 where a fault needs precise timing or a request rate no real model reaches here.
@@ -26,9 +26,9 @@ from typing import Any, Literal
 import requests
 from paho.mqtt.properties import Properties
 
-from bridge import topics as bridge_topics
-from bridge.service import Bridge
-from bridge.wire import TERMINAL_TYPES
+from bridge.protocol import topics as bridge_topics
+from bridge.protocol.messages import TERMINAL_TYPES
+from bridge.service.bridge import Bridge
 from tests.faults.rig import (
     SEED,
     Device,
@@ -1289,7 +1289,7 @@ def _refused(fn: Any) -> str | None:
 def security(env: Env, sizes: Sizes) -> Result:
     """Mosquitto with TLS, a password file and the shipped ACL, with the real bridge.
 
-    What tests/test_security.py and tests/test_brokers.py do not cover yet:
+    What tests/service/test_security.py and tests/mqtt/test_brokers.py do not cover yet:
 
     * the bridge refuses to run anonymously or with a wrong password (clear error, no
       thread left behind), and fails cleanly against a TLS listener without TLS or

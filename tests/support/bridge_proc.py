@@ -1,4 +1,4 @@
-"""Start a real :class:`bridge.service.Bridge` in-process against a broker and llama-server."""
+"""Start a real :class:`~bridge.service.bridge.Bridge` in-process against a broker and llama."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from bridge.config import load_config
-from bridge.service import Bridge
+from bridge.config.settings import load_config
+from bridge.service.bridge import Bridge
 
 _ids = itertools.count(1)
 

@@ -1,6 +1,6 @@
 """A small fake llama-server that records what the bridge sends (for exact body assertions).
 
-It speaks just enough of llama-server's HTTP API for a :class:`bridge.service.Bridge`
+It speaks just enough of llama-server's HTTP API for a :class:`bridge.service.bridge.Bridge`
 to use it as a backend: ``/health``, ``/props`` (slots and per-slot ``n_ctx``),
 ``/tokenize`` (one token per whitespace-separated word, so tests can compute
 budgets by hand), and streamed or non-streamed ``/v1/chat/completions`` and

@@ -27,9 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from bridge.embedded_broker import EmbeddedBroker
-from bridge.embedded_llama import EmbeddedLlama, EmbeddedLlamaError, EmbeddedLlamaUnavailable
-from bridge.mosquitto_child import MosquittoChild, MosquittoStartError, find_binary, wait_for_port
+from bridge.llama.embedded import EmbeddedLlama, EmbeddedLlamaError, EmbeddedLlamaUnavailable
+from bridge.mqtt.brokers.amqtt import EmbeddedBroker
+from bridge.mqtt.brokers.mosquitto import (
+    MosquittoChild,
+    MosquittoStartError,
+    find_binary,
+    wait_for_port,
+)
 
 __all__ = [
     "CERTS_DIR",

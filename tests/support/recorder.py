@@ -23,10 +23,10 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bridge.chunker import MIN_CHUNK_BYTES
-from bridge.client import BridgeClient
-from bridge.config import DeploymentConfig
-from bridge.wire import TERMINAL_TYPES, decode_reply
+from bridge.config.settings import DeploymentConfig
+from bridge.mqtt.device import BridgeClient
+from bridge.protocol.chunks import MIN_CHUNK_BYTES
+from bridge.protocol.messages import TERMINAL_TYPES, decode_reply
 
 C = TypeVar("C", BridgeClient, mqtt.Client)
 

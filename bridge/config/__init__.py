@@ -1,0 +1,4 @@
+"""Deployment settings (TOML file, environment, flags) and request profiles.
+
+Depends only on :mod:`bridge.protocol`.
+"""

@@ -1,0 +1,317 @@
+"""Configuration, defined once: TOML file < environment < command-line flags.
+
+``DeploymentConfig`` is the one place every setting and its default live. The
+TOML file has top-level keys for bridge behaviour and ``[mqtt]``/``[llama]``
+tables; environment variables are ``BRIDGE_<KEY>`` and ``BRIDGE_MQTT__<KEY>``,
+``BRIDGE_LLAMA__<KEY>``; flags (``bridge.cli``) override both.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from bridge.config.profiles import Profile
+from bridge.protocol.chunks import MIN_CHUNK_BYTES
+from bridge.protocol.messages import ID_PATTERN
+from bridge.protocol.topics import Topics
+
+# The TOML file chosen for the load in progress (pydantic-settings builds sources per class).
+_toml_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "toml", default=None)
+
+
+
+_PROFILE_NAME = re.compile(ID_PATTERN)
+
+
+def _default_bridge_id() -> str:
+    host = "".join(c if (c.isascii() and c.isalnum()) or c in "_.-" else "-"
+                   for c in socket.gethostname())
+    return (host or "bridge")[:48]
+
+
+class MqttSettings(BaseModel):
+    """How the bridge connects to the broker (``[mqtt]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str | None = Field(
+        None, description="Broker host. Unset: start a local broker on 127.0.0.1 "
+                          "(Mosquitto if installed, else amqtt)."
+    )
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    client_id: str | None = Field(None, description="Default: 'llm-bridge-{bridge_id}'.")
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        "auto", description="'auto' tries MQTT 5 and falls back to 3.1.1; with the local "
+                            "broker, its own (Mosquitto 5, amqtt 3.1.1)."
+    )
+    # An int range, not Literal[0, 1, 2]: the environment gives the string "1", which a
+    # Literal refuses ("Input should be 0, 1 or 2") while an int field coerces it.
+    qos: int = Field(1, ge=0, le=2, description="QoS of every reply message and subscription.")
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    session_expiry_s: int = Field(
+        3600, ge=0,
+        description="How long the broker keeps the bridge's subscriptions and the requests "
+                    "and cancels sent to it while it is disconnected (MQTT 5). The bridge's own "
+                    "QoS 1 replies are resent by paho after a reconnect either way. In a shared "
+                    "group the default is 30 s: the broker keeps routing requests to a departed "
+                    "member until its session ends.",
+    )
+    max_inflight: int = Field(20, ge=1, le=65535, description="Unacknowledged QoS>0 publishes.")
+    max_queued: int = Field(
+        1000, ge=10, description="Publishes waiting in paho; a full queue blocks generation."
+    )
+    reconnect_min_s: float = Field(1.0, ge=1, description="paho counts whole seconds.")
+    reconnect_max_s: float = Field(30.0, ge=1)
+    connect_timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> MqttSettings:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(f"reconnect_max_s ({self.reconnect_max_s}) must be >= "
+                             f"reconnect_min_s ({self.reconnect_min_s})")
+        return self
+
+
+class LlamaSettings(BaseModel):
+    """The llama-server backends (``[llama]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    urls: list[str] = Field(
+        default_factory=list,
+        description="llama-server base URLs. Empty: start an embedded llama.cpp (xllamacpp).",
+    )
+    names: list[str] = Field(
+        default_factory=list,
+        description="A name per URL, in the same order, shown on the status topic instead "
+                    "of the URL (devices may read it). Empty: backend-1, backend-2, ...",
+    )
+    api_key: SecretStr | None = None
+    connect_timeout_s: float = Field(5.0, gt=0)
+    first_byte_timeout_s: float = Field(
+        120.0, gt=0,
+        description="llama-server sends nothing until a slot frees: allow for queueing.",
+    )
+    idle_timeout_s: float = Field(60.0, gt=0, description="Max silence between tokens.")
+    retries: int = Field(3, ge=1, le=10, description="Attempts before the first byte.")
+    health_interval_s: float = Field(5.0, gt=0)
+    embedded_parallel: int = Field(2, ge=1, le=64)
+    embedded_ctx: int = Field(4096, ge=256)
+    embedded_model: Path | None = Field(None, description="GGUF path; default Gemma 3 270M.")
+
+    @field_validator("urls")
+    @classmethod
+    def _strip_slash(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"llama url {url!r} must start with http:// or https://")
+        return [u.rstrip("/") for u in urls]
+
+    @field_validator("names")
+    @classmethod
+    def _valid_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not _PROFILE_NAME.match(name):
+                raise ValueError(f"backend name {name!r} must match [A-Za-z0-9_.-]{{1,64}} "
+                                 "(a label, not an address: devices see it)")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"backend names must be unique; given more than once: "
+                             f"{', '.join(twice)}")
+        return names
+
+    @model_validator(mode="after")
+    def _one_name_per_url(self) -> LlamaSettings:
+        # Without urls the bridge starts one embedded llama.cpp server: one name at most.
+        if self.names and len(self.names) != max(1, len(self.urls)):
+            raise ValueError(
+                f"[llama] names has {len(self.names)} entries and urls {len(self.urls)}: give "
+                "one name per URL, in the same order (or leave names out: backend-1, ...)")
+        return self
+
+    def backend_names(self, count: int) -> list[str]:
+        """The names of ``count`` backends: ``names`` if given, else backend-1, backend-2, ..."""
+        if self.names and len(self.names) == count:
+            return list(self.names)
+        return [f"backend-{i}" for i in range(1, count + 1)]
+
+
+class DeploymentConfig(BaseSettings):
+    """Every setting of one bridge process, with its default."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BRIDGE_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    prefix: str = Field("llm", description="First topic level(s): P/request/{client}, ...")
+    bridge_id: str = Field(default_factory=_default_bridge_id, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    shared_group: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Subscribe through $share/{group}/... so N bridges split requests (MQTT 5).",
+    )
+    chunk_bytes: int = Field(
+        512, ge=MIN_CHUNK_BYTES,
+        description=f"Default chunk payload bound, at least {MIN_CHUNK_BYTES}. A request's "
+                    f"own chunk_bytes below {MIN_CHUNK_BYTES} is refused (bad_request).")
+    max_chunk_bytes: int = Field(
+        16384, ge=MIN_CHUNK_BYTES,
+        description="Largest chunk_bytes a request may ask for; a larger one is lowered to it."
+    )
+    max_message_bytes: int = Field(
+        65536, ge=1024, description="No published message exceeds this (nor the broker's limit)."
+    )
+    flush_ms: float = Field(50.0, ge=0, description="Coalesce deltas for at most this long.")
+    heartbeat_s: float = Field(5.0, gt=0, description="Send 'progress' after this much silence.")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Requests run at once. Default: llama-server's total_slots."
+    )
+    queue_size: int = Field(64, ge=1, description="Requests waiting; beyond it: 'busy'.")
+    max_request_bytes: int = Field(65536, ge=256)
+    max_tokens_default: int = Field(
+        256, ge=1,
+        description="max_tokens of a request that gives none (and has no profile that does): "
+                    "a few sentences, so that a forgotten limit does not stream for minutes. "
+                    "Capped by max_tokens_cap.")
+    max_tokens_cap: int = Field(4096, ge=1, description="Upper bound on a request's max_tokens.")
+    max_generation_s: float = Field(600.0, gt=0, description="Hard limit per request.")
+    dedupe_ttl_s: float = Field(600.0, ge=0, description="Same (client, id) never runs twice.")
+    client_max_inflight: int = Field(4, ge=1, description="Queued + running per client.")
+    client_rate_per_min: int = Field(120, ge=1, description="Requests per client per minute.")
+    status_interval_s: float = Field(30.0, gt=0)
+    sessions_db: Path = Field(
+        Path("bridge-sessions.db"),
+        description="SQLite file of 'session' conversations; created on first use.",
+    )
+    session_max_messages: int = Field(
+        200, ge=2, description="Messages kept per session; beyond it the oldest turns go.")
+    session_max_bytes: int = Field(
+        131072, ge=1024, description="JSON bytes kept per session; beyond it the oldest turns go.")
+    sessions_per_client: int = Field(
+        16, ge=1, description="Sessions per client; a new one evicts the least recently used.")
+    sessions_max: int = Field(
+        1000, ge=1, description="Sessions in all; a new one evicts the least recently used.")
+    session_ttl_s: float = Field(
+        30 * 86400.0, ge=0, description="Sessions unused this long are deleted; 0: never.")
+    profiles: dict[str, Profile] = Field(
+        default_factory=dict,
+        description="Named presets ([profiles.NAME]) a request picks with 'profile'; "
+                    "reloaded on SIGHUP.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve Prometheus metrics on this port; unset: off.")
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address of the metrics endpoint. Loopback by default: it has no "
+                    "authentication or TLS, and a gateway's other interfaces face the devices.",
+    )
+
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)  # type: ignore[arg-type]
+    llama: LlamaSettings = Field(default_factory=LlamaSettings)  # type: ignore[arg-type]
+
+    @field_validator("prefix")
+    @classmethod
+    def _valid_prefix(cls, prefix: str) -> str:
+        Topics(prefix)  # raises ValueError with a message that says what to change
+        return prefix
+
+    @field_validator("profiles")
+    @classmethod
+    def _profile_names(cls, profiles: dict[str, Profile]) -> dict[str, Profile]:
+        for name in profiles:
+            if not _PROFILE_NAME.match(name):
+                raise ValueError(f"profile name {name!r} must match [A-Za-z0-9_.-]{{1,64}} "
+                                 "(requests name it in their 'profile' field)")
+        return profiles
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeploymentConfig:
+        if self.chunk_bytes > self.max_chunk_bytes:
+            raise ValueError(
+                f"chunk_bytes {self.chunk_bytes} exceeds max_chunk_bytes {self.max_chunk_bytes}"
+            )
+        if self.max_chunk_bytes > self.max_message_bytes:
+            raise ValueError("max_chunk_bytes must not exceed max_message_bytes")
+        return self
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.prefix)
+
+    @property
+    def mqtt_client_id(self) -> str:
+        return self.mqtt.client_id or f"llm-bridge-{self.bridge_id}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Earlier sources win: flags (init kwargs) > environment > TOML file.
+        toml = InitSettingsSource(settings_cls, init_kwargs=_toml_data.get() or {})
+        return (init_settings, env_settings, toml)
+
+
+def load_config(path: Path | str | None = None, **overrides: Any) -> DeploymentConfig:
+    """Build the configuration from a TOML file, the environment and explicit overrides.
+
+    Args:
+        path: TOML file, or None for none.
+        overrides: values from flags; nested sections as dicts (``mqtt={"host": ...}``).
+            ``None`` values are ignored so unset flags don't mask the file or env.
+    Returns:
+        the validated configuration.
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the TOML is invalid (message names the file and the problem).
+        pydantic.ValidationError: a setting is invalid (message names it).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config file {p}: invalid TOML: {exc}") from exc
+    token = _toml_data.set(data)
+    try:
+        return DeploymentConfig(**_drop_none(overrides))
+    finally:
+        _toml_data.reset(token)
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            nested = _drop_none(value)
+            if nested:
+                out[key] = nested
+        elif value is not None:
+            out[key] = value
+    return out

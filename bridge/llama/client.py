@@ -1,0 +1,427 @@
+"""Client for llama.cpp's ``llama-server`` over HTTP (OpenAI-compatible endpoints).
+
+The only way the bridge talks to llama.cpp. Streams answers as typed deltas with
+precise timeouts (connect / first byte / idle between data events), retries only
+what is safe to retry (failures before the first byte), maps every failure to
+:mod:`bridge.protocol.errors`, and can cancel any call from another thread by closing
+its connection, which makes llama-server free the slot.
+
+Example::
+
+    client = LlamaCppClient("http://127.0.0.1:8080")
+    with client.generate_stream([{"role": "user", "content": "Hi"}], max_tokens=32) as s:
+        for delta in s:
+            if isinstance(delta, TextDelta):
+                print(delta.text, end="")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+import urllib3.exceptions
+from pydantic import BaseModel
+
+from bridge.llama.events import Kind, parse_generation
+from bridge.llama.http import (
+    CallInfo,
+    CancelToken,
+    bound,
+    cancelled_error,
+    http_error,
+    make_session,
+    map_request_error,
+    read_bounded,
+    with_retries,
+)
+from bridge.llama.stream import Stream
+from bridge.llama.types import (
+    Delta,
+    Generation,
+    Health,
+    Props,
+    ReasoningDelta,
+    RetryPolicy,
+    StreamEnd,
+    TextDelta,
+    Timeouts,
+    ToolCallDelta,
+)
+from bridge.protocol import safe_json
+from bridge.protocol.errors import BackendProtocolError, IdleTimeout
+from bridge.protocol.messages import json_text
+
+__all__ = [
+    "CancelToken",
+    "Delta",
+    "Generation",
+    "Health",
+    "LlamaCppClient",
+    "Props",
+    "ReasoningDelta",
+    "RetryPolicy",
+    "Stream",
+    "StreamEnd",
+    "TextDelta",
+    "Timeouts",
+    "ToolCallDelta",
+]
+
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
+"""Bound on a non-streamed answer's body."""
+MAX_SMALL_BYTES = 8 * 1024 * 1024
+"""Bound on /props, /slots, /v1/models bodies (/props carries the chat template)."""
+
+Messages = Sequence[Mapping[str, Any] | BaseModel]
+
+
+class LlamaCppClient:
+    """Talks to one llama-server.
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:8080`` (a trailing ``/`` is ignored).
+        timeouts: see :class:`Timeouts`; defaults suit a busy single box.
+        retry: see :class:`RetryPolicy`; applies only before the first response byte.
+        api_key: llama-server's ``--api-key``, sent as a bearer token.
+        pool_size: HTTP connections kept open (set it to the concurrent stream count).
+
+    Raises:
+        ValueError: ``base_url`` is not an http(s) URL.
+    """
+
+    def __init__(self, base_url: str, *, timeouts: Timeouts | None = None,
+                 retry: RetryPolicy | None = None, api_key: str | None = None,
+                 pool_size: int = 16) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"llama-server URL must look like http://host:port, got {base_url!r}")
+        if pool_size < 1:
+            raise ValueError("pool_size must be >= 1")
+        self.base_url = base_url.rstrip("/")
+        self.timeouts = timeouts or Timeouts()
+        self.retry = retry or RetryPolicy()
+        self._session = make_session(pool_size, api_key)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate_stream(self, messages: Messages, temperature: float | None = None,
+                        top_p: float | None = None, max_tokens: int | None = None,
+                        tools: list[dict[str, Any]] | None = None,
+                        tool_choice: str | dict[str, Any] | None = None, *,
+                        cancel_token: CancelToken | None = None, **sampling: Any) -> Stream:
+        """Stream a chat answer (``POST /v1/chat/completions``, ``"stream": true``).
+
+        The request is sent on the first ``next()`` (or :meth:`Stream.open`), so the
+        returned stream can be cancelled even while llama-server keeps it queued.
+
+        Args:
+            messages: OpenAI chat messages, as dicts or pydantic models.
+            temperature: sampling temperature.
+            top_p: nucleus sampling.
+            max_tokens: generation limit.
+            tools: OpenAI tool definitions.
+            tool_choice: ``"auto"``, ``"none"``, ``"required"`` or a function choice.
+            cancel_token: cancel through this token instead of :meth:`Stream.cancel`.
+            **sampling: further body fields, sent as is (``seed``, ``top_k``, ``min_p``,
+                ``stop``, ``repeat_penalty``, ``chat_template_kwargs``, ``model``...);
+                ``None`` values are left out.
+
+        Returns:
+            The stream of deltas, ending with one :class:`StreamEnd`.
+        """
+        body = _body("messages", _messages(messages), True, temperature, top_p, max_tokens,
+                     tools, tool_choice, sampling)
+        return self._stream("/v1/chat/completions", body, "chat", cancel_token)
+
+    def complete_stream(self, prompt: str, temperature: float | None = None,
+                        top_p: float | None = None, max_tokens: int | None = None,
+                        tools: list[dict[str, Any]] | None = None,
+                        tool_choice: str | dict[str, Any] | None = None, *,
+                        cancel_token: CancelToken | None = None, **sampling: Any) -> Stream:
+        """Stream a plain completion (``POST /v1/completions``); arguments as
+        :meth:`generate_stream` with ``prompt`` instead of ``messages``.
+
+        Returns:
+            The stream of deltas, ending with one :class:`StreamEnd`.
+        """
+        body = _body("prompt", prompt, True, temperature, top_p, max_tokens, tools,
+                     tool_choice, sampling)
+        return self._stream("/v1/completions", body, "completion", cancel_token)
+
+    def generate(self, messages: Messages, temperature: float | None = None,
+                 top_p: float | None = None, max_tokens: int | None = None,
+                 tools: list[dict[str, Any]] | None = None,
+                 tool_choice: str | dict[str, Any] | None = None, *,
+                 cancel_token: CancelToken | None = None, **sampling: Any) -> Generation:
+        """One non-streamed chat call; arguments as :meth:`generate_stream`.
+
+        The whole answer is the "first byte" here, so ``Timeouts.non_streamed``
+        bounds queueing + prompt + generation. Cancel it through ``cancel_token``.
+
+        Returns:
+            The answer (content and/or tool calls, finish reason, usage, timings).
+        """
+        body = _body("messages", _messages(messages), False, temperature, top_p, max_tokens,
+                     tools, tool_choice, sampling)
+        return self._call("/v1/chat/completions", body, "chat", cancel_token)
+
+    def complete(self, prompt: str, temperature: float | None = None,
+                 top_p: float | None = None, max_tokens: int | None = None,
+                 tools: list[dict[str, Any]] | None = None,
+                 tool_choice: str | dict[str, Any] | None = None, *,
+                 cancel_token: CancelToken | None = None, **sampling: Any) -> Generation:
+        """One non-streamed completion (``POST /v1/completions``); see :meth:`generate`.
+
+        Returns:
+            The answer.
+        """
+        body = _body("prompt", prompt, False, temperature, top_p, max_tokens, tools,
+                     tool_choice, sampling)
+        return self._call("/v1/completions", body, "completion", cancel_token)
+
+    # ------------------------------------------------------------------ server state
+
+    def health(self) -> Health:
+        """``GET /health`` once (no retries: it is a probe).
+
+        Returns:
+            ``ok=True`` on HTTP 200; ``ok=False`` on 503 (model loading) or other codes.
+
+        Raises:
+            BackendUnavailable: the server cannot be reached.
+            FirstByteTimeout: it accepted the connection but did not answer in time.
+        """
+        info = CallInfo(self._url("/health"))
+        # Two attempts: llama-server closes idle keep-alive connections after ~5 s, and a
+        # probe sent on one it is closing fails at once; one failure must not mark a
+        # healthy backend down for a whole health interval.
+        resp = self._get(info, attempts=2)
+        try:
+            try:
+                data = safe_json.loads(read_bounded(resp, MAX_SMALL_BYTES))
+            except (ValueError, urllib3.exceptions.HTTPError, OSError):
+                data = None
+        finally:
+            resp.close()
+        status = str(resp.status_code)
+        if isinstance(data, dict):
+            err = data.get("error")
+            if isinstance(data.get("status"), str):
+                status = data["status"]
+            elif isinstance(err, dict) and isinstance(err.get("message"), str):
+                status = err["message"]
+        return Health(ok=resp.status_code == 200, status=status, http_status=resp.status_code)
+
+    def props(self) -> Props:
+        """``GET /props``: slot count, model, context size, template capabilities.
+
+        Returns:
+            The parsed properties (``raw`` holds the whole object).
+        """
+        raw = self._get_json("/props")
+        if not isinstance(raw, dict):
+            raise BackendProtocolError(f"{self._url('/props')} did not return a JSON object")
+        settings = raw.get("default_generation_settings")
+        n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+        caps = raw.get("chat_template_caps")
+        return Props(
+            # Servers too old to report it run one slot unless --parallel was given.
+            total_slots=int(raw.get("total_slots") or 1),
+            model=raw.get("model_alias") or raw.get("model_path") or None,
+            n_ctx=n_ctx if isinstance(n_ctx, int) else None,
+            chat_template_caps=caps if isinstance(caps, dict) else {},
+            raw=raw,
+        )
+
+    def slots(self) -> list[dict[str, Any]]:
+        """``GET /slots`` (needs ``--slots`` on newer servers; 501 otherwise).
+
+        Returns:
+            One dict per slot (``id``, ``is_processing``, ``n_ctx``...).
+        """
+        data = self._get_json("/slots")
+        if not isinstance(data, list):
+            raise BackendProtocolError(f"{self._url('/slots')} did not return a JSON list")
+        return [s for s in data if isinstance(s, dict)]
+
+    def models(self) -> list[str]:
+        """``GET /v1/models``.
+
+        Returns:
+            The model ids the server offers.
+        """
+        data = self._get_json("/v1/models")
+        entries = data.get("data") if isinstance(data, dict) else None
+        return [str(m["id"]) for m in entries or () if isinstance(m, dict) and "id" in m]
+
+    def tokenize(self, text: str) -> list[int]:
+        """``POST /tokenize``: the token ids of ``text`` (no BOS or other special tokens added).
+
+        Args:
+            text: the text to tokenize.
+        Returns:
+            The token ids, as llama-server's tokenizer produces them.
+        Raises:
+            BackendError: the server could not be reached or answered badly.
+        """
+        info = CallInfo(self._url("/tokenize"))
+        resp = self._post(info, json_text({"content": text}).encode(), self.timeouts.request,
+                          "request")
+        try:
+            data = safe_json.loads(read_bounded(resp, MAX_SMALL_BYTES))
+        except (ValueError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BackendProtocolError(f"bad answer from {info.url}: {exc}") from exc
+        finally:
+            info.token.detach()
+            resp.close()
+        tokens = data.get("tokens") if isinstance(data, dict) else None
+        if not isinstance(tokens, list):
+            raise BackendProtocolError(f"{info.url} did not return {{\"tokens\": [...]}}")
+        try:
+            # With "with_pieces" the server sends {"id", "piece"} objects; plain ids otherwise.
+            return [int(t["id"]) if isinstance(t, dict) else int(t) for t in tokens]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BackendProtocolError(f"{info.url} returned malformed tokens: {exc}") from exc
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` is for this server's model (see :meth:`tokenize`)."""
+        return len(self.tokenize(text))
+
+    def close(self) -> None:
+        """Close pooled connections. Streams still open keep their own connection."""
+        self._session.close()
+
+    def __enter__(self) -> LlamaCppClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _url(self, path: str) -> str:
+        return self.base_url + path
+
+    def _stream(self, path: str, body: dict[str, Any], kind: Kind,
+                token: CancelToken | None) -> Stream:
+        info = CallInfo(self._url(path), token=token or CancelToken())
+        payload = json_text(body).encode()
+
+        def opener(call: CallInfo) -> requests.Response:
+            return self._post(call, payload, self.timeouts.first_byte, "first_byte")
+
+        return Stream(opener, info, kind, self.timeouts.idle)
+
+    def _call(self, path: str, body: dict[str, Any], kind: Kind,
+              token: CancelToken | None) -> Generation:
+        info = CallInfo(self._url(path), token=token or CancelToken())
+        limit = self.timeouts.non_streamed
+        resp = self._post(info, json_text(body).encode(), limit, "non_streamed")
+        try:
+            data = read_bounded(resp, MAX_ANSWER_BYTES)
+        except ValueError as exc:
+            raise BackendProtocolError(f"answer from {info.url}: {exc}") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if info.token.cancelled:
+                raise cancelled_error(info) from exc
+            if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
+                raise IdleTimeout(f"answer from llama-server at {info.url} stalled for "
+                                  f"non_streamed={limit:g} s mid-body") from exc
+            raise BackendProtocolError(f"connection to llama-server at {info.url} broke "
+                                       f"while reading the answer: {exc}") from exc
+        finally:
+            info.token.detach()  # before the connection can go back to the pool
+            resp.close()
+        if info.token.cancelled:
+            raise cancelled_error(info)
+        return parse_generation(data, kind, info.url)
+
+    def _post(self, info: CallInfo, payload: bytes, read_timeout: float,
+              read_name: str) -> requests.Response:
+        """POST with retries; returns a 2xx response whose body is not read yet."""
+        t = self.timeouts
+
+        def attempt() -> requests.Response:
+            if info.token.cancelled:
+                raise cancelled_error(info)
+            info.attempts += 1
+            try:
+                with bound(info.token):
+                    resp = self._session.post(
+                        info.url, data=payload, stream=True,
+                        headers={"Content-Type": "application/json"},
+                        timeout=(t.connect, read_timeout))
+            except requests.RequestException as exc:
+                raise map_request_error(exc, info, t.connect, read_timeout, read_name,
+                                        self.retry.attempts) from exc
+            info.first_byte_at = time.monotonic()
+            return _checked(resp, info)
+
+        return with_retries(attempt, self.retry, info.token, info.url)
+
+    def _get(self, info: CallInfo, attempts: int) -> requests.Response:
+        t = self.timeouts
+
+        def attempt() -> requests.Response:
+            info.attempts += 1
+            try:
+                return self._session.get(info.url, stream=True,
+                                         timeout=(t.connect, t.request))
+            except requests.RequestException as exc:
+                raise map_request_error(exc, info, t.connect, t.request, "request",
+                                        attempts) from exc
+
+        if attempts == 1:
+            return attempt()
+        policy = self.retry if attempts == self.retry.attempts else dataclasses.replace(
+            self.retry, attempts=attempts)
+        return with_retries(attempt, policy, info.token, info.url)
+
+    def _get_json(self, path: str) -> Any:
+        info = CallInfo(self._url(path))
+        resp = _checked(self._get(info, self.retry.attempts), info)
+        try:
+            return safe_json.loads(read_bounded(resp, MAX_SMALL_BYTES))
+        except (ValueError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BackendProtocolError(f"bad answer from {info.url}: {exc}") from exc
+        finally:
+            resp.close()
+
+
+def _checked(resp: requests.Response, info: CallInfo) -> requests.Response:
+    """Raise :class:`BackendHTTPError` (closing the response) for a 4xx/5xx answer."""
+    if resp.status_code < 400:
+        return resp
+    try:
+        raise http_error(resp, info)
+    finally:
+        resp.close()
+
+
+def _messages(messages: Messages) -> list[dict[str, Any]]:
+    return [m.model_dump(exclude_none=True) if isinstance(m, BaseModel) else dict(m)
+            for m in messages]
+
+
+def _body(key: str, value: Any, stream: bool, temperature: float | None,
+          top_p: float | None, max_tokens: int | None, tools: list[dict[str, Any]] | None,
+          tool_choice: str | dict[str, Any] | None,
+          sampling: Mapping[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {key: value}
+    named = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
+             "tools": tools, "tool_choice": tool_choice}
+    body.update((k, v) for k, v in {**named, **sampling}.items() if v is not None)
+    # Set last: these decide how the answer is read and must not be overridden.
+    body["stream"] = stream
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    else:
+        body.pop("stream_options", None)
+    return body

@@ -1,0 +1,1 @@
+"""Brokers the bridge can start for itself: Mosquitto as a child process, or amqtt in-process."""

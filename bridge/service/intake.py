@@ -1,0 +1,215 @@
+"""Turn one inbound MQTT payload into an accepted request or a typed rejection.
+
+See docs/protocol.md, *Request*, *Limits*.
+
+Pure functions, no I/O: everything a hostile or buggy device can send ends here
+as either :class:`Accepted` or :class:`Rejected`, never as an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from bridge.config.settings import DeploymentConfig
+from bridge.mqtt.link import Inbound
+from bridge.protocol import safe_json
+from bridge.protocol.chunks import MIN_CHUNK_BYTES
+from bridge.protocol.messages import BridgeRequest, ChatMessage, ErrorCode
+from bridge.protocol.packet import payload_room, topic_bytes
+from bridge.protocol.topics import is_valid_id
+
+_MAX_ERROR_CHARS = 400
+MAX_CORRELATION_BYTES = 256
+"""Largest MQTT 5 Correlation Data echoed on replies (a device needs a short token)."""
+MIN_REPLY_ROOM = 512
+"""Bytes a reply topic must leave free in the largest message the link may publish: room
+for an ``error`` with its longest message, or a ``done`` with usage and timings."""
+
+
+def new_request_id() -> str:
+    """A fresh request id for requests that did not name one (16 hex chars)."""
+    return secrets.token_hex(8)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A valid request, with everything resolved that the bridge needs to serve it."""
+
+    client: str
+    request: BridgeRequest
+    request_id: str
+    reply_topic: str
+    correlation_data: bytes | None
+    expires_at: float | None
+    received_at: float
+    chunk_bytes: int
+    max_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A request that gets one ``error`` reply on ``reply_topic`` and is not run."""
+
+    client: str
+    request_id: str
+    reply_topic: str
+    correlation_data: bytes | None
+    code: ErrorCode
+    message: str
+
+
+def parse_request(
+    msg: Inbound, client: str, config: DeploymentConfig, max_payload: int
+) -> Accepted | Rejected:
+    """Validate one request payload published on ``P/request/{client}``.
+
+    Args:
+        msg: the inbound message (payload untrusted).
+        client: the ``{client}`` level of its topic, already validated.
+        config: limits and defaults.
+        max_payload: the largest message the MQTT link may publish now.
+    Returns:
+        :class:`Accepted`, or :class:`Rejected` whose message names the problem.
+    """
+    topics = config.topics
+    fallback_id = new_request_id()
+    # A valid MQTT 5 Response Topic is where the device listens: errors go there too.
+    # One the broker would refuse (too deep, say) gets the error on the default topic.
+    response_problem = None if msg.response_topic is None else \
+        topics.response_topic_problem(client, msg.response_topic) or \
+        _room_problem(msg.response_topic, max_payload)
+    response_ok = msg.response_topic is not None and response_problem is None
+
+    # Every reply echoes the Correlation Data: a large one would make each reply exceed a
+    # small broker's Maximum Packet Size (and paho then reconnects and resends forever).
+    correlation = msg.correlation_data
+    oversized_correlation = correlation is not None and len(correlation) > MAX_CORRELATION_BYTES
+
+    def reject(code: ErrorCode, message: str, request_id: str = fallback_id) -> Rejected:
+        topic = msg.response_topic if response_ok and msg.response_topic else \
+            topics.reply(client, request_id)
+        return Rejected(client, request_id, topic,
+                        None if oversized_correlation else correlation, code,
+                        message[:_MAX_ERROR_CHARS])
+
+    if oversized_correlation:
+        return reject(ErrorCode.too_large,
+                      f"MQTT 5 Correlation Data of {len(correlation or b'')} bytes; the limit is "
+                      f"{MAX_CORRELATION_BYTES} bytes: send a short token")
+
+    size = len(msg.payload)
+    if size > config.max_request_bytes:
+        return reject(ErrorCode.too_large,
+                      f"request is {size} bytes; the limit is {config.max_request_bytes} bytes "
+                      "(max_request_bytes): shorten the conversation or use 'session'")
+    try:
+        text = msg.payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return reject(ErrorCode.bad_request,
+                      f"payload is not valid UTF-8 (bad byte at offset {exc.start}): "
+                      "send UTF-8 text or a JSON object")
+    stripped = text.strip()
+    if not stripped:
+        return reject(ErrorCode.bad_request, "empty request: send text or a JSON object")
+
+    data: dict[str, Any]
+    if stripped.startswith("{"):
+        try:
+            parsed = safe_json.loads(stripped)  # depth checked first: see bridge.protocol.safe_json
+        except ValueError as exc:
+            return reject(ErrorCode.bad_request, f"invalid JSON: {exc}")
+        if not isinstance(parsed, dict):  # e.g. '{"a":1} x' never gets here; belt and braces
+            return reject(ErrorCode.bad_request, "a JSON request must be an object")
+        try:
+            # What llama-server will be sent must be JSON: "\ud800" escapes decode to lone
+            # surrogates (not encodable), and json.loads accepts NaN/Infinity (not JSON).
+            json.dumps(parsed, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return reject(ErrorCode.bad_request, "JSON contains a lone surrogate escape "
+                          "(\\ud800-\\udfff without its pair): send valid Unicode")
+        except ValueError:
+            return reject(ErrorCode.bad_request,
+                          "JSON contains NaN or Infinity, which is not JSON: send finite numbers")
+        except RecursionError:
+            return reject(ErrorCode.bad_request, "JSON is nested too deeply")
+        data = parsed
+    else:
+        data = {"messages": [{"role": "user", "content": text}]}
+
+    raw_id = data.get("id")
+    request_id = raw_id if isinstance(raw_id, str) and is_valid_id(raw_id) else fallback_id
+    try:
+        request = BridgeRequest.model_validate(data)
+    except ValidationError as exc:
+        return reject(ErrorCode.bad_request, describe_validation_error(exc), request_id)
+    except RecursionError:
+        return reject(ErrorCode.bad_request, "JSON is nested too deeply", request_id)
+
+    reply_topic = topics.reply(client, request_id)
+    if msg.response_topic is not None:
+        if not response_ok:
+            return reject(ErrorCode.bad_request,
+                          f"Response Topic {msg.response_topic[:100]!r} is not allowed: "
+                          f"{response_problem}", request_id)
+        reply_topic = msg.response_topic
+
+    room = payload_room(max_payload, reply_topic)
+    wanted_chunk = request.chunk_bytes or config.chunk_bytes
+    chunk_bytes = max(MIN_CHUNK_BYTES, min(wanted_chunk, config.max_chunk_bytes, room))
+    max_tokens = min(request.max_tokens or config.max_tokens_default, config.max_tokens_cap)
+    return Accepted(client, request, request_id, reply_topic, msg.correlation_data,
+                    msg.expires_at, msg.received_at, chunk_bytes, max_tokens)
+
+
+def _room_problem(topic: str, max_payload: int) -> str | None:
+    """Why ``topic`` leaves too little of a reply message for the message itself, or None."""
+    if payload_room(max_payload, topic) >= MIN_REPLY_ROOM:
+        return None
+    return (f"it takes {topic_bytes(topic)} of the {max_payload} bytes a reply message may have "
+            f"(max_message_bytes or the broker's Maximum Packet Size) and {MIN_REPLY_ROOM} "
+            "must stay free for the message")
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each offending field and what is wrong with it."""
+    parts: list[str] = []
+    for err in exc.errors(include_url=False)[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "request"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown field '{where}'")
+        else:
+            parts.append(f"field '{where}': {err['msg']}")
+    more = exc.error_count() - len(parts)
+    suffix = f" (and {more} more)" if more > 0 else ""
+    return "invalid request: " + "; ".join(parts) + suffix
+
+
+def chat_messages(request: BridgeRequest) -> list[ChatMessage]:
+    """The conversation to send (profiles and sessions will extend it)."""
+    return list(request.messages or [])
+
+
+def parse_cancel(payload: bytes) -> str | None:
+    """The request id of a cancel payload (``{"id": "..."}`` or the bare id), or None."""
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):
+            return None
+        found = data.get("id") if isinstance(data, dict) else None
+        if not isinstance(found, str):
+            return None
+        text = found
+    return text if is_valid_id(text) else None
+
+
+__all__ = ["Accepted", "Rejected", "parse_cancel", "parse_request"]

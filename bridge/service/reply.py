@@ -1,0 +1,281 @@
+"""Everything published for one request goes through its :class:`ReplyChannel`.
+
+See docs/protocol.md, *Reply messages*.
+
+The channel owns the request's ``seq`` counter and its chunkers, so ``seq`` is
+contiguous from 0 across message types, and it enforces "exactly one terminal
+message, nothing after it". Two threads use a channel: the worker that runs the
+request and the ticker that flushes buffered text and sends heartbeats; the lock
+keeps seq order equal to publish order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from bridge.mqtt.link import MqttLink, PublishError
+from bridge.protocol.chunks import Chunker, SeqCounter
+from bridge.protocol.errors import BridgeError
+from bridge.protocol.messages import (
+    DoneMsg,
+    ErrorCode,
+    ErrorMsg,
+    ProgressMsg,
+    ReplyMsg,
+    StartMsg,
+    Timings,
+    Usage,
+    encode,
+)
+
+log = logging.getLogger("bridge.service.reply")
+
+_RECORD_LIMIT = 512 * 1024  # bytes of an answer kept for replaying it to a duplicate
+# What one kept payload costs beyond its bytes (bytes object header, list slot): counted
+# so that a per-token answer (~50-byte payloads) cannot keep twice the limit in memory.
+_RECORD_ENTRY_OVERHEAD = 48
+# Flush deadlines are rounded down to this grid (and to flush_s / 5 at most), so that
+# many streams share ticker wake-ups: see ReplyChannel.due().
+_FLUSH_GRID_S = 0.01
+
+
+class ReplyChannel:
+    """The ordered stream of reply messages for one request.
+
+    Args:
+        link: where to publish.
+        topic: ``P/reply/{client}/{id}`` or the request's v5 Response Topic.
+        request_id: the request's id, in every message.
+        correlation_data: MQTT 5 Correlation Data echoed on every message.
+        chunk_bytes: size bound of every chunk payload.
+        flush_s: how long deltas may be coalesced.
+        record: keep the published payloads so a duplicate request can be answered again.
+    """
+
+    def __init__(
+        self,
+        link: MqttLink,
+        topic: str,
+        request_id: str,
+        *,
+        correlation_data: bytes | None,
+        chunk_bytes: int,
+        flush_s: float,
+        record: bool = True,
+    ) -> None:
+        self.link = link
+        self.topic = topic
+        self.request_id = request_id
+        self.correlation_data = correlation_data
+        self.lock = threading.Lock()
+        self.seq = SeqCounter()
+        self.chunk_bytes = chunk_bytes
+        self._text = Chunker(request_id, self.seq, chunk_bytes=chunk_bytes, flush_s=flush_s)
+        self._reasoning: Chunker | None = None
+        self._flush_s = flush_s
+        self._grid_s = min(_FLUSH_GRID_S, flush_s / 5)
+        self.last_sent = time.monotonic()
+        self.first_text_at: float | None = None
+        self.finished = False
+        self.terminal: str | None = None
+        # paho's handle of the terminal message: whether it reached the broker.
+        self.terminal_info: mqtt.MQTTMessageInfo | None = None
+        self.record: list[bytes] | None = [] if record else None
+        self._record_bytes = 0
+
+    # ------------------------------------------------------------------ low level
+
+    def _publish(self, payload: bytes, *, flow_controlled: bool = True) -> mqtt.MQTTMessageInfo:
+        """Publish one payload; caller holds the lock.
+
+        No deadline: a message whose ``seq`` is taken must be sent, or the device sees a
+        gap and never gets its terminal message. While the broker is away this waits
+        (until the link closes); ``max_generation_s`` meanwhile cancels the HTTP call.
+        """
+        info = self.link.publish(self.topic, payload, correlation_data=self.correlation_data,
+                                 flow_controlled=flow_controlled)
+        self.last_sent = time.monotonic()
+        if self.record is not None:
+            self._record_bytes += len(payload) + _RECORD_ENTRY_OVERHEAD
+            if self._record_bytes > _RECORD_LIMIT:
+                self.record = None  # too big to keep; a duplicate then gets an error instead
+            else:
+                self.record.append(payload)
+        return info
+
+    def _send(self, message_type: type[Any], *, flow_controlled: bool = True,
+              **fields: Any) -> mqtt.MQTTMessageInfo:
+        return self._publish(
+            encode(message_type(id=self.request_id, seq=self.seq.take(), **fields)),
+            flow_controlled=flow_controlled)
+
+    # ------------------------------------------------------------------ messages
+
+    def start_locked(self, model: str | None, queue: int) -> None:
+        """Publish ``start``; the caller holds :attr:`lock` (it queues the job under it).
+
+        Sent by the intake thread, which must never wait for the publish window.
+        """
+        self._send(StartMsg, flow_controlled=False, model=model, queue=queue)
+
+    def progress(self, **fields: Any) -> None:
+        """Heartbeat (``queued_ms`` or ``prompt_progress``); no-op after the terminal message."""
+        with self.lock:
+            if not self.finished:
+                self._send(ProgressMsg, **fields)
+
+    def text(self, text: str) -> bool:
+        """Add generated text.
+
+        Returns:
+            True if buffered text got a new flush deadline (the ticker must be told
+            :meth:`due`); False if nothing is buffered or the deadline is the one
+            buffered text already had (most deltas: telling the ticker again per token
+            was measurable).
+        """
+        with self.lock:
+            if self.first_text_at is None:
+                self.first_text_at = time.monotonic()
+            if self._reasoning is not None and self._reasoning.pending:
+                for payload in self._reasoning.flush():
+                    self._publish(payload)
+            return self._feed(self._text, text)
+
+    def reasoning(self, text: str) -> bool:
+        """Add reasoning text (only when the request asked for it).
+
+        Returns:
+            as :meth:`text`.
+        """
+        with self.lock:
+            if self._reasoning is None:
+                self._reasoning = Chunker(self.request_id, self.seq, chunk_bytes=self.chunk_bytes,
+                                          flush_s=self._flush_s, field="reasoning")
+            for payload in self._text.flush():
+                self._publish(payload)
+            return self._feed(self._reasoning, text)
+
+    def _feed(self, chunker: Chunker, text: str) -> bool:
+        """Feed ``chunker`` and publish what it completes; caller holds the lock.
+
+        Returns:
+            True if its buffered text got a new flush deadline (see :meth:`text`).
+        """
+        before = chunker.due()
+        for payload in chunker.feed(text):
+            self._publish(payload)
+        due = chunker.due()
+        return due is not None and due != before
+
+    def due(self) -> float | None:
+        """When buffered text must be flushed (``time.monotonic()``), or None.
+
+        The chunkers' deadlines rounded down to a grid of ``_FLUSH_GRID_S``: text is
+        flushed at most that much before ``flush_s`` is up, and the ticker wakes at most
+        once per grid step however many streams buffer text (instead of once per stream
+        and deadline, scanning every stream each time).
+        """
+        due = self._text.due()  # called for every buffered token: no lists on this path
+        if self._reasoning is not None:
+            other = self._reasoning.due()
+            if due is None or (other is not None and other < due):
+                due = other
+        if due is None or not self._grid_s:
+            return due
+        return due - due % self._grid_s
+
+    def poll(self) -> None:
+        """Flush text whose coalescing time is up. Never waits for a busy channel."""
+        if not self.lock.acquire(blocking=False):
+            return  # the worker is publishing right now; it will see the deadline itself
+        try:
+            now = time.monotonic()
+            grid = self._grid_s
+            for chunker in (self._text, self._reasoning):
+                if chunker is not None:
+                    due = chunker.due()
+                    if due is not None and (due - due % grid if grid else due) <= now:
+                        for payload in chunker.flush():
+                            self._publish(payload)
+        except PublishError as exc:
+            log.warning("flush for %s failed: %s", self.request_id, exc)
+        finally:
+            self.lock.release()
+
+    def _flush_all(self) -> None:
+        for chunker in (self._reasoning, self._text):
+            if chunker is not None:
+                for payload in chunker.flush():
+                    self._publish(payload)
+
+    def chunks(self, text: str) -> None:
+        """Send a whole text as bounded chunks at once (a ``reply`` too large for one message)."""
+        with self.lock:
+            whole = Chunker(self.request_id, self.seq, chunk_bytes=self.chunk_bytes, flush_s=0)
+            for payload in whole.feed(text):
+                self._publish(payload)
+
+    # ------------------------------------------------------------------ terminal messages
+
+    def done(self, finish_reason: str, usage: Usage | None, timings: Timings, *,
+             flow_controlled: bool = True) -> None:
+        """Terminal ``done``; ``flow_controlled=False`` from the intake thread, which must
+        never wait for the publish window."""
+        self._terminal(DoneMsg, flow_controlled=flow_controlled, finish_reason=finish_reason,
+                       usage=usage or Usage(), timings=timings)
+
+    def reply(self, **fields: Any) -> None:
+        self._terminal(ReplyMsg, **fields)
+
+    def reply_size(self, **fields: Any) -> int:
+        """Encoded size of a ``reply`` with these fields, if it were sent next."""
+        return len(encode(ReplyMsg(id=self.request_id, seq=self.seq.next, **fields)))
+
+    def error(self, code: ErrorCode, message: str, *, retryable: bool = False,
+              retry_after_ms: int | None = None, backend_type: str | None = None) -> None:
+        self._terminal(ErrorMsg, code=code, message=message, retryable=retryable,
+                       retry_after_ms=retry_after_ms, backend_type=backend_type)
+
+    def fail(self, exc: BridgeError) -> None:
+        """Answer with the ``error`` that ``exc`` maps to."""
+        self.error(exc.code, exc.public_message, retryable=exc.retryable,
+                   retry_after_ms=getattr(exc, "retry_after_ms", None),
+                   backend_type=getattr(exc, "error_type", None))
+
+    def _terminal(self, message_type: type[Any], *, flow_controlled: bool = True,
+                  **fields: Any) -> None:
+        with self.lock:
+            if self.finished:
+                log.debug("%s already ended with %s; dropping a second terminal %s",
+                          self.request_id, self.terminal, message_type.__name__)
+                return
+            self.finished = True
+            self.terminal = message_type.__name__
+            try:
+                self._flush_all()  # buffered text always precedes the terminal message
+            finally:
+                self.terminal_info = self._send(message_type, flow_controlled=flow_controlled,
+                                                **fields)
+
+    def refused(self, topic: str, message: str) -> None:
+        """End a request whose reply stream the broker refused: one ``error`` on ``topic``.
+
+        Sent whatever was sent before (the refused messages never arrived, so the
+        device saw no terminal message), with the next ``seq``; the refused messages
+        show as a gap. Not recorded: a duplicate of this request must run again.
+        """
+        with self.lock:
+            self.finished = True
+            self.terminal = ErrorMsg.__name__
+            self.record = None
+            payload = encode(ErrorMsg(id=self.request_id, seq=self.seq.take(),
+                                      code=ErrorCode.internal, message=message, retryable=False))
+            # Not flow controlled: it may be sent from the intake thread (see Bridge._confirm).
+            self.terminal_info = self.link.publish(topic, payload,
+                                                   correlation_data=self.correlation_data,
+                                                   flow_controlled=False)
