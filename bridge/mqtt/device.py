@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 import queue
 import secrets
-import ssl
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.config.settings import MqttSettings
-from bridge.mqtt.link import no_delay
+from bridge.mqtt.paho_client import broker_host, new_client
 from bridge.protocol.messages import TERMINAL_TYPES, decode_reply
 from bridge.protocol.topics import Topics
 
@@ -49,18 +47,10 @@ class BridgeClient:
         self.settings = mqtt_settings
         self.topics = Topics(prefix)
         self.client_name = client or f"dev-{secrets.token_hex(4)}"
-        v5 = mqtt_settings.protocol == "5"
-        self._mqtt = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_name,
-                                 protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
-        if mqtt_settings.username:
-            pw = mqtt_settings.password.get_secret_value() if mqtt_settings.password else None
-            self._mqtt.username_pw_set(mqtt_settings.username, pw)
-        if mqtt_settings.tls:
-            self._mqtt.tls_set(
-                ca_certs=str(mqtt_settings.ca_file) if mqtt_settings.ca_file else None,
-                certfile=str(mqtt_settings.cert_file) if mqtt_settings.cert_file else None,
-                keyfile=str(mqtt_settings.key_file) if mqtt_settings.key_file else None,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        # Without TCP_NODELAY (set by new_client) a request waits up to 40 ms for the
+        # broker's delayed ACK of this device's previous packet (docs/performance.md).
+        self._mqtt = new_client(mqtt_settings, self.client_name,
+                                v5=mqtt_settings.protocol == "5")
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100_000)
         self._connected = threading.Event()
         self._subacks: dict[int, threading.Event] = {}
@@ -71,9 +61,6 @@ class BridgeClient:
         self._mqtt.on_connect = self._on_connect
         self._mqtt.on_message = self._on_message
         self._mqtt.on_subscribe = self._on_subscribe
-        # Without TCP_NODELAY a request waits up to 40 ms for the broker's delayed ACK of
-        # this device's previous packet (measured: docs/performance.md).
-        self._mqtt.on_socket_open = no_delay
 
     # ------------------------------------------------------------------ connection
 
@@ -83,7 +70,7 @@ class BridgeClient:
         Raises:
             ConnectionError: refused or unreachable within ``timeout``.
         """
-        host = self.settings.host or "127.0.0.1"
+        host = broker_host(self.settings)
         try:
             self._mqtt.connect(host, self.settings.port, keepalive=30)
         except OSError as exc:

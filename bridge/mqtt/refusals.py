@@ -156,7 +156,7 @@ def delivered(info: mqtt.MQTTMessageInfo, qos: int, timeout: float) -> bool | No
             the write to the socket (QoS 0).
     Returns:
         True once acknowledged (or written, at QoS 0); False if it was refused
-        (dropped by :func:`drop_stream`) or discarded; None if still pending at ``timeout``.
+        (dropped by :func:`drop_messages`) or discarded; None if still pending at ``timeout``.
     """
     if qos == 0 and info.rc != mqtt.MQTT_ERR_SUCCESS:
         return False  # paho discards a QoS 0 message it cannot write at once

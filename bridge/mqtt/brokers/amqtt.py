@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import threading
 from collections.abc import Iterator
@@ -69,7 +68,7 @@ from amqtt.broker import Broker
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
-from bridge.mqtt.brokers.local import LocalBrokerError, check_port_free, port_in_use_error
+from bridge.mqtt.brokers.base import LocalBrokerError, address_error, check_port_free
 
 __all__ = ["EmbeddedBroker", "EmbeddedBrokerError", "OpenAuthPlugin"]
 
@@ -147,7 +146,7 @@ class OpenAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no ty
 class EmbeddedBroker:
     """An amqtt broker running in a background thread with its own event loop.
 
-    A :class:`~bridge.mqtt.brokers.local.LocalBroker`: ``kind`` "amqtt", ``protocol`` "3.1.1".
+    A :class:`~bridge.mqtt.brokers.base.LocalBroker`: ``kind`` "amqtt", ``protocol`` "3.1.1".
 
     Args:
         host: address to listen on. Keep the default (loopback): the embedded
@@ -320,14 +319,10 @@ class EmbeddedBroker:
     def _describe_start_error(self, error: BaseException) -> EmbeddedBrokerError:
         cause: BaseException | None = error
         while cause is not None:
-            if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
-                return EmbeddedBrokerError(str(port_in_use_error(self.host,
-                                                                 self._requested_port)))
-            if isinstance(cause, OSError) and cause.errno == errno.EADDRNOTAVAIL:
-                return EmbeddedBrokerError(
-                    f"cannot start the embedded MQTT broker: address {self.host} is not "
-                    f"an address of this machine."
-                )
+            known = address_error(self.host, self._requested_port, cause) \
+                if isinstance(cause, OSError) else None
+            if known is not None:
+                return EmbeddedBrokerError(str(known))
             cause = cause.__cause__ or cause.__context__
         return EmbeddedBrokerError(f"cannot start the embedded MQTT broker: {error}")
 

@@ -12,7 +12,6 @@ once (:func:`use_local_broker`) instead of probing.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import pwd
@@ -21,8 +20,14 @@ import socket
 import stat
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal
 
+from bridge.mqtt.brokers.base import (
+    LocalBroker,
+    LocalBrokerError,
+    check_port_free,
+    port_in_use_error,
+)
 from bridge.mqtt.brokers.mosquitto import (
     MOSQUITTO_ENV,
     MosquittoChild,
@@ -58,57 +63,6 @@ SHIPPED_LIMITS = {
     "persistent_client_expiration": "14d",
     "set_tcp_nodelay": "true",
 }
-
-
-class LocalBrokerError(RuntimeError):
-    """The local broker could not start or stop (the message says why and what to do)."""
-
-
-class LocalBroker(Protocol):
-    """What ``run`` needs of a local broker, Mosquitto or amqtt."""
-
-    kind: Literal["mosquitto", "amqtt"]
-    protocol: Literal["5", "3.1.1"]
-    host: str
-
-    @property
-    def port(self) -> int: ...
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-
-def port_in_use_error(host: str, port: int) -> LocalBrokerError:
-    """The error for a taken port: which port, and which flags change it."""
-    return LocalBrokerError(
-        f"cannot start the embedded MQTT broker: port {port} on {host} is already in use "
-        f"(another broker such as Mosquitto, or another bridge?). Use that broker with "
-        f"--mqtt-host/--mqtt-port, or pick a free port for the embedded one with --mqtt-port.")
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Fail early, with a clear message, when ``host:port`` cannot be bound.
-
-    SO_REUSEADDR, as brokers set it, so a port in TIME_WAIT does not count as taken.
-
-    Raises:
-        LocalBrokerError: the port is taken, or ``host`` is not an address of this machine.
-    """
-    if port == 0:
-        return
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise port_in_use_error(host, port) from exc
-            if exc.errno == errno.EADDRNOTAVAIL:
-                raise LocalBrokerError(f"cannot start the embedded MQTT broker: address "
-                                       f"{host} is not an address of this machine.") from exc
-            raise LocalBrokerError(f"cannot start the embedded MQTT broker on {host}:{port}: "
-                                   f"{exc}") from exc
 
 
 def _free_port(host: str) -> int:
