@@ -16,12 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from bridge.protocol.chunks import MIN_CHUNK_BYTES
-
-ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-"""Request ids: one topic level, no wildcards, no ``/``."""
-
-CLIENT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-"""Client names in ``P/request/{client}``."""
+from bridge.protocol.topics import ID_PATTERN
 
 
 class ErrorCode(StrEnum):

@@ -74,6 +74,7 @@ def test_profiles_from_toml(tmp_path: Path) -> None:
     ('[profiles.k]\nsytem = "x"\n', "sytem"),
     ("[profiles.k]\ntemperature = 9\n", "temperature"),
     ('[profiles."a b"]\nsystem = "x"\n', "profile name"),
+    ('[profiles."a\\n"]\nsystem = "x"\n', "profile name"),  # no request could name it
 ])
 def test_bad_profiles_are_named(tmp_path: Path, text: str, named: str) -> None:
     path = tmp_path / "bridge.toml"
