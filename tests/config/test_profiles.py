@@ -26,7 +26,13 @@ import pytest
 from pydantic import ValidationError
 
 from bridge import cli
-from bridge.config.profiles import Profile, ProfileRegistry, UnknownProfile, apply_profile
+from bridge.config.profiles import (
+    SAMPLING_FIELDS,
+    Profile,
+    ProfileRegistry,
+    UnknownProfile,
+    apply_profile,
+)
 from bridge.config.settings import MqttSettings, load_config
 from bridge.llama.client import LlamaCppClient
 from bridge.mqtt.device import BridgeClient
@@ -154,6 +160,23 @@ def test_unknown_profile_lists_the_known_ones() -> None:
         registry.get("c")
     with pytest.raises(UnknownProfile, match="has no profiles configured"):
         ProfileRegistry().get("a")
+
+
+@pytest.mark.parametrize(("name", "bad"), [
+    ("temperature", 5.5), ("top_p", 1.5), ("top_k", -1), ("top_k", 100_001), ("min_p", 2),
+    ("repeat_penalty", 10.5), ("stop", ["x"] * 17), ("max_tokens", 0), ("tools", [{}] * 129),
+])
+def test_a_profile_takes_what_a_request_takes(name: str, bad: Any) -> None:
+    with pytest.raises(ValidationError, match=name):
+        Profile.model_validate({name: bad})
+    with pytest.raises(ValidationError, match=name):
+        BridgeRequest.model_validate({"messages": [user("hi")], name: bad})
+
+
+def test_sampling_fields_are_the_plain_defaults() -> None:
+    """max_tokens is left to the cap rule; everything else a profile samples with is copied."""
+    assert SAMPLING_FIELDS == ("temperature", "top_p", "top_k", "min_p", "stop", "seed",
+                               "repeat_penalty")
 
 
 def test_reload_swaps_profiles_and_keeps_them_on_a_bad_file(
