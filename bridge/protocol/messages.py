@@ -254,6 +254,7 @@ ReplyMessage = Annotated[
     StartMsg | ChunkMsg | ProgressMsg | DoneMsg | ReplyMsg | ErrorMsg,
     Field(discriminator="type"),
 ]
+"""Any reply message; its ``type`` says which."""
 TERMINAL_TYPES = frozenset({"done", "reply", "error"})
 
 _reply_adapter: TypeAdapter[ReplyMessage] = TypeAdapter(ReplyMessage)
@@ -264,10 +265,7 @@ def encode(message: BaseModel) -> bytes:
     return message.model_dump_json(exclude_none=True).encode()
 
 
-AnyReply = StartMsg | ChunkMsg | ProgressMsg | DoneMsg | ReplyMsg | ErrorMsg
-
-
-def decode_reply(payload: bytes | str) -> AnyReply:
+def decode_reply(payload: bytes | str) -> ReplyMessage:
     """Parse one reply payload (raises ``pydantic.ValidationError`` if it is not one)."""
     return _reply_adapter.validate_json(payload)
 
