@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ConfigDict, Field
 
+from bridge.protocol.errors import UnknownProfile
 from bridge.protocol.messages import BridgeRequest, ChatMessage, Sampling, Tools
 
 if TYPE_CHECKING:
@@ -48,10 +49,6 @@ class Profile(Sampling):
         None, description="OpenAI tool definitions; present => one non-streamed 'reply'.")
     tool_choice: str | dict[str, Any] | None = None
     think: bool | None = Field(None, description="false disables thinking (reasoning models).")
-
-
-class UnknownProfile(ValueError):
-    """The request named a profile the configuration does not define."""
 
 
 class ProfileRegistry:

@@ -36,7 +36,8 @@ from bridge.config.profiles import (
 from bridge.config.settings import MqttSettings, load_config
 from bridge.llama.client import LlamaCppClient
 from bridge.mqtt.device import BridgeClient
-from bridge.protocol.messages import BridgeRequest
+from bridge.protocol.errors import RequestRejected
+from bridge.protocol.messages import BridgeRequest, ErrorCode
 from bridge.service.intake import Accepted
 from tests.support.bridge_proc import running_bridge
 from tests.support.fake_llama import FakeLlama
@@ -160,6 +161,13 @@ def test_unknown_profile_lists_the_known_ones() -> None:
         registry.get("c")
     with pytest.raises(UnknownProfile, match="has no profiles configured"):
         ProfileRegistry().get("a")
+
+
+def test_an_unknown_profile_is_a_bad_request() -> None:
+    with pytest.raises(RequestRejected) as info:
+        ProfileRegistry().get("a")
+    assert isinstance(info.value, UnknownProfile) and info.value.code == ErrorCode.bad_request
+    assert not info.value.retryable
 
 
 @pytest.mark.parametrize(("name", "bad"), [
