@@ -195,8 +195,8 @@ class Chunker:
         field: ``text`` for answer text, ``reasoning`` for reasoning text.
         clock: monotonic time in seconds (injectable for tests).
     Raises:
-        ValueError: ``chunk_bytes`` < 128 or too small for the envelope, bad id,
-            negative or NaN ``flush_s``, unknown ``field``.
+        ValueError: ``chunk_bytes`` below :data:`MIN_CHUNK_BYTES` or too small for the
+            envelope, bad id, negative or NaN ``flush_s``, unknown ``field``.
     """
 
     __slots__ = ("_base", "_clock", "_ctx", "_deadline", "_esc_len", "_flush_s", "_head",
