@@ -17,45 +17,38 @@ import dataclasses
 import threading
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from bridge.protocol.messages import BridgeRequest, ChatMessage
+from bridge.protocol.errors import UnknownProfile
+from bridge.protocol.messages import BridgeRequest, ChatMessage, Sampling, Tools
 
 if TYPE_CHECKING:
     from bridge.service.intake import Accepted
 
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "stop", "seed", "repeat_penalty")
-"""Sampling settings a profile may default (same names and ranges as in a request)."""
+SAMPLING_FIELDS = tuple(name for name in Sampling.model_fields if name != "max_tokens")
+"""The :class:`~bridge.protocol.messages.Sampling` settings a profile's value is only a
+default for; its ``max_tokens`` is also a cap (see :class:`Profile`)."""
 
 
-class Profile(BaseModel):
-    """One named preset (``[profiles.NAME]`` in the TOML file). Every field is optional."""
+class Profile(Sampling):
+    """One named preset (``[profiles.NAME]`` in the TOML file). Every field is optional.
+
+    The sampling settings have a request's names and ranges; ``max_tokens`` is the default
+    and the upper bound of the request's ``max_tokens`` (itself capped by
+    ``max_tokens_cap``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     system: str | None = Field(
         None, description="System prompt, sent first unless the request has its own system "
                           "message (chat requests only).")
-    tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = Field(
+    tools: Tools | None = Field(
         None, description="OpenAI tool definitions; present => one non-streamed 'reply'.")
     tool_choice: str | dict[str, Any] | None = None
-    temperature: Annotated[float, Field(ge=0, le=5)] | None = None
-    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0, le=100_000)] | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
-    seed: int | None = None
-    repeat_penalty: Annotated[float, Field(ge=0, le=10)] | None = None
     think: bool | None = Field(None, description="false disables thinking (reasoning models).")
-    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
-        None, description="Default and upper bound of the request's max_tokens "
-                          "(itself capped by max_tokens_cap).")
-
-
-class UnknownProfile(ValueError):
-    """The request named a profile the configuration does not define."""
 
 
 class ProfileRegistry:

@@ -9,7 +9,6 @@ tables; environment variables are ``BRIDGE_<KEY>`` and ``BRIDGE_MQTT__<KEY>``,
 from __future__ import annotations
 
 import contextvars
-import re
 import socket
 import tomllib
 from pathlib import Path
@@ -25,21 +24,15 @@ from pydantic_settings import (
 
 from bridge.config.profiles import Profile
 from bridge.protocol.chunks import MIN_CHUNK_BYTES
-from bridge.protocol.messages import ID_PATTERN
-from bridge.protocol.topics import Topics
+from bridge.protocol.topics import ID_PATTERN, ID_RULE, Topics, is_valid_id
 
 # The TOML file chosen for the load in progress (pydantic-settings builds sources per class).
 _toml_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "toml", default=None)
 
 
-
-_PROFILE_NAME = re.compile(ID_PATTERN)
-
-
 def _default_bridge_id() -> str:
-    host = "".join(c if (c.isascii() and c.isalnum()) or c in "_.-" else "-"
-                   for c in socket.gethostname())
+    host = "".join(c if is_valid_id(c) else "-" for c in socket.gethostname())
     return (host or "bridge")[:48]
 
 
@@ -131,8 +124,8 @@ class LlamaSettings(BaseModel):
     @classmethod
     def _valid_names(cls, names: list[str]) -> list[str]:
         for name in names:
-            if not _PROFILE_NAME.match(name):
-                raise ValueError(f"backend name {name!r} must match [A-Za-z0-9_.-]{{1,64}} "
+            if not is_valid_id(name):
+                raise ValueError(f"backend name {name!r} must match {ID_RULE} "
                                  "(a label, not an address: devices see it)")
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
@@ -164,10 +157,10 @@ class DeploymentConfig(BaseSettings):
     )
 
     prefix: str = Field("llm", description="First topic level(s): P/request/{client}, ...")
-    bridge_id: str = Field(default_factory=_default_bridge_id, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    bridge_id: str = Field(default_factory=_default_bridge_id, pattern=ID_PATTERN)
     shared_group: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        pattern=ID_PATTERN,
         description="Subscribe through $share/{group}/... so N bridges split requests (MQTT 5).",
     )
     chunk_bytes: int = Field(
@@ -240,8 +233,8 @@ class DeploymentConfig(BaseSettings):
     @classmethod
     def _profile_names(cls, profiles: dict[str, Profile]) -> dict[str, Profile]:
         for name in profiles:
-            if not _PROFILE_NAME.match(name):
-                raise ValueError(f"profile name {name!r} must match [A-Za-z0-9_.-]{{1,64}} "
+            if not is_valid_id(name):
+                raise ValueError(f"profile name {name!r} must match {ID_RULE} "
                                  "(requests name it in their 'profile' field)")
         return profiles
 

@@ -25,11 +25,10 @@ from typing import Literal
 
 import regex
 
+from bridge.protocol.topics import MAX_ID_CHARS
+
 MIN_CHUNK_BYTES = 128
 """Smallest ``chunk_bytes`` the bridge accepts."""
-
-MAX_ID_CHARS = 64
-"""Longest request id (``bridge.protocol.messages.ID_PATTERN``)."""
 
 _MAX_SEQ_DIGITS = 10  # sizing check: seqs below 10**10 must always leave room for text
 _MAX_ESCAPED_CHAR = 6  # the widest escaped code point: a control char as \u00XX
@@ -189,15 +188,15 @@ class Chunker:
     next delta may continue its last grapheme (a combining mark, a ZWJ sequence).
 
     Args:
-        request_id: the request's id (1-64 chars).
+        request_id: the request's id (1 to :data:`~bridge.protocol.topics.MAX_ID_CHARS` chars).
         seq: the request's seq counter; a seq is taken when each payload is built.
         chunk_bytes: the bound on every payload's size, envelope and escaping included.
         flush_s: longest time text waits in the buffer; 0 for one chunk per delta.
         field: ``text`` for answer text, ``reasoning`` for reasoning text.
         clock: monotonic time in seconds (injectable for tests).
     Raises:
-        ValueError: ``chunk_bytes`` < 128 or too small for the envelope, bad id,
-            negative or NaN ``flush_s``, unknown ``field``.
+        ValueError: ``chunk_bytes`` below :data:`MIN_CHUNK_BYTES` or too small for the
+            envelope, bad id, negative or NaN ``flush_s``, unknown ``field``.
     """
 
     __slots__ = ("_base", "_clock", "_ctx", "_deadline", "_esc_len", "_flush_s", "_head",

@@ -6,6 +6,7 @@ typed ``error`` reply without a lookup table scattered across modules::
 
     BridgeError
     ├── RequestRejected          bad input from a device (bad_request, too_large, ...)
+    │   └── UnknownProfile       ``profile`` names no profile of this bridge (bad_request)
     └── BackendError             anything that went wrong talking to llama-server
         ├── BackendUnavailable   could not connect / reset before the first byte
         ├── BackendTimeout
@@ -35,7 +36,7 @@ _BACKEND_URL = re.compile(r"(?:llama-server at )?\bhttps?://[^\s,;()'\"]*[^\s,;(
 
 
 class BridgeError(Exception):
-    """Base class of every error raised by this package."""
+    """Base class of the ways a request can fail; each carries the wire ``code`` it maps to."""
 
     code: ErrorCode = ErrorCode.internal
     retryable: bool = False
@@ -81,6 +82,17 @@ class RequestRejected(BridgeError):
         self.code = code
         self.retryable = retryable
         self.retry_after_ms = retry_after_ms
+
+
+class UnknownProfile(RequestRejected):
+    """The request named a profile the bridge's configuration does not define.
+
+    Args:
+        message: names the profile and lists the known ones.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.bad_request, message)
 
 
 class BackendError(BridgeError):

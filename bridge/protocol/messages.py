@@ -16,12 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from bridge.protocol.chunks import MIN_CHUNK_BYTES
-
-ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-"""Request ids: one topic level, no wildcards, no ``/``."""
-
-CLIENT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-"""Client names in ``P/request/{client}``."""
+from bridge.protocol.topics import ID_PATTERN
 
 
 class ErrorCode(StrEnum):
@@ -62,21 +57,48 @@ class ChatMessage(BaseModel):
 MAX_MESSAGES = 256
 """Most ``messages`` in one request."""
 MAX_TOOLS = 128
-"""Most ``tools`` in one request."""
+"""Most ``tools`` in one request or profile."""
 MAX_STOP_STRINGS = 16
-"""Most ``stop`` strings in one request."""
+"""Most ``stop`` strings in one request or profile."""
 MAX_MODEL_CHARS = 256
 """Longest ``model`` name."""
 
 
-class BridgeRequest(BaseModel):
-    """A request published by a device on ``P/request/{client}`` as a JSON object.
+Tools = Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)]
+"""OpenAI tool definitions, as a request or a profile gives them."""
 
-    A payload whose first non-whitespace character is ``{`` is parsed as JSON and must be
-    a valid JSON object of these fields; any other payload (``[1]``, ``"hi"`` or ``hello``
-    alike) becomes ``BridgeRequest(messages=[one user message with the payload as text])``
-    (:func:`bridge.service.intake.parse_request`). Unknown fields are rejected
-    (``extra="forbid"``) so a typo is reported, not ignored.
+
+class Sampling(BaseModel):
+    """How llama-server samples the answer and how long the answer may be.
+
+    A request sets these (:class:`BridgeRequest`); a profile may default them
+    (:class:`bridge.config.profiles.Profile`). Unset (None) leaves the choice to
+    llama-server, or for ``max_tokens`` to the bridge's ``max_tokens_default``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: Annotated[float, Field(ge=0, le=5)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = None
+    repeat_penalty: Annotated[float, Field(ge=0, le=10)] | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        """The llama-server sampling parameters set here (unset ones omitted)."""
+        return {n: getattr(self, n) for n in Sampling.model_fields
+                if getattr(self, n) is not None}
+
+
+class _RequestHead(BaseModel):
+    """The fields a request lists before its :class:`Sampling` settings.
+
+    A class of its own only to keep :class:`BridgeRequest`'s fields in their wire order:
+    pydantic puts a base's fields first, and a ``bad_request`` lists the errors it reports
+    in field order.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -90,16 +112,20 @@ class BridgeRequest(BaseModel):
     profile: Annotated[str, Field(pattern=ID_PATTERN)] | None = None
     model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS)] | None = None
 
-    temperature: Annotated[float, Field(ge=0, le=5)] | None = None
-    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0, le=100_000)] | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: int | None = None
-    repeat_penalty: Annotated[float, Field(ge=0, le=10)] | None = None
 
-    tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = None
+class BridgeRequest(Sampling, _RequestHead):
+    """A request published by a device on ``P/request/{client}`` as a JSON object.
+
+    A payload whose first non-whitespace character is ``{`` is parsed as JSON and must be
+    a valid JSON object of these fields; any other payload (``[1]``, ``"hi"`` or ``hello``
+    alike) becomes ``BridgeRequest(messages=[one user message with the payload as text])``
+    (:func:`bridge.service.intake.parse_request`). Unknown fields are rejected
+    (``extra="forbid"``) so a typo is reported, not ignored.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    tools: Tools | None = None
     tool_choice: str | dict[str, Any] | None = None
     stream: bool = True
     chunk_bytes: int | None = None
@@ -137,12 +163,6 @@ class BridgeRequest(BaseModel):
     def wants_single_reply(self) -> bool:
         """``tools`` or ``"stream": false`` ⇒ one non-streamed call and a single ``reply``."""
         return self.tools is not None or not self.stream
-
-    def sampling(self) -> dict[str, Any]:
-        """The llama-server sampling parameters this request sets (unset ones omitted)."""
-        names = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "seed",
-                 "repeat_penalty")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
 # --------------------------------------------------------------------------- replies
@@ -234,6 +254,7 @@ ReplyMessage = Annotated[
     StartMsg | ChunkMsg | ProgressMsg | DoneMsg | ReplyMsg | ErrorMsg,
     Field(discriminator="type"),
 ]
+"""Any reply message; its ``type`` says which."""
 TERMINAL_TYPES = frozenset({"done", "reply", "error"})
 
 _reply_adapter: TypeAdapter[ReplyMessage] = TypeAdapter(ReplyMessage)
@@ -244,10 +265,7 @@ def encode(message: BaseModel) -> bytes:
     return message.model_dump_json(exclude_none=True).encode()
 
 
-AnyReply = StartMsg | ChunkMsg | ProgressMsg | DoneMsg | ReplyMsg | ErrorMsg
-
-
-def decode_reply(payload: bytes | str) -> AnyReply:
+def decode_reply(payload: bytes | str) -> ReplyMessage:
     """Parse one reply payload (raises ``pydantic.ValidationError`` if it is not one)."""
     return _reply_adapter.validate_json(payload)
 

@@ -10,11 +10,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from bridge.protocol.messages import CLIENT_PATTERN, ID_PATTERN
 from bridge.protocol.packet import topic_bytes
 
-_CLIENT_RE = re.compile(CLIENT_PATTERN)
-_ID_RE = re.compile(ID_PATTERN)
+MAX_ID_CHARS = 64
+"""Longest request id, session, profile, bridge or client name (characters)."""
+ID_RULE = f"[A-Za-z0-9_.-]{{1,{MAX_ID_CHARS}}}"
+"""Request ids, and every other name that stands alone as one topic level or is named by a
+request (``session``, ``profile``, bridge ids, shared groups, backend names): no
+wildcards, no ``/``. Written without anchors, as messages and docs quote it."""
+ID_PATTERN = f"^{ID_RULE}$"
+""":data:`ID_RULE` anchored, for pydantic ``Field(pattern=...)``."""
+CLIENT_RULE = f"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_ID_CHARS - 1}}}"
+"""Client names in ``P/request/{client}``: as :data:`ID_RULE`, but starting with a letter
+or digit."""
+CLIENT_PATTERN = f"^{CLIENT_RULE}$"
+""":data:`CLIENT_RULE` anchored."""
+
+_CLIENT_RE = re.compile(CLIENT_RULE)
+_ID_RE = re.compile(ID_RULE)
 # No wildcards, no leading '/', and no leading '$' ($SYS, $share belong to the broker).
 _PREFIX_RE = re.compile(r"^[^#+\x00/$][^#+\x00]*$")
 

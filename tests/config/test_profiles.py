@@ -26,11 +26,18 @@ import pytest
 from pydantic import ValidationError
 
 from bridge import cli
-from bridge.config.profiles import Profile, ProfileRegistry, UnknownProfile, apply_profile
+from bridge.config.profiles import (
+    SAMPLING_FIELDS,
+    Profile,
+    ProfileRegistry,
+    UnknownProfile,
+    apply_profile,
+)
 from bridge.config.settings import MqttSettings, load_config
 from bridge.llama.client import LlamaCppClient
 from bridge.mqtt.device import BridgeClient
-from bridge.protocol.messages import BridgeRequest
+from bridge.protocol.errors import RequestRejected
+from bridge.protocol.messages import BridgeRequest, ErrorCode
 from bridge.service.intake import Accepted
 from tests.support.bridge_proc import running_bridge
 from tests.support.fake_llama import FakeLlama
@@ -74,6 +81,7 @@ def test_profiles_from_toml(tmp_path: Path) -> None:
     ('[profiles.k]\nsytem = "x"\n', "sytem"),
     ("[profiles.k]\ntemperature = 9\n", "temperature"),
     ('[profiles."a b"]\nsystem = "x"\n', "profile name"),
+    ('[profiles."a\\n"]\nsystem = "x"\n', "profile name"),  # no request could name it
 ])
 def test_bad_profiles_are_named(tmp_path: Path, text: str, named: str) -> None:
     path = tmp_path / "bridge.toml"
@@ -153,6 +161,30 @@ def test_unknown_profile_lists_the_known_ones() -> None:
         registry.get("c")
     with pytest.raises(UnknownProfile, match="has no profiles configured"):
         ProfileRegistry().get("a")
+
+
+def test_an_unknown_profile_is_a_bad_request() -> None:
+    with pytest.raises(RequestRejected) as info:
+        ProfileRegistry().get("a")
+    assert isinstance(info.value, UnknownProfile) and info.value.code == ErrorCode.bad_request
+    assert not info.value.retryable
+
+
+@pytest.mark.parametrize(("name", "bad"), [
+    ("temperature", 5.5), ("top_p", 1.5), ("top_k", -1), ("top_k", 100_001), ("min_p", 2),
+    ("repeat_penalty", 10.5), ("stop", ["x"] * 17), ("max_tokens", 0), ("tools", [{}] * 129),
+])
+def test_a_profile_takes_what_a_request_takes(name: str, bad: Any) -> None:
+    with pytest.raises(ValidationError, match=name):
+        Profile.model_validate({name: bad})
+    with pytest.raises(ValidationError, match=name):
+        BridgeRequest.model_validate({"messages": [user("hi")], name: bad})
+
+
+def test_sampling_fields_are_the_plain_defaults() -> None:
+    """max_tokens is left to the cap rule; everything else a profile samples with is copied."""
+    assert SAMPLING_FIELDS == ("temperature", "top_p", "top_k", "min_p", "stop", "seed",
+                               "repeat_penalty")
 
 
 def test_reload_swaps_profiles_and_keeps_them_on_a_bad_file(

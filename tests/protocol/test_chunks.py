@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.protocol.chunks import Chunker, SeqCounter, escaped_len, split_to_fit
-from bridge.protocol.messages import ID_PATTERN, ChunkMsg, decode_reply, json_text
+from bridge.protocol.messages import ChunkMsg, decode_reply, json_text
+from bridge.protocol.topics import ID_PATTERN
 
 PROPERTY = settings(max_examples=1000, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +25,15 @@ from bridge.protocol.messages import (
     encode,
     json_text,
 )
-from bridge.protocol.topics import Topics, is_valid_client, is_valid_id
+from bridge.protocol.topics import (
+    CLIENT_PATTERN,
+    CLIENT_RULE,
+    ID_PATTERN,
+    ID_RULE,
+    Topics,
+    is_valid_client,
+    is_valid_id,
+)
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -254,6 +263,14 @@ def test_client_of_rejects(topic: str) -> None:
 def test_validators() -> None:
     assert is_valid_client("dev1") and not is_valid_client("_dev") and not is_valid_client("")
     assert is_valid_id("_r.1-") and not is_valid_id("r/1") and not is_valid_id("r1\n")
+
+
+def test_name_rules_are_the_documented_ones() -> None:
+    protocol = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text(
+        encoding="utf-8")
+    assert ID_RULE == "[A-Za-z0-9_.-]{1,64}" and f"`{ID_RULE}`" in protocol
+    assert CLIENT_RULE == "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}" and f"`{CLIENT_RULE}`" in protocol
+    assert f"^{ID_RULE}$" == ID_PATTERN and f"^{CLIENT_RULE}$" == CLIENT_PATTERN
 
 
 def test_response_topic_allowed_inside_namespace() -> None:

@@ -17,7 +17,6 @@ from pydantic import ValidationError
 from bridge.config.settings import DeploymentConfig, load_config
 from bridge.mqtt.link import Inbound
 from bridge.protocol.messages import (
-    CLIENT_PATTERN,
     BridgeRequest,
     ChatMessage,
     ErrorCode,
@@ -25,7 +24,7 @@ from bridge.protocol.messages import (
     encode,
     json_text,
 )
-from bridge.protocol.topics import is_valid_id
+from bridge.protocol.topics import CLIENT_PATTERN, is_valid_id
 from bridge.service.intake import (
     Accepted,
     Rejected,
