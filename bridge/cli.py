@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from bridge.config.settings import DeploymentConfig, MqttSettings, load_config
+from bridge.mqtt.paho_client import broker_host
 from bridge.version import __version__
 
 if TYPE_CHECKING:
@@ -252,7 +253,7 @@ def _run_until(cfg: DeploymentConfig, stop: threading.Event, log: logging.Logger
             previous = signal.signal(
                 signal.SIGHUP, lambda *_: reload_profiles(bridge, cfg, reload, log))
             stack.callback(signal.signal, signal.SIGHUP, previous)
-        host = cfg.mqtt.host or "127.0.0.1"
+        host = broker_host(cfg.mqtt)
         print(f"bridge {cfg.bridge_id} ready: MQTT {host}:{cfg.mqtt.port}, topics "
               f"{cfg.prefix}/request/+, llama.cpp at {', '.join(urls)}. "
               f'Try: llamacpp-mqtt-bridge ask "hi"', flush=True)
