@@ -16,16 +16,8 @@ import requests
 import urllib3.exceptions
 
 from bridge.llama.events import Kind, parse_generation
-from bridge.llama.http import (
-    CallInfo,
-    CancelToken,
-    bound,
-    cancelled_error,
-    http_error,
-    map_request_error,
-    read_bounded,
-    with_retries,
-)
+from bridge.llama.failures import cancelled_error, http_error, map_request_error
+from bridge.llama.http import CallInfo, CancelToken, bound, read_bounded, with_retries
 from bridge.llama.types import Generation, RetryPolicy, Timeouts
 from bridge.protocol import safe_json
 from bridge.protocol.errors import BackendProtocolError, IdleTimeout

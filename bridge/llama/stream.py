@@ -24,7 +24,8 @@ import urllib3.exceptions
 
 from bridge.llama.dechunk import Dechunker
 from bridge.llama.events import EventAccumulator, Kind
-from bridge.llama.http import CallInfo, cancelled_error
+from bridge.llama.failures import cancelled_error
+from bridge.llama.http import CallInfo
 from bridge.llama.sse import DEFAULT_MAX_EVENT_BYTES, SSEComment, SSEItem, SSEParser
 from bridge.llama.types import (
     Delta,
