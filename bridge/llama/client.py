@@ -33,6 +33,7 @@ from bridge.llama.events import Kind
 from bridge.llama.http import CallInfo, CancelToken, make_session, read_bounded
 from bridge.llama.stream import Stream
 from bridge.llama.types import (
+    PROPS_MODEL_KEYS,
     Delta,
     Generation,
     Health,
@@ -215,7 +216,7 @@ class LlamaCppClient(ServerCalls):
         return Props(
             # Servers too old to report it run one slot unless --parallel was given.
             total_slots=int(raw.get("total_slots") or 1),
-            model=raw.get("model_alias") or raw.get("model_path") or None,
+            model=next((raw[k] for k in PROPS_MODEL_KEYS if raw.get(k)), None),
             n_ctx=n_ctx if isinstance(n_ctx, int) else None,
             chat_template_caps=caps if isinstance(caps, dict) else {},
             raw=raw,

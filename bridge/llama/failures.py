@@ -95,8 +95,7 @@ def http_error(resp: requests.Response, info: CallInfo) -> BackendHTTPError:
         body = decoded
         err = decoded.get("error")
         if isinstance(err, dict):
-            error_type = err.get("type") if isinstance(err.get("type"), str) else None
-            message = str(err.get("message") or message)
+            error_type, message = _type_and_message(err, message)
         elif isinstance(err, str):
             message = err
     hint = " (model still loading?)" if resp.status_code == 503 else ""
@@ -106,6 +105,14 @@ def http_error(resp: requests.Response, info: CallInfo) -> BackendHTTPError:
         f"{_final(resp.status_code, error_type, message)}",
         status=resp.status_code, error_type=error_type, body=body,
     )
+
+
+def _type_and_message(err: dict[str, Any], fallback: str) -> tuple[str | None, str]:
+    """The ``type`` and ``message`` of llama-server's error object (``fallback`` for a
+    missing message)."""
+    error_type = err.get("type")
+    return (error_type if isinstance(error_type, str) else None,
+            str(err.get("message") or fallback))
 
 
 def _final(status: int, error_type: str | None, message: str) -> str:
@@ -122,8 +129,7 @@ def stream_error(data: Any, url: str) -> BackendStreamError:
     error_type = None
     message = str(err)
     if isinstance(err, dict):
-        error_type = err.get("type") if isinstance(err.get("type"), str) else None
-        message = str(err.get("message") or err)
+        error_type, message = _type_and_message(err, message)
     return BackendStreamError(
         f"llama-server at {url} reported an error mid-stream"
         f"{f' ({error_type})' if error_type else ''}: {message}{_final(0, error_type, message)}",
