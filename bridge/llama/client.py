@@ -4,7 +4,10 @@ The only way the bridge talks to llama.cpp. Streams answers as typed deltas with
 precise timeouts (connect / first byte / idle between data events), retries only
 what is safe to retry (failures before the first byte), maps every failure to
 :mod:`bridge.protocol.errors`, and can cancel any call from another thread by closing
-its connection, which makes llama-server free the slot.
+its connection, which makes llama-server free the slot. :class:`LlamaCppClient` is
+the typed API; the requests under it are :class:`~bridge.llama.calls.ServerCalls`, a
+streamed answer is a :class:`~bridge.llama.stream.Stream`, and the request body comes
+from :mod:`bridge.llama.body`.
 
 Example::
 
@@ -17,31 +20,20 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
-import time
-from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 import urllib3.exceptions
-from pydantic import BaseModel
 
-from bridge.llama.events import Kind, parse_generation
-from bridge.llama.http import (
-    CallInfo,
-    CancelToken,
-    bound,
-    cancelled_error,
-    http_error,
-    make_session,
-    map_request_error,
-    read_bounded,
-    with_retries,
-)
+from bridge.llama.body import Messages, message_dicts, request_body
+from bridge.llama.calls import MAX_SMALL_BYTES, ServerCalls
+from bridge.llama.events import Kind
+from bridge.llama.http import CallInfo, CancelToken, make_session, read_bounded
 from bridge.llama.stream import Stream
 from bridge.llama.types import (
+    PROPS_MODEL_KEYS,
     Delta,
     Generation,
     Health,
@@ -54,7 +46,7 @@ from bridge.llama.types import (
     ToolCallDelta,
 )
 from bridge.protocol import safe_json
-from bridge.protocol.errors import BackendProtocolError, IdleTimeout
+from bridge.protocol.errors import BackendProtocolError
 from bridge.protocol.messages import json_text
 
 __all__ = [
@@ -73,15 +65,8 @@ __all__ = [
     "ToolCallDelta",
 ]
 
-MAX_ANSWER_BYTES = 32 * 1024 * 1024
-"""Bound on a non-streamed answer's body."""
-MAX_SMALL_BYTES = 8 * 1024 * 1024
-"""Bound on /props, /slots, /v1/models bodies (/props carries the chat template)."""
 
-Messages = Sequence[Mapping[str, Any] | BaseModel]
-
-
-class LlamaCppClient:
+class LlamaCppClient(ServerCalls):
     """Talks to one llama-server.
 
     Args:
@@ -103,10 +88,8 @@ class LlamaCppClient:
             raise ValueError(f"llama-server URL must look like http://host:port, got {base_url!r}")
         if pool_size < 1:
             raise ValueError("pool_size must be >= 1")
-        self.base_url = base_url.rstrip("/")
-        self.timeouts = timeouts or Timeouts()
-        self.retry = retry or RetryPolicy()
-        self._session = make_session(pool_size, api_key)
+        super().__init__(base_url.rstrip("/"), timeouts or Timeouts(), retry or RetryPolicy(),
+                         make_session(pool_size, api_key))
 
     # ------------------------------------------------------------------ generation
 
@@ -135,8 +118,8 @@ class LlamaCppClient:
         Returns:
             The stream of deltas, ending with one :class:`StreamEnd`.
         """
-        body = _body("messages", _messages(messages), True, temperature, top_p, max_tokens,
-                     tools, tool_choice, sampling)
+        body = request_body("messages", message_dicts(messages), True, temperature, top_p,
+                            max_tokens, tools, tool_choice, sampling)
         return self._stream("/v1/chat/completions", body, "chat", cancel_token)
 
     def complete_stream(self, prompt: str, temperature: float | None = None,
@@ -150,8 +133,8 @@ class LlamaCppClient:
         Returns:
             The stream of deltas, ending with one :class:`StreamEnd`.
         """
-        body = _body("prompt", prompt, True, temperature, top_p, max_tokens, tools,
-                     tool_choice, sampling)
+        body = request_body("prompt", prompt, True, temperature, top_p, max_tokens, tools,
+                            tool_choice, sampling)
         return self._stream("/v1/completions", body, "completion", cancel_token)
 
     def generate(self, messages: Messages, temperature: float | None = None,
@@ -167,8 +150,8 @@ class LlamaCppClient:
         Returns:
             The answer (content and/or tool calls, finish reason, usage, timings).
         """
-        body = _body("messages", _messages(messages), False, temperature, top_p, max_tokens,
-                     tools, tool_choice, sampling)
+        body = request_body("messages", message_dicts(messages), False, temperature, top_p,
+                            max_tokens, tools, tool_choice, sampling)
         return self._call("/v1/chat/completions", body, "chat", cancel_token)
 
     def complete(self, prompt: str, temperature: float | None = None,
@@ -181,8 +164,8 @@ class LlamaCppClient:
         Returns:
             The answer.
         """
-        body = _body("prompt", prompt, False, temperature, top_p, max_tokens, tools,
-                     tool_choice, sampling)
+        body = request_body("prompt", prompt, False, temperature, top_p, max_tokens, tools,
+                            tool_choice, sampling)
         return self._call("/v1/completions", body, "completion", cancel_token)
 
     # ------------------------------------------------------------------ server state
@@ -233,7 +216,7 @@ class LlamaCppClient:
         return Props(
             # Servers too old to report it run one slot unless --parallel was given.
             total_slots=int(raw.get("total_slots") or 1),
-            model=raw.get("model_alias") or raw.get("model_path") or None,
+            model=next((raw[k] for k in PROPS_MODEL_KEYS if raw.get(k)), None),
             n_ctx=n_ctx if isinstance(n_ctx, int) else None,
             chat_template_caps=caps if isinstance(caps, dict) else {},
             raw=raw,
@@ -306,9 +289,6 @@ class LlamaCppClient:
 
     # ------------------------------------------------------------------ internals
 
-    def _url(self, path: str) -> str:
-        return self.base_url + path
-
     def _stream(self, path: str, body: dict[str, Any], kind: Kind,
                 token: CancelToken | None) -> Stream:
         info = CallInfo(self._url(path), token=token or CancelToken())
@@ -318,110 +298,3 @@ class LlamaCppClient:
             return self._post(call, payload, self.timeouts.first_byte, "first_byte")
 
         return Stream(opener, info, kind, self.timeouts.idle)
-
-    def _call(self, path: str, body: dict[str, Any], kind: Kind,
-              token: CancelToken | None) -> Generation:
-        info = CallInfo(self._url(path), token=token or CancelToken())
-        limit = self.timeouts.non_streamed
-        resp = self._post(info, json_text(body).encode(), limit, "non_streamed")
-        try:
-            data = read_bounded(resp, MAX_ANSWER_BYTES)
-        except ValueError as exc:
-            raise BackendProtocolError(f"answer from {info.url}: {exc}") from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            if info.token.cancelled:
-                raise cancelled_error(info) from exc
-            if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
-                raise IdleTimeout(f"answer from llama-server at {info.url} stalled for "
-                                  f"non_streamed={limit:g} s mid-body") from exc
-            raise BackendProtocolError(f"connection to llama-server at {info.url} broke "
-                                       f"while reading the answer: {exc}") from exc
-        finally:
-            info.token.detach()  # before the connection can go back to the pool
-            resp.close()
-        if info.token.cancelled:
-            raise cancelled_error(info)
-        return parse_generation(data, kind, info.url)
-
-    def _post(self, info: CallInfo, payload: bytes, read_timeout: float,
-              read_name: str) -> requests.Response:
-        """POST with retries; returns a 2xx response whose body is not read yet."""
-        t = self.timeouts
-
-        def attempt() -> requests.Response:
-            if info.token.cancelled:
-                raise cancelled_error(info)
-            info.attempts += 1
-            try:
-                with bound(info.token):
-                    resp = self._session.post(
-                        info.url, data=payload, stream=True,
-                        headers={"Content-Type": "application/json"},
-                        timeout=(t.connect, read_timeout))
-            except requests.RequestException as exc:
-                raise map_request_error(exc, info, t.connect, read_timeout, read_name,
-                                        self.retry.attempts) from exc
-            info.first_byte_at = time.monotonic()
-            return _checked(resp, info)
-
-        return with_retries(attempt, self.retry, info.token, info.url)
-
-    def _get(self, info: CallInfo, attempts: int) -> requests.Response:
-        t = self.timeouts
-
-        def attempt() -> requests.Response:
-            info.attempts += 1
-            try:
-                return self._session.get(info.url, stream=True,
-                                         timeout=(t.connect, t.request))
-            except requests.RequestException as exc:
-                raise map_request_error(exc, info, t.connect, t.request, "request",
-                                        attempts) from exc
-
-        if attempts == 1:
-            return attempt()
-        policy = self.retry if attempts == self.retry.attempts else dataclasses.replace(
-            self.retry, attempts=attempts)
-        return with_retries(attempt, policy, info.token, info.url)
-
-    def _get_json(self, path: str) -> Any:
-        info = CallInfo(self._url(path))
-        resp = _checked(self._get(info, self.retry.attempts), info)
-        try:
-            return safe_json.loads(read_bounded(resp, MAX_SMALL_BYTES))
-        except (ValueError, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise BackendProtocolError(f"bad answer from {info.url}: {exc}") from exc
-        finally:
-            resp.close()
-
-
-def _checked(resp: requests.Response, info: CallInfo) -> requests.Response:
-    """Raise :class:`BackendHTTPError` (closing the response) for a 4xx/5xx answer."""
-    if resp.status_code < 400:
-        return resp
-    try:
-        raise http_error(resp, info)
-    finally:
-        resp.close()
-
-
-def _messages(messages: Messages) -> list[dict[str, Any]]:
-    return [m.model_dump(exclude_none=True) if isinstance(m, BaseModel) else dict(m)
-            for m in messages]
-
-
-def _body(key: str, value: Any, stream: bool, temperature: float | None,
-          top_p: float | None, max_tokens: int | None, tools: list[dict[str, Any]] | None,
-          tool_choice: str | dict[str, Any] | None,
-          sampling: Mapping[str, Any]) -> dict[str, Any]:
-    body: dict[str, Any] = {key: value}
-    named = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
-             "tools": tools, "tool_choice": tool_choice}
-    body.update((k, v) for k, v in {**named, **sampling}.items() if v is not None)
-    # Set last: these decide how the answer is read and must not be overridden.
-    body["stream"] = stream
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    else:
-        body.pop("stream_options", None)
-    return body

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import msgspec
 from pydantic import ValidationError
 
-from bridge.llama.http import stream_error
+from bridge.llama.failures import stream_error
 from bridge.llama.types import (
     Delta,
     Generation,

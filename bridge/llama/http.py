@@ -1,4 +1,4 @@
-"""HTTP plumbing of the llama-server client: cancellable requests, retries, error mapping.
+"""HTTP plumbing of the llama-server client: cancellable requests, bounded reads, retries.
 
 Why not plain ``requests``: a request must be cancellable from another thread at
 any moment — also while llama-server keeps it queued without sending headers —
@@ -8,6 +8,8 @@ session's connection classes report their socket to the :class:`CancelToken` of
 the calling thread just before waiting for the response, and the pools detach it
 again before a connection is reused (so a late ``cancel()`` can never hit
 another request's connection).
+
+What a failed call raises is :mod:`bridge.llama.failures`.
 """
 
 from __future__ import annotations
@@ -29,22 +31,14 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.response import HTTPResponse
 
 from bridge.llama.types import RetryPolicy
-from bridge.protocol import safe_json
 from bridge.protocol.errors import (
-    BackendError,
     BackendHTTPError,
     BackendStreamError,
     BackendUnavailable,
-    ConnectTimeout,
-    FirstByteTimeout,
     StreamCancelled,
-    backend_retryable,
 )
 
 T = TypeVar("T")
-
-MAX_ERROR_BODY = 64 * 1024
-"""Bytes of an HTTP error body kept for the message (llama's are < 1 KiB)."""
 
 
 class CancelToken:
@@ -244,112 +238,6 @@ class CallInfo:
     attempts: int = 0
     started_at: float = field(default_factory=time.monotonic)
     first_byte_at: float | None = None
-
-
-def cancelled_error(info: CallInfo) -> StreamCancelled:
-    """The exception for a call cancelled through its token."""
-    return StreamCancelled(
-        f"request to {info.url} was cancelled; its connection to llama-server is closed "
-        "so the server frees the slot"
-    )
-
-
-def map_request_error(exc: requests.RequestException, info: CallInfo, connect_s: float,
-                      read_s: float, read_name: str, attempts: int) -> BackendError:
-    """Translate a ``requests`` failure before any response byte into our hierarchy.
-
-    Args:
-        exc: what ``requests`` raised.
-        info: the call (URL, token, attempt count).
-        connect_s: the connect timeout in force.
-        read_s: the timeout for the response headers in force.
-        read_name: the name of that timeout's setting, for the message.
-        attempts: attempts allowed by the retry policy.
-
-    Returns:
-        The exception to raise.
-    """
-    tries = f"(attempt {info.attempts}/{attempts})"
-    where = f"llama-server at {info.url} {tries}"
-    if info.token.cancelled:
-        return cancelled_error(info)
-    if isinstance(exc, requests.ConnectTimeout):
-        return ConnectTimeout(
-            f"could not open a connection to {where} within connect={connect_s:g} s; "
-            "check that the host is up and reachable (firewall, address)",
-            public=f"llama-server did not accept a connection {tries}; try again later",
-        )
-    if isinstance(exc, requests.ReadTimeout):
-        return FirstByteTimeout(
-            f"{where} accepted the request but sent no response within "
-            f"{read_name}={read_s:g} s; every slot may be busy (llama-server queues silently) "
-            "or the prompt is long: check /slots and the server load, or raise the timeout",
-            public=f"llama-server sent no response within {read_name}={read_s:g} s (all its "
-                   "slots may be busy, or the prompt is long); try again later or send a "
-                   "shorter prompt",
-        )
-    return BackendUnavailable(
-        f"could not reach {where}: {exc}; check that llama-server is running and the URL "
-        "is right",
-        public=f"llama-server could not be reached {tries}; try again later",
-    )
-
-
-def http_error(resp: requests.Response, info: CallInfo) -> BackendHTTPError:
-    """Build the exception for an HTTP 4xx/5xx answer (reads at most 64 KiB of body).
-
-    llama-server's error body is ``{"error": {"code", "message", "type"}}``; anything
-    else (a proxy's HTML page) is quoted as text.
-    """
-    try:
-        raw = read_bounded(resp, MAX_ERROR_BODY, truncate=True)
-    except Exception:  # a body cut short must not hide the status we already have
-        raw = b""
-    error_type: str | None = None
-    message = raw.decode("utf-8", "replace").strip()[:500] or resp.reason or ""
-    body: object = message
-    try:
-        decoded = safe_json.loads(raw)  # an error body is untrusted too
-    except ValueError:
-        decoded = None
-    if isinstance(decoded, dict):
-        body = decoded
-        err = decoded.get("error")
-        if isinstance(err, dict):
-            error_type = err.get("type") if isinstance(err.get("type"), str) else None
-            message = str(err.get("message") or message)
-        elif isinstance(err, str):
-            message = err
-    hint = " (model still loading?)" if resp.status_code == 503 else ""
-    return BackendHTTPError(
-        f"llama-server at {info.url} answered HTTP {resp.status_code}"
-        f"{f' {error_type}' if error_type else ''}{hint}: {message}"
-        f"{_final(resp.status_code, error_type, message)}",
-        status=resp.status_code, error_type=error_type, body=body,
-    )
-
-
-def _final(status: int, error_type: str | None, message: str) -> str:
-    """What to tell a device whose request llama-server refused for good (see
-    :func:`bridge.protocol.errors.backend_retryable`)."""
-    if backend_retryable(status, error_type, message):
-        return ""
-    return " -- the request cannot succeed as sent: change it before sending it again"
-
-
-def stream_error(data: Any, url: str) -> BackendStreamError:
-    """Build the exception for an in-band ``{"error": ...}`` event (new or legacy form)."""
-    err = data.get("error", data) if isinstance(data, dict) else data
-    error_type = None
-    message = str(err)
-    if isinstance(err, dict):
-        error_type = err.get("type") if isinstance(err.get("type"), str) else None
-        message = str(err.get("message") or err)
-    return BackendStreamError(
-        f"llama-server at {url} reported an error mid-stream"
-        f"{f' ({error_type})' if error_type else ''}: {message}{_final(0, error_type, message)}",
-        status=0, error_type=error_type, body=data,
-    )
 
 
 def read_bounded(resp: requests.Response, limit: int, *, truncate: bool = False) -> bytes:

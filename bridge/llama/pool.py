@@ -27,6 +27,7 @@ from typing import Any
 
 from bridge.config.settings import LlamaSettings
 from bridge.llama.client import LlamaCppClient, RetryPolicy, Timeouts
+from bridge.llama.types import PROPS_MODEL_KEYS
 from bridge.protocol.errors import (
     BackendError,
     BackendHTTPError,
@@ -217,7 +218,7 @@ class BackendPool:
                 backend.slots = max(1, int(props.total_slots or 1))
                 backend.model = props.model
                 backend.models = models
-                extra = [str(props.raw.get(k) or "") for k in ("model_alias", "model_path")]
+                extra = [str(props.raw.get(k) or "") for k in PROPS_MODEL_KEYS]
                 backend.names = model_names([*models, *extra])
                 backend.last_error = None
             else:

@@ -10,11 +10,11 @@ A worker still does the blocking part of a request -- connecting, retries,
 waiting for the headers, failing over to another backend -- then hands the
 connection to :class:`Relay` with :meth:`bridge.llama.stream.Stream.pump` and
 waits. The relay reads the socket without blocking, decodes the chunks, the SSE
-events and the OpenAI chunks with the same code as :class:`~bridge.llama.stream.Stream`,
-and calls the worker's ``on_delta`` for every delta, in the relay's thread. The
-worker gets the stream's end, or its error, as if it had read the stream itself:
-cancelling (``CancelToken.cancel`` shuts the socket down), the idle timeout and
-every error message are the same.
+events and the OpenAI chunks with the stream's own decoders (what it needs of a
+stream is :class:`RelayedStream`), and calls the worker's ``on_delta`` for every
+delta, in the relay's thread. The worker gets the stream's end, or its error, as
+if it had read the stream itself: cancelling (``CancelToken.cancel`` shuts the
+socket down), the idle timeout and every error message are the same.
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import suppress
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from bridge.llama.dechunk import Dechunker
+from bridge.llama.events import EventAccumulator
+from bridge.llama.sse import SSEItem, SSEParser
 from bridge.llama.types import Delta, StreamEnd
-
-if TYPE_CHECKING:
-    from bridge.llama.stream import Stream
+from bridge.protocol.errors import BridgeError
 
 log = logging.getLogger("bridge.relay")
 
@@ -46,19 +46,59 @@ _SWEEP_S = 0.25  # how often idle timeouts are checked (their resolution)
 _WAIT_S = 1.0  # a waiting worker checks this often that the relay still runs
 
 
+class RelayedStream(Protocol):
+    """What :class:`Relay` needs of a stream whose body it reads.
+
+    :class:`bridge.llama.stream.Stream` is one. The relay decodes the body with the
+    stream's own decoders and ends it with the stream's own errors, so that a worker
+    cannot tell whether the relay or its own thread read the body. The ``relay_*``
+    methods are this contract only, not a stream's API for its consumer.
+    """
+
+    events: int
+    """Data events decoded so far: the idle timeout restarts when this grows."""
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the stream was cancelled."""
+
+    @property
+    def idle(self) -> float:
+        """The idle timeout in seconds: the longest wait for the next data event."""
+
+    def relay_decoders(self) -> tuple[SSEParser, EventAccumulator]:
+        """A parser for the stream's events and the accumulator of its deltas (called once)."""
+
+    def relay_deltas(self, items: list[SSEItem], acc: EventAccumulator) -> Iterator[Delta]:
+        """The deltas in parsed SSE ``items``, in order, up to the stream's end (``acc.done``).
+
+        Counts :attr:`events`, and raises the cancel error if the stream is cancelled
+        while the relay's ``on_delta`` holds a delta.
+        """
+
+    def relay_cancelled_error(self) -> BridgeError:
+        """The error a cancelled stream ends with (also when the relay stops)."""
+
+    def relay_idle_error(self) -> BridgeError:
+        """The error a stream ends with after :attr:`idle` seconds without a data event."""
+
+    def relay_read_error(self, exc: Exception) -> BridgeError:
+        """The error a stream ends with when reading its socket raised ``exc``."""
+
+
 class _Relayed:
     """One stream being read by the relay."""
 
     __slots__ = ("acc", "dechunker", "fd", "future", "last", "on_delta", "parser", "sock",
                  "stream")
 
-    def __init__(self, stream: Stream, sock: socket.socket, dechunker: Dechunker,
+    def __init__(self, stream: RelayedStream, sock: socket.socket, dechunker: Dechunker,
                  on_delta: Callable[[Delta], None]) -> None:
         self.stream = stream
         self.sock = sock
         self.fd = -1  # while registered with the selector
         self.dechunker = dechunker
-        self.parser, self.acc = stream.new_decoders()
+        self.parser, self.acc = stream.relay_decoders()
         self.on_delta = on_delta
         self.future: Future[StreamEnd] = Future()
         self.last = time.monotonic()  # the last data event, for the idle timeout
@@ -102,7 +142,7 @@ class Relay:
         self._wake_r.close()
         self._wake_w.close()
 
-    def relay(self, stream: Stream, sock: socket.socket, head: bytes, dechunker: Dechunker,
+    def relay(self, stream: RelayedStream, sock: socket.socket, head: bytes, dechunker: Dechunker,
               on_delta: Callable[[Delta], None]) -> StreamEnd:
         """Read ``stream``'s body from ``sock`` in the relay's thread; wait for its end.
 
@@ -121,7 +161,7 @@ class Relay:
         """
         item = _Relayed(stream, sock, dechunker, on_delta)
         if self._stopping:  # the bridge is shutting down
-            raise stream.cancelled_error()
+            raise stream.relay_cancelled_error()
         self._incoming.append((item, head))
         self._wake()
         while True:
@@ -160,7 +200,7 @@ class Relay:
             self._stopping = True
             self._take_incoming()
             for item in list(self._streams.values()):
-                self._end(item, exc=item.stream.cancelled_error())
+                self._end(item, exc=item.stream.relay_cancelled_error())
             self._selector.close()
 
     def _take_incoming(self) -> None:
@@ -170,7 +210,7 @@ class Relay:
         while self._incoming:
             item, head = self._incoming.popleft()
             if self._stopping:
-                item.future.set_exception(item.stream.cancelled_error())
+                item.future.set_exception(item.stream.relay_cancelled_error())
                 continue
             try:
                 self._selector.register(item.sock, selectors.EVENT_READ, item)
@@ -196,13 +236,13 @@ class Relay:
         self._feed(item, data)
 
     def _fail(self, item: _Relayed, exc: Exception) -> None:
-        self._end(item, exc=item.stream.read_error(exc))
+        self._end(item, exc=item.stream.relay_read_error(exc))
 
     def _feed(self, item: _Relayed, data: bytes) -> None:
         """Bytes read from ``item``'s socket (b"" at EOF): decode them, pass the deltas on."""
         stream, acc = item.stream, item.acc
         if stream.cancelled:
-            self._end(item, exc=stream.cancelled_error())
+            self._end(item, exc=stream.relay_cancelled_error())
             return
         try:
             if data:
@@ -211,11 +251,11 @@ class Relay:
                 if item.dechunker.done:
                     items += item.parser.finish()
             elif not item.dechunker.done:  # EOF before the last chunk: cut off
-                raise stream.read_error(http.client.IncompleteRead(b""))
+                raise stream.relay_read_error(http.client.IncompleteRead(b""))
             else:
                 items = item.parser.finish()
             seen = stream.events
-            for delta in stream.deltas(items, acc):
+            for delta in stream.relay_deltas(items, acc):
                 item.on_delta(delta)
             if acc.done or not data or item.dechunker.done:
                 # A stream that reported its finish_reason is complete without [DONE].
@@ -231,7 +271,7 @@ class Relay:
                 self._read(item)  # data may wait that this thread was too busy to read
                 if item.future.done() or time.monotonic() - item.last < item.stream.idle:
                     continue
-                self._end(item, exc=item.stream.idle_error())
+                self._end(item, exc=item.stream.relay_idle_error())
 
     def _end(self, item: _Relayed, *, result: StreamEnd | None = None,
              exc: BaseException | None = None) -> None:

@@ -24,7 +24,8 @@ import urllib3.exceptions
 
 from bridge.llama.dechunk import Dechunker
 from bridge.llama.events import EventAccumulator, Kind
-from bridge.llama.http import CallInfo, cancelled_error
+from bridge.llama.failures import cancelled_error
+from bridge.llama.http import CallInfo
 from bridge.llama.sse import DEFAULT_MAX_EVENT_BYTES, SSEComment, SSEItem, SSEParser
 from bridge.llama.types import (
     Delta,
@@ -198,15 +199,6 @@ class Stream:
         """The idle timeout in seconds."""
         return self._idle
 
-    def cancelled_error(self) -> BridgeError:
-        """The error a cancelled stream ends with."""
-        return cancelled_error(self._info)
-
-    def new_decoders(self) -> tuple[SSEParser, EventAccumulator]:
-        """A parser for this stream's events and the accumulator of its deltas."""
-        self._acc = EventAccumulator(self._kind, self.url)
-        return SSEParser(self._max_event_bytes), self._acc
-
     def usage_so_far(self) -> Usage:
         """The usage of what was generated until now, also for a stream that never ended.
 
@@ -222,7 +214,14 @@ class Stream:
         return Usage(prompt_tokens=prompt if type(prompt) is int and prompt >= 0 else 0,
                      completion_tokens=self.token_events)
 
-    def deltas(self, items: list[SSEItem], acc: EventAccumulator) -> Iterator[Delta]:
+    # ------------------------------------------------------------------ decoding
+
+    def _decoders(self) -> tuple[SSEParser, EventAccumulator]:
+        """A parser for this stream's events and the accumulator of its deltas."""
+        self._acc = EventAccumulator(self._kind, self.url)
+        return SSEParser(self._max_event_bytes), self._acc
+
+    def _deltas(self, items: list[SSEItem], acc: EventAccumulator) -> Iterator[Delta]:
         """The deltas in parsed SSE ``items``, in order, up to the stream's end (``acc.done``).
 
         Counts keep-alive pings and data events, notes the first delta, and raises
@@ -236,7 +235,7 @@ class Stream:
             counted = False
             for delta in acc.event(item.data, item.event):
                 if self.cancelled:
-                    raise self.cancelled_error()
+                    raise cancelled_error(self._info)
                 if self.first_delta_at is None:
                     self.first_delta_at = time.monotonic()
                 if not counted:  # before the consumer sees it: a cancel may follow at once
@@ -246,7 +245,7 @@ class Stream:
             if acc.done:
                 return
 
-    def idle_error(self) -> IdleTimeout:
+    def _idle_error(self) -> IdleTimeout:
         what = (f"only {self.pings} keep-alive ping(s)" if self.pings else "nothing")
         return IdleTimeout(
             f"llama-server at {self.url} sent no data for idle={self._idle:g} s mid-stream "
@@ -254,18 +253,32 @@ class Stream:
             "its log and /slots, or raise the idle timeout"
         )
 
-    def read_error(self, exc: Exception) -> BridgeError:
+    def _read_error(self, exc: Exception) -> BridgeError:
         if self.cancelled:
             return cancelled_error(self._info)
         if isinstance(exc, BridgeError):  # bad chunked framing, from Dechunker
             return exc
         if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
-            return self.idle_error()
+            return self._idle_error()
         return BackendProtocolError(
             f"connection to llama-server at {self.url} broke mid-stream ({exc}); not retried "
             "because part of the answer was already received: check the server's log "
             "(crash, restart, out of memory?)"
         )
+
+    # ------------------------------------------------------------------ RelayedStream
+    # The relay's view of this stream (bridge.llama.relay.RelayedStream): the same
+    # decoding and errors as above, so a relayed body ends exactly as one iterated here.
+    # Aliases, not wrappers: relay_deltas runs once per socket read.
+
+    relay_decoders = _decoders
+    relay_deltas = _deltas
+    relay_idle_error = _idle_error
+    relay_read_error = _read_error
+
+    def relay_cancelled_error(self) -> BridgeError:
+        """The error a cancelled stream ends with."""
+        return cancelled_error(self._info)
 
     # ------------------------------------------------------------------ internals
 
@@ -305,14 +318,14 @@ class Stream:
         raw = self._response.raw
         # One read returns everything the socket holds, not one HTTP chunk (= one event).
         read: Callable[[int], bytes] = Dechunker.attach(raw) or raw.read1
-        parser, acc = self.new_decoders()
+        parser, acc = self._decoders()
         token = self._info.token
         waited = 0.0  # seconds blocked on the socket since the last data event
         timeout_set = None  # (socket, timeout) last set: settimeout costs two syscalls
         while True:
             remaining = self._idle - waited
             if remaining <= 0:
-                raise self.idle_error()
+                raise self._idle_error()
             sock = token.sock
             if sock is not None and timeout_set != (sock, remaining):
                 # Each read may wait only for what is left of the idle budget. (A socket
@@ -324,12 +337,12 @@ class Stream:
             try:
                 chunk = read(READ_SIZE)
             except Exception as exc:
-                raise self.read_error(exc) from exc
+                raise self._read_error(exc) from exc
             waited += time.monotonic() - before
             if token.cancelled:
                 raise cancelled_error(self._info)
             seen = self.events
-            yield from self.deltas(parser.feed(chunk) if chunk else parser.finish(), acc)
+            yield from self._deltas(parser.feed(chunk) if chunk else parser.finish(), acc)
             if acc.done:
                 yield acc.end()
                 return

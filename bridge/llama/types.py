@@ -6,7 +6,7 @@ deltas (the bridge's publisher, tests) imports no HTTP machinery.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from bridge.protocol.messages import Usage
@@ -39,9 +39,9 @@ class Timeouts:
     non_streamed: float = 300.0
 
     def __post_init__(self) -> None:
-        for name in ("connect", "first_byte", "idle", "request", "non_streamed"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"Timeouts.{name} must be > 0 seconds")
+        for f in fields(self):
+            if not getattr(self, f.name) > 0:
+                raise ValueError(f"Timeouts.{f.name} must be > 0 seconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,3 +183,7 @@ class Props:
     n_ctx: int | None
     chat_template_caps: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+
+
+PROPS_MODEL_KEYS = ("model_alias", "model_path")
+"""The ``/props`` fields that name the server's model, the preferred first."""

@@ -16,12 +16,8 @@ import psutil
 import pytest
 import requests
 
-from bridge.llama.embedded import (
-    BASE_MODEL_CHAT_TEMPLATE,
-    BASE_MODEL_STOPS,
-    EmbeddedLlama,
-    EmbeddedLlamaError,
-)
+from bridge.llama.embedded import EmbeddedLlama, EmbeddedLlamaError
+from bridge.llama.embedded_server import BASE_MODEL_CHAT_TEMPLATE, BASE_MODEL_STOPS
 
 TIMEOUT = 10.0
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from bridge.config.settings import DeploymentConfig, LlamaSettings, load_config
-from bridge.llama.client import MAX_ANSWER_BYTES
+from bridge.llama.calls import MAX_ANSWER_BYTES
 from bridge.llama.sse import DEFAULT_MAX_EVENT_BYTES
 from bridge.mqtt.link import Inbound
 from bridge.protocol.chunks import MIN_CHUNK_BYTES
