@@ -13,18 +13,12 @@ bridge reads and what the reload swaps, in one assignment.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from bridge.protocol.messages import BridgeRequest, ChatMessage
-
-if TYPE_CHECKING:
-    from bridge.service.intake import Accepted
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "stop", "seed", "repeat_penalty")
 """Sampling settings a profile may default (same names and ranges as in a request)."""
@@ -97,40 +91,4 @@ class ProfileRegistry:
             self.generation += 1
 
 
-def apply_profile(acc: Accepted, profile: Profile, max_tokens_cap: int) -> Accepted:
-    """The request with ``profile``'s defaults filled in (the request's own fields win).
-
-    - ``system``: prepended as a system message to a chat request that has none
-      (a ``prompt`` completion has no roles: it gets only the sampling defaults);
-    - ``tools``/``tool_choice``, sampling fields and ``think``: used where the request
-      leaves them unset (``tools`` only for chat requests);
-    - ``max_tokens``: the default when the request sets none, and an upper bound.
-
-    Returns:
-        a new :class:`~bridge.service.intake.Accepted` (the original is not changed).
-    """
-    req = acc.request
-    update: dict[str, Any] = {}
-    for name in SAMPLING_FIELDS:
-        if getattr(req, name) is None and getattr(profile, name) is not None:
-            update[name] = getattr(profile, name)
-    if req.think is None and profile.think is not None:
-        update["think"] = profile.think
-    if req.prompt is None:
-        if req.tools is None and profile.tools is not None:
-            update["tools"] = profile.tools
-            if req.tool_choice is None and profile.tool_choice is not None:
-                update["tool_choice"] = profile.tool_choice
-        has_system = any(m.role == "system" for m in req.messages or ())
-        if profile.system is not None and not has_system and req.messages is not None:
-            update["messages"] = [ChatMessage(role="system", content=profile.system),
-                                  *req.messages]
-    max_tokens = acc.max_tokens
-    if profile.max_tokens is not None:
-        wanted = req.max_tokens if req.max_tokens is not None else profile.max_tokens
-        max_tokens = min(wanted, profile.max_tokens, max_tokens_cap)
-    merged: BridgeRequest = req.model_copy(update=update) if update else req
-    return dataclasses.replace(acc, request=merged, max_tokens=max_tokens)
-
-
-__all__ = ["Profile", "ProfileRegistry", "UnknownProfile", "apply_profile"]
+__all__ = ["Profile", "ProfileRegistry", "UnknownProfile"]

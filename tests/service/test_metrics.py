@@ -18,7 +18,9 @@ from bridge.llama.pool import Backend
 from bridge.mqtt.device import BridgeClient
 from bridge.protocol.messages import TERMINAL_TYPES, Timings, Usage
 from bridge.service.bridge import Bridge
-from bridge.service.metrics import BridgeMetrics, LiveState, MetricsError, outcome_label
+from bridge.protocol.messages import ErrorCode
+from bridge.service.job import Outcome, outcome_label
+from bridge.service.metrics import BridgeMetrics, LiveState, MetricsError
 from tests.support.bridge_proc import running_bridge
 from tests.support.processes import BrokerInfo, EmbeddedBroker, free_port
 from tests.support.recorder import Recorder, check_reply_stream
@@ -36,12 +38,14 @@ def _samples(exposition: bytes | str) -> dict[tuple[str, tuple[tuple[str, str], 
 
 def _live(backends: list[Backend] | None = None) -> LiveState:
     return LiveState(queued=lambda: 3, active=lambda: 2, backends=lambda: backends or [],
-                     published=lambda: (10, 2048), accepted=lambda: 7)
+                     published=lambda: (10, 2048))
 
 
 def test_outcome_labels() -> None:
-    assert [outcome_label(o) for o in ("done", "reply", "cancelled", "expired", "error:timeout",
-                                       "error:backend_error", "error:", "?")] == \
+    assert [outcome_label(*o) for o in (
+        (Outcome.done,), (Outcome.reply,), (Outcome.cancelled,), (Outcome.expired,),
+        (Outcome.error, ErrorCode.timeout), (Outcome.error, ErrorCode.backend_error),
+        (Outcome.error,), (Outcome.unknown,))] == \
         ["done", "reply", "cancelled", "expired", "timeout", "backend_error", "internal",
          "unknown"]
 
@@ -51,10 +55,12 @@ def test_metrics_of_one_bridge_are_private_and_complete() -> None:
                       name="gpu-a", healthy=True, slots=4, active=1)
     first = BridgeMetrics("b1", "0.1.0", _live([backend]))
     second = BridgeMetrics("b2", "0.1.0", _live())  # a second registry: no name clash
+    for _ in range(7):
+        first.request_accepted()
     first.request_finished("done", backend.url,
                            Timings(queue_ms=5, ttft_ms=120, total_ms=900, tokens_per_s=42.0),
                            Usage(prompt_tokens=11, completion_tokens=30))
-    first.request_finished("error:timeout", None,
+    first.request_finished("timeout", None,
                            Timings(queue_ms=1, ttft_ms=None, total_ms=600_000), Usage())
     first.request_rejected("bad_request")
     first.request_rejected("bad_request")
@@ -95,6 +101,10 @@ def test_metrics_of_one_bridge_are_private_and_complete() -> None:
     assert snap["rejected_by_code"] == {"bad_request": 2, "busy": 1}
     assert (snap["published_messages"], snap["published_bytes"]) == (10, 2048)
     assert snap["uptime_s"] >= 0
+    # the status `stats` counters are read from the same counts, first in the object
+    assert first.summary() == {"accepted": 7, "rejected": 3, "done": 1, "errors": 1,
+                               "cancelled": 0}
+    assert list(snap)[:5] == ["accepted", "rejected", "done", "errors", "cancelled"]
 
 
 def test_metrics_port_taken_fails_before_anything_starts(amqtt_broker: EmbeddedBroker) -> None:
