@@ -3,7 +3,8 @@
 See docs/protocol.md, *Request*, *Limits*.
 
 Pure functions, no I/O: everything a hostile or buggy device can send ends here
-as either :class:`Accepted` or :class:`Rejected`, never as an exception.
+as either :class:`Accepted` or :class:`Rejected`, never as an exception. An accepted
+request that names a profile gets its defaults here too (:func:`apply_profile`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from bridge.service.intake import Accepted
 from bridge.service.reply import ReplyChannel
 
 JobKey = tuple[str, str]
-"""``(client, request id)``: what names one request on this bridge."""
+"""What names a job: its request's :attr:`~bridge.service.intake.Accepted.key`."""
 
 
 class JobState(StrEnum):
@@ -124,7 +124,7 @@ class JobTable:
     """The accepted requests not finished yet, by :data:`JobKey`.
 
     :attr:`lock` guards membership and every change of a job's :attr:`Job.state`: the
-    intake thread (cancel), the workers (run, finish) and :meth:`Bridge.stop` race on
+    intake thread (cancel), the workers (run, finish) and the bridge stopping race on
     both. Reads of one entry need no lock.
     """
 

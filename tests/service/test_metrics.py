@@ -8,6 +8,7 @@ import re
 import socket
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,11 +17,13 @@ from bridge.config.settings import MqttSettings, load_config
 from bridge.llama.client import LlamaCppClient
 from bridge.llama.pool import Backend
 from bridge.mqtt.device import BridgeClient
-from bridge.protocol.messages import TERMINAL_TYPES, Timings, Usage
+from bridge.protocol.address import ReplyAddress
+from bridge.protocol.messages import TERMINAL_TYPES, BridgeRequest, ErrorCode, Timings, Usage
 from bridge.service.bridge import Bridge
-from bridge.protocol.messages import ErrorCode
-from bridge.service.job import Outcome, outcome_label
+from bridge.service.intake import Accepted
+from bridge.service.job import Job, Outcome, outcome_label
 from bridge.service.metrics import BridgeMetrics, LiveState, MetricsError
+from bridge.service.reply import ReplyChannel
 from tests.support.bridge_proc import running_bridge
 from tests.support.processes import BrokerInfo, EmbeddedBroker, free_port
 from tests.support.recorder import Recorder, check_reply_stream
@@ -48,6 +51,33 @@ def test_outcome_labels() -> None:
         (Outcome.error,), (Outcome.unknown,))] == \
         ["done", "reply", "cancelled", "expired", "timeout", "backend_error", "internal",
          "unknown"]
+
+
+def test_request_log_outcome_and_label_of_a_job() -> None:
+    class NoLink:
+        def publish(self, topic: str, payload: bytes, *, correlation_data: bytes | None = None,
+                    flow_controlled: bool = True) -> mqtt.MQTTMessageInfo:
+            raise AssertionError("nothing is published here")
+
+        def has_room(self) -> bool:
+            return True
+
+    reply = ReplyAddress("llm/reply/dev/r1", "r1")
+    acc = Accepted("dev", BridgeRequest(prompt="x"), reply, None, 0.0, 512, 16)
+    job = Job(acc, ReplyChannel(NoLink(), reply, chunk_bytes=512, flush_s=0.0), deadline=0.0)
+
+    def seen() -> tuple[str, str, bool]:
+        return (job.outcome_text, job.label, job.ended_in_error)
+
+    assert seen() == ("?", "unknown", False)
+    job.outcome = Outcome.done
+    assert seen() == ("done", "done", False)
+    job.outcome = Outcome.publish_failed
+    assert seen() == ("publish_failed", "publish_failed", False)
+    job.failed(ErrorCode.timeout)
+    assert seen() == ("error:timeout", "timeout", True)
+    job.outcome = Outcome.shutdown
+    assert seen() == ("error:shutdown", "shutdown", True)
 
 
 def test_metrics_of_one_bridge_are_private_and_complete() -> None:
