@@ -37,8 +37,10 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--traced-bridge"]:
 
     import urllib3.connection
 
+    import bridge.service.admission
     import bridge.service.bridge
     import bridge.service.reply
+    import bridge.service.runner
     import bridge.service.scheduler
     from bridge.cli import main
 
@@ -59,11 +61,11 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--traced-bridge"]:
 
     Bridge = bridge.service.bridge.Bridge
     wrap(Bridge, "_on_inbound", "a. paho thread has the request")
-    wrap(Bridge, "_accept", "b. intake thread has it")
-    wrap(bridge.service.bridge, "parse_request", "c. validated", after=True)
+    wrap(bridge.service.admission.Admission, "_accept", "b. intake thread has it")
+    wrap(bridge.service.admission, "parse_request", "c. validated", after=True)
     wrap(bridge.service.scheduler.FairQueue, "put", "d. queued")
     wrap(bridge.service.scheduler.FairQueue, "get", "e. a worker has it", after=True)
-    wrap(Bridge, "_prepare", "f. HTTP call starts", after=True)
+    wrap(bridge.service.runner.Runner, "_prepare", "f. HTTP call starts", after=True)
     wrap(urllib3.connection.HTTPConnection, "connect", "g. connecting")
     wrap(urllib3.connection.HTTPConnection, "request", "h. request sent", after=True)
     wrap(http.client.HTTPConnection, "getresponse", "i. response headers", after=True)

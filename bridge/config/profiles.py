@@ -5,27 +5,24 @@ prompt, tools, sampling defaults, ``think`` and a ``max_tokens`` cap. A request
 names one with ``"profile": "NAME"``; its own fields win over the profile's
 defaults, and the profile's ``max_tokens`` caps the request's.
 
-The profile is applied once, when the request is accepted (:func:`apply_profile`),
-so a request keeps the profile it started with when the profiles are reloaded
-(``SIGHUP``) while it is queued or running. :class:`ProfileRegistry` is what the
-bridge reads and what the reload swaps, in one assignment.
+The profile is applied once, when the request is accepted
+(:func:`bridge.service.intake.apply_profile`), so a request keeps the profile it
+started with when the profiles are reloaded (``SIGHUP``) while it is queued or
+running. :class:`ProfileRegistry` is what the bridge reads and what the reload swaps,
+in one assignment.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ConfigDict, Field
 
 from bridge.protocol.errors import UnknownProfile
-from bridge.protocol.messages import BridgeRequest, ChatMessage, Sampling, Tools
-
-if TYPE_CHECKING:
-    from bridge.service.intake import Accepted
+from bridge.protocol.messages import Sampling, Tools
 
 SAMPLING_FIELDS = tuple(name for name in Sampling.model_fields if name != "max_tokens")
 """The :class:`~bridge.protocol.messages.Sampling` settings a profile's value is only a
@@ -90,40 +87,4 @@ class ProfileRegistry:
             self.generation += 1
 
 
-def apply_profile(acc: Accepted, profile: Profile, max_tokens_cap: int) -> Accepted:
-    """The request with ``profile``'s defaults filled in (the request's own fields win).
-
-    - ``system``: prepended as a system message to a chat request that has none
-      (a ``prompt`` completion has no roles: it gets only the sampling defaults);
-    - ``tools``/``tool_choice``, sampling fields and ``think``: used where the request
-      leaves them unset (``tools`` only for chat requests);
-    - ``max_tokens``: the default when the request sets none, and an upper bound.
-
-    Returns:
-        a new :class:`~bridge.service.intake.Accepted` (the original is not changed).
-    """
-    req = acc.request
-    update: dict[str, Any] = {}
-    for name in SAMPLING_FIELDS:
-        if getattr(req, name) is None and getattr(profile, name) is not None:
-            update[name] = getattr(profile, name)
-    if req.think is None and profile.think is not None:
-        update["think"] = profile.think
-    if req.prompt is None:
-        if req.tools is None and profile.tools is not None:
-            update["tools"] = profile.tools
-            if req.tool_choice is None and profile.tool_choice is not None:
-                update["tool_choice"] = profile.tool_choice
-        has_system = any(m.role == "system" for m in req.messages or ())
-        if profile.system is not None and not has_system and req.messages is not None:
-            update["messages"] = [ChatMessage(role="system", content=profile.system),
-                                  *req.messages]
-    max_tokens = acc.max_tokens
-    if profile.max_tokens is not None:
-        wanted = req.max_tokens if req.max_tokens is not None else profile.max_tokens
-        max_tokens = min(wanted, profile.max_tokens, max_tokens_cap)
-    merged: BridgeRequest = req.model_copy(update=update) if update else req
-    return dataclasses.replace(acc, request=merged, max_tokens=max_tokens)
-
-
-__all__ = ["Profile", "ProfileRegistry", "UnknownProfile", "apply_profile"]
+__all__ = ["Profile", "ProfileRegistry", "UnknownProfile"]

@@ -3,11 +3,13 @@
 See docs/protocol.md, *Request*, *Limits*.
 
 Pure functions, no I/O: everything a hostile or buggy device can send ends here
-as either :class:`Accepted` or :class:`Rejected`, never as an exception.
+as either :class:`Accepted` or :class:`Rejected`, never as an exception. An accepted
+request that names a profile gets its defaults here too (:func:`apply_profile`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 from dataclasses import dataclass
@@ -15,9 +17,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from bridge.config.profiles import SAMPLING_FIELDS, Profile
 from bridge.config.settings import DeploymentConfig
 from bridge.mqtt.link import Inbound
 from bridge.protocol import safe_json
+from bridge.protocol.address import ReplyAddress
 from bridge.protocol.chunks import MIN_CHUNK_BYTES
 from bridge.protocol.messages import BridgeRequest, ChatMessage, ErrorCode
 from bridge.protocol.packet import payload_room, topic_bytes
@@ -42,25 +46,34 @@ class Accepted:
 
     client: str
     request: BridgeRequest
-    request_id: str
-    reply_topic: str
-    correlation_data: bytes | None
+    reply: ReplyAddress
     expires_at: float | None
     received_at: float
     chunk_bytes: int
     max_tokens: int
 
+    @property
+    def request_id(self) -> str:
+        return self.reply.request_id
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(client, request id)``: what names one request on this bridge."""
+        return (self.client, self.reply.request_id)
+
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """A request that gets one ``error`` reply on ``reply_topic`` and is not run."""
+    """A request that gets one ``error`` reply at ``reply`` and is not run."""
 
     client: str
-    request_id: str
-    reply_topic: str
-    correlation_data: bytes | None
+    reply: ReplyAddress
     code: ErrorCode
     message: str
+
+    @property
+    def request_id(self) -> str:
+        return self.reply.request_id
 
 
 def parse_request(
@@ -93,9 +106,10 @@ def parse_request(
     def reject(code: ErrorCode, message: str, request_id: str = fallback_id) -> Rejected:
         topic = msg.response_topic if response_ok and msg.response_topic else \
             topics.reply(client, request_id)
-        return Rejected(client, request_id, topic,
-                        None if oversized_correlation else correlation, code,
-                        message[:_MAX_ERROR_CHARS])
+        return Rejected(client,
+                        ReplyAddress(topic, request_id,
+                                     None if oversized_correlation else correlation),
+                        code, message[:_MAX_ERROR_CHARS])
 
     if oversized_correlation:
         return reject(ErrorCode.too_large,
@@ -162,7 +176,7 @@ def parse_request(
     wanted_chunk = request.chunk_bytes or config.chunk_bytes
     chunk_bytes = max(MIN_CHUNK_BYTES, min(wanted_chunk, config.max_chunk_bytes, room))
     max_tokens = min(request.max_tokens or config.max_tokens_default, config.max_tokens_cap)
-    return Accepted(client, request, request_id, reply_topic, msg.correlation_data,
+    return Accepted(client, request, ReplyAddress(reply_topic, request_id, msg.correlation_data),
                     msg.expires_at, msg.received_at, chunk_bytes, max_tokens)
 
 
@@ -189,9 +203,43 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts) + suffix
 
 
-def chat_messages(request: BridgeRequest) -> list[ChatMessage]:
-    """The conversation to send (profiles and sessions will extend it)."""
-    return list(request.messages or [])
+def apply_profile(acc: Accepted, profile: Profile, max_tokens_cap: int) -> Accepted:
+    """The request with ``profile``'s defaults filled in (the request's own fields win).
+
+    Applied once, when the request is accepted, so a request keeps the profile it
+    started with when the profiles are reloaded (``SIGHUP``) while it is queued or running.
+
+    - ``system``: prepended as a system message to a chat request that has none
+      (a ``prompt`` completion has no roles: it gets only the sampling defaults);
+    - ``tools``/``tool_choice``, sampling fields and ``think``: used where the request
+      leaves them unset (``tools`` only for chat requests);
+    - ``max_tokens``: the default when the request sets none, and an upper bound.
+
+    Returns:
+        a new :class:`Accepted` (the original is not changed).
+    """
+    req = acc.request
+    update: dict[str, Any] = {}
+    for name in SAMPLING_FIELDS:
+        if getattr(req, name) is None and getattr(profile, name) is not None:
+            update[name] = getattr(profile, name)
+    if req.think is None and profile.think is not None:
+        update["think"] = profile.think
+    if req.prompt is None:
+        if req.tools is None and profile.tools is not None:
+            update["tools"] = profile.tools
+            if req.tool_choice is None and profile.tool_choice is not None:
+                update["tool_choice"] = profile.tool_choice
+        has_system = any(m.role == "system" for m in req.messages or ())
+        if profile.system is not None and not has_system and req.messages is not None:
+            update["messages"] = [ChatMessage(role="system", content=profile.system),
+                                  *req.messages]
+    max_tokens = acc.max_tokens
+    if profile.max_tokens is not None:
+        wanted = req.max_tokens if req.max_tokens is not None else profile.max_tokens
+        max_tokens = min(wanted, profile.max_tokens, max_tokens_cap)
+    merged: BridgeRequest = req.model_copy(update=update) if update else req
+    return dataclasses.replace(acc, request=merged, max_tokens=max_tokens)
 
 
 def parse_cancel(payload: bytes) -> str | None:
@@ -212,4 +260,4 @@ def parse_cancel(payload: bytes) -> str | None:
     return text if is_valid_id(text) else None
 
 
-__all__ = ["Accepted", "Rejected", "parse_cancel", "parse_request"]
+__all__ = ["Accepted", "Rejected", "apply_profile", "parse_cancel", "parse_request"]

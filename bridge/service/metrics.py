@@ -10,7 +10,8 @@ Cost on the hot path is nil by design: nothing here runs per token or per
 published message. Messages and bytes published are two plain integers that
 :class:`~bridge.mqtt.link.MqttLink` bumps anyway; queue depth, active requests
 and backend state are read from the live objects when Prometheus scrapes; only
-the end of a request (once per request) takes a lock and observes histograms.
+a request's acceptance, rejection and end (once each per request) take a lock, and
+its end observes histograms. The status ``stats`` are read from the same counters.
 
 The exposition is served by prometheus-client's own HTTP server (``metrics_port``),
 bound to ``metrics_host`` -- 127.0.0.1 unless configured otherwise, because that
@@ -33,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from bridge.llama.pool import Backend
 from bridge.protocol.messages import Timings, Usage
+from bridge.service.job import Outcome
 
 log = logging.getLogger("bridge.service.metrics")
 
@@ -58,29 +60,19 @@ class LiveState:
         active: requests running against a backend.
         backends: the configured backends (health, slots, active).
         published: ``(messages, bytes)`` handed to the broker since start.
-        accepted: requests accepted (``start`` published) since start.
     """
 
     queued: Callable[[], int]
     active: Callable[[], int]
     backends: Callable[[], Sequence[Backend]]
     published: Callable[[], tuple[int, int]]
-    accepted: Callable[[], int]
 
 
 class MetricsError(RuntimeError):
     """The metrics endpoint could not be served (the message says why and what to change)."""
 
 
-def outcome_label(outcome: str) -> str:
-    """The ``outcome`` label of a finished request: ``done``, ``reply``, ``cancelled``,
-    ``expired`` or the error code (``timeout``, ``backend_error`` ...).
-
-    The service records failures as ``error:<code>``; the prefix adds nothing to a label.
-    """
-    if outcome.startswith("error:"):
-        return outcome[6:] or "internal"
-    return outcome if outcome and outcome != "?" else "unknown"
+_DONE_LABELS = (Outcome.done.value, Outcome.reply.value)
 
 
 class BridgeMetrics:
@@ -98,6 +90,7 @@ class BridgeMetrics:
         self.started_at = time.time()
         self._started_mono = time.monotonic()
         self._lock = threading.Lock()
+        self._accepted = 0
         self._outcomes: dict[str, int] = {}
         self._rejected: dict[str, int] = {}
         self._by_backend: dict[str, int] = {}
@@ -130,10 +123,21 @@ class BridgeMetrics:
 
     # ------------------------------------------------------------------ recording
 
-    def request_finished(self, outcome: str, backend: str | None, timings: Timings,
+    def request_accepted(self) -> None:
+        """Count a request accepted at intake (its ``start`` published)."""
+        with self._lock:
+            self._accepted += 1
+
+    def request_finished(self, label: str, backend: str | None, timings: Timings,
                          usage: Usage) -> None:
-        """Count an accepted request that got its terminal message (once per request)."""
-        label = outcome_label(outcome)
+        """Count an accepted request that got its terminal message (once per request).
+
+        Args:
+            label: how it ended (:func:`bridge.service.job.outcome_label`).
+            backend: the URL of the backend that served it, if one did.
+            timings: its times as the ``done`` message reports them.
+            usage: its tokens.
+        """
         with self._lock:
             self._outcomes[label] = self._outcomes.get(label, 0) + 1
             if backend is not None:
@@ -158,17 +162,25 @@ class BridgeMetrics:
     def uptime_s(self) -> float:
         return time.monotonic() - self._started_mono
 
-    def counts(self) -> tuple[dict[str, int], dict[str, int], dict[str, int], int, int]:
-        """Consistent copies: outcomes, rejected by code, requests by backend, tokens."""
+    def counts(self) -> _Counts:
+        """Consistent copies of the counters."""
         with self._lock:
-            return (dict(self._outcomes), dict(self._rejected), dict(self._by_backend),
-                    self._prompt_tokens, self._completion_tokens)
+            return _Counts(self._accepted, dict(self._outcomes), dict(self._rejected),
+                           dict(self._by_backend), self._prompt_tokens, self._completion_tokens)
+
+    def summary(self) -> dict[str, int]:
+        """Requests ``accepted``, ``rejected``, ``done`` (done or reply), ``cancelled`` and
+        ended otherwise (``errors``): the first counters of the status ``stats``."""
+        return self.counts().summary()
 
     def snapshot(self) -> dict[str, Any]:
-        """The counters for the status message's ``stats`` (same numbers as the metrics)."""
-        outcomes, rejected, _, prompt, completion = self.counts()
+        """The status message's ``stats``: the same numbers as the metrics."""
+        counts = self.counts()
+        outcomes, rejected = counts.outcomes, counts.rejected
+        prompt, completion = counts.prompt_tokens, counts.completion_tokens
         messages, nbytes = self.live.published()
         return {
+            **counts.summary(),
             "uptime_s": round(self.uptime_s, 1),
             "outcomes": outcomes,
             "rejected_by_code": rejected,
@@ -215,6 +227,26 @@ class BridgeMetrics:
             thread.join(5)
 
 
+@dataclass(frozen=True)
+class _Counts:
+    """What :class:`BridgeMetrics` counted, copied at one instant."""
+
+    accepted: int
+    outcomes: dict[str, int]  # by outcome label
+    rejected: dict[str, int]  # by error code
+    by_backend: dict[str, int]  # by backend URL
+    prompt_tokens: int
+    completion_tokens: int
+
+    def summary(self) -> dict[str, int]:
+        """See :meth:`BridgeMetrics.summary`."""
+        done = sum(self.outcomes.get(label, 0) for label in _DONE_LABELS)
+        cancelled = self.outcomes.get(Outcome.cancelled.value, 0)
+        return {"accepted": self.accepted, "rejected": sum(self.rejected.values()),
+                "done": done, "errors": sum(self.outcomes.values()) - done - cancelled,
+                "cancelled": cancelled}
+
+
 class _LiveCollector(Collector):
     """Counters kept by the bridge and state read from it, produced at scrape time."""
 
@@ -226,11 +258,13 @@ class _LiveCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         live = self._m.live
-        outcomes, rejected, by_backend, prompt, completion = self._m.counts()
+        counts = self._m.counts()
+        outcomes, rejected, by_backend = counts.outcomes, counts.rejected, counts.by_backend
+        prompt, completion = counts.prompt_tokens, counts.completion_tokens
 
         accepted = CounterMetricFamily(f"{PREFIX}_requests_accepted",
                                        "Requests accepted (a start message was published).")
-        accepted.add_metric([], live.accepted())
+        accepted.add_metric([], counts.accepted)
         yield accepted
 
         done = CounterMetricFamily(

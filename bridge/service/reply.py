@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 
-from bridge.mqtt.link import MqttLink, PublishError
+from bridge.mqtt.link import PublishError
+from bridge.protocol.address import ReplyAddress
 from bridge.protocol.chunks import Chunker, SeqCounter
 from bridge.protocol.errors import BridgeError
 from bridge.protocol.messages import (
@@ -44,42 +46,58 @@ _RECORD_ENTRY_OVERHEAD = 48
 _FLUSH_GRID_S = 0.01
 
 
+class Publisher(Protocol):
+    """What a :class:`ReplyChannel` (and the ticker, through it) uses of the MQTT link
+    (:class:`bridge.mqtt.link.MqttLink`)."""
+
+    def publish(self, topic: str, payload: bytes, *, correlation_data: bytes | None = None,
+                flow_controlled: bool = True) -> mqtt.MQTTMessageInfo:
+        """Hand one message to the broker's client; may wait for room when flow controlled.
+
+        Raises:
+            PublishError: it could not be published (the message says why).
+        """
+        ...
+
+    def has_room(self) -> bool:
+        """Whether a flow-controlled publish would go out without waiting."""
+        ...
+
+
 class ReplyChannel:
     """The ordered stream of reply messages for one request.
 
     Args:
         link: where to publish.
-        topic: ``P/reply/{client}/{id}`` or the request's v5 Response Topic.
-        request_id: the request's id, in every message.
-        correlation_data: MQTT 5 Correlation Data echoed on every message.
+        address: the reply topic, the request's id and its Correlation Data.
         chunk_bytes: size bound of every chunk payload.
         flush_s: how long deltas may be coalesced.
         record: keep the published payloads so a duplicate request can be answered again.
+        clock: monotonic time in seconds (injectable for tests).
     """
 
     def __init__(
         self,
-        link: MqttLink,
-        topic: str,
-        request_id: str,
+        link: Publisher,
+        address: ReplyAddress,
         *,
-        correlation_data: bytes | None,
         chunk_bytes: int,
         flush_s: float,
         record: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.link = link
-        self.topic = topic
-        self.request_id = request_id
-        self.correlation_data = correlation_data
+        self.address = address
         self.lock = threading.Lock()
         self.seq = SeqCounter()
         self.chunk_bytes = chunk_bytes
-        self._text = Chunker(request_id, self.seq, chunk_bytes=chunk_bytes, flush_s=flush_s)
+        self._clock = clock
+        self._text = Chunker(address.request_id, self.seq, chunk_bytes=chunk_bytes,
+                             flush_s=flush_s, clock=clock)
         self._reasoning: Chunker | None = None
         self._flush_s = flush_s
         self._grid_s = min(_FLUSH_GRID_S, flush_s / 5)
-        self.last_sent = time.monotonic()
+        self.last_sent = clock()
         self.first_text_at: float | None = None
         self.finished = False
         self.terminal: str | None = None
@@ -97,9 +115,10 @@ class ReplyChannel:
         gap and never gets its terminal message. While the broker is away this waits
         (until the link closes); ``max_generation_s`` meanwhile cancels the HTTP call.
         """
-        info = self.link.publish(self.topic, payload, correlation_data=self.correlation_data,
+        info = self.link.publish(self.address.topic, payload,
+                                 correlation_data=self.address.correlation_data,
                                  flow_controlled=flow_controlled)
-        self.last_sent = time.monotonic()
+        self.last_sent = self._clock()
         if self.record is not None:
             self._record_bytes += len(payload) + _RECORD_ENTRY_OVERHEAD
             if self._record_bytes > _RECORD_LIMIT:
@@ -111,7 +130,7 @@ class ReplyChannel:
     def _send(self, message_type: type[Any], *, flow_controlled: bool = True,
               **fields: Any) -> mqtt.MQTTMessageInfo:
         return self._publish(
-            encode(message_type(id=self.request_id, seq=self.seq.take(), **fields)),
+            encode(message_type(id=self.address.request_id, seq=self.seq.take(), **fields)),
             flow_controlled=flow_controlled)
 
     # ------------------------------------------------------------------ messages
@@ -140,7 +159,7 @@ class ReplyChannel:
         """
         with self.lock:
             if self.first_text_at is None:
-                self.first_text_at = time.monotonic()
+                self.first_text_at = self._clock()
             if self._reasoning is not None and self._reasoning.pending:
                 for payload in self._reasoning.flush():
                     self._publish(payload)
@@ -154,8 +173,9 @@ class ReplyChannel:
         """
         with self.lock:
             if self._reasoning is None:
-                self._reasoning = Chunker(self.request_id, self.seq, chunk_bytes=self.chunk_bytes,
-                                          flush_s=self._flush_s, field="reasoning")
+                self._reasoning = Chunker(self.address.request_id, self.seq,
+                                          chunk_bytes=self.chunk_bytes, flush_s=self._flush_s,
+                                          field="reasoning", clock=self._clock)
             for payload in self._text.flush():
                 self._publish(payload)
             return self._feed(self._reasoning, text)
@@ -194,7 +214,7 @@ class ReplyChannel:
         if not self.lock.acquire(blocking=False):
             return  # the worker is publishing right now; it will see the deadline itself
         try:
-            now = time.monotonic()
+            now = self._clock()
             grid = self._grid_s
             for chunker in (self._text, self._reasoning):
                 if chunker is not None:
@@ -203,7 +223,7 @@ class ReplyChannel:
                         for payload in chunker.flush():
                             self._publish(payload)
         except PublishError as exc:
-            log.warning("flush for %s failed: %s", self.request_id, exc)
+            log.warning("flush for %s failed: %s", self.address.request_id, exc)
         finally:
             self.lock.release()
 
@@ -216,7 +236,8 @@ class ReplyChannel:
     def chunks(self, text: str) -> None:
         """Send a whole text as bounded chunks at once (a ``reply`` too large for one message)."""
         with self.lock:
-            whole = Chunker(self.request_id, self.seq, chunk_bytes=self.chunk_bytes, flush_s=0)
+            whole = Chunker(self.address.request_id, self.seq, chunk_bytes=self.chunk_bytes,
+                            flush_s=0, clock=self._clock)
             for payload in whole.feed(text):
                 self._publish(payload)
 
@@ -234,7 +255,7 @@ class ReplyChannel:
 
     def reply_size(self, **fields: Any) -> int:
         """Encoded size of a ``reply`` with these fields, if it were sent next."""
-        return len(encode(ReplyMsg(id=self.request_id, seq=self.seq.next, **fields)))
+        return len(encode(ReplyMsg(id=self.address.request_id, seq=self.seq.next, **fields)))
 
     def error(self, code: ErrorCode, message: str, *, retryable: bool = False,
               retry_after_ms: int | None = None, backend_type: str | None = None) -> None:
@@ -252,7 +273,7 @@ class ReplyChannel:
         with self.lock:
             if self.finished:
                 log.debug("%s already ended with %s; dropping a second terminal %s",
-                          self.request_id, self.terminal, message_type.__name__)
+                          self.address.request_id, self.terminal, message_type.__name__)
                 return
             self.finished = True
             self.terminal = message_type.__name__
@@ -273,9 +294,10 @@ class ReplyChannel:
             self.finished = True
             self.terminal = ErrorMsg.__name__
             self.record = None
-            payload = encode(ErrorMsg(id=self.request_id, seq=self.seq.take(),
+            payload = encode(ErrorMsg(id=self.address.request_id, seq=self.seq.take(),
                                       code=ErrorCode.internal, message=message, retryable=False))
-            # Not flow controlled: it may be sent from the intake thread (see Bridge._confirm).
+            # Not flow controlled: it may be sent from the intake thread (see
+            # bridge.service.finish.Finisher.confirm).
             self.terminal_info = self.link.publish(topic, payload,
-                                                   correlation_data=self.correlation_data,
+                                                   correlation_data=self.address.correlation_data,
                                                    flow_controlled=False)

@@ -1,50 +1,41 @@
 """Server-side conversations (a request's ``session``; README, *Sessions and profiles*).
 
 A request with ``"session": "NAME"`` does not carry the conversation: the bridge
-keeps it in SQLite, keyed by ``(client, session)``, so a device with 2 KiB of RAM
-can hold a long dialogue. Before a session request runs, the stored turns are put
-between the request's system message(s) and its new message(s); after a
-successful answer the new message(s) and the answer are stored as one more turn.
+keeps it in SQLite (:mod:`bridge.service.session_store`), keyed by ``(client,
+session)``, so a device with 2 KiB of RAM can hold a long dialogue. Before a session
+request runs, the stored turns are put between the request's system message(s) and
+its new message(s); after a successful answer the new message(s) and the answer are
+stored as one more turn.
 
-- **Turns.** One turn is what one request added: its non-system messages and the
-  assistant's answer. Turns are stored, trimmed and evicted whole, so a history
-  never starts with an orphaned answer.
-- **Fitting the context.** The history sent is trimmed, oldest turns first, so
-  that the prompt leaves room for ``max_tokens`` of answer (at most half the
-  context) in the backend's per-slot context (``/props`` ``n_ctx``). Tokens are
-  counted with llama-server's ``/tokenize`` (cached); when a cheap upper bound
-  (UTF-8 bytes) already fits, nothing is counted. System messages and the new
-  messages are always sent. Trimmed turns stay in the store (another backend may
-  have a larger context); the store has its own bounds.
-- **Bounds.** Per session at most ``session_max_messages`` messages and
-  ``session_max_bytes`` bytes (the oldest turns are dropped when a new turn goes
-  past either); per client at most ``sessions_per_client`` sessions and in all at
-  most ``sessions_max`` (creating one more evicts the least recently used);
-  sessions idle for ``session_ttl_s`` are deleted.
-- **Threads.** One connection, used under a lock by the worker threads; WAL
-  journal and a busy timeout so another process reading the file never fails a
-  request. The file is opened on first use, so a bridge whose devices use no
-  sessions never creates it.
+**Fitting the context.** The history sent is trimmed, oldest turns first and whole,
+so that the prompt leaves room for ``max_tokens`` of answer (at most half the
+context) in the backend's per-slot context (``/props`` ``n_ctx``). Tokens are
+counted with llama-server's ``/tokenize`` (cached); when a cheap upper bound (UTF-8
+bytes) already fits, nothing is counted. System messages and the new messages are
+always sent. Trimmed turns stay in the store (another backend may have a larger
+context); the store has its own bounds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from bridge.protocol.errors import BackendError, BridgeError
-from bridge.protocol.messages import ChatMessage, ErrorCode, json_text
+from bridge.protocol.errors import BackendError
+from bridge.protocol.messages import ChatMessage, json_text
+from bridge.service.session_store import (
+    AppendResult,
+    Message,
+    SessionLimits,
+    SessionStore,
+    Turn,
+)
 
 if TYPE_CHECKING:
     from bridge.config.settings import DeploymentConfig
@@ -53,265 +44,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bridge.service.sessions")
 
-Message = dict[str, Any]
-Turn = list[Message]
-
 PER_MESSAGE_TOKENS = 8
 """Tokens a chat template adds around one message (role header, end marker); 5 for
 ChatML, Gemma and Llama 3, so 8 leaves a margin."""
 PROMPT_TOKENS = 32
 """Tokens a chat template adds once (BOS, the assistant header, date preambles)."""
-BUSY_TIMEOUT_MS = 5000
-SCHEMA_VERSION = 1
-
-
-class SessionStoreError(BridgeError):
-    """The session database could not be used (the request gets an ``internal`` error)."""
-
-    code = ErrorCode.internal
-    retryable = True
-
-
-@dataclass(frozen=True, slots=True)
-class SessionLimits:
-    """Bounds of the store (see the module docstring); from :class:`DeploymentConfig`."""
-
-    max_messages: int = 200
-    max_bytes: int = 128 * 1024
-    per_client: int = 16
-    max_sessions: int = 1000
-    ttl_s: float = 30 * 86400.0
-
-    @classmethod
-    def from_config(cls, cfg: DeploymentConfig) -> SessionLimits:
-        return cls(max_messages=cfg.session_max_messages, max_bytes=cfg.session_max_bytes,
-                   per_client=cfg.sessions_per_client, max_sessions=cfg.sessions_max,
-                   ttl_s=cfg.session_ttl_s)
-
-
-@dataclass(frozen=True, slots=True)
-class AppendResult:
-    """What :meth:`SessionStore.append` had to do to stay within the bounds."""
-
-    turns_dropped: int = 0
-    sessions_evicted: int = 0
-    turn_kept: bool = True
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    client   TEXT NOT NULL,
-    session  TEXT NOT NULL,
-    updated  REAL NOT NULL,
-    messages INTEGER NOT NULL DEFAULT 0,
-    bytes    INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (client, session)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS sessions_by_age ON sessions (updated);
-CREATE TABLE IF NOT EXISTS turns (
-    client   TEXT NOT NULL,
-    session  TEXT NOT NULL,
-    seq      INTEGER NOT NULL,
-    body     TEXT NOT NULL,
-    messages INTEGER NOT NULL,
-    bytes    INTEGER NOT NULL,
-    PRIMARY KEY (client, session, seq)
-) WITHOUT ROWID;
-"""
-
-
-class SessionStore:
-    """The SQLite file of conversations, keyed by ``(client, session)``.
-
-    Args:
-        path: the database file (created with its directory on first use).
-        limits: per-session, per-client and total bounds.
-        clock: wall-clock time (tests pass a fake one).
-    """
-
-    def __init__(self, path: Path | str, limits: SessionLimits | None = None, *,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path)
-        self.limits = limits or SessionLimits()
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
-        self._closed = False
-
-    # ------------------------------------------------------------------ connection
-
-    def _open(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
-                               isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                log.warning("session store %s: journal mode is %s, not WAL", self.path, mode)
-            conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable across crashes
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise sqlite3.DatabaseError(
-                    f"schema version {version} is newer than this bridge's ({SCHEMA_VERSION})")
-            conn.executescript(_SCHEMA)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except BaseException:
-            conn.close()
-            raise
-        log.info("session store %s opened", self.path)
-        return conn
-
-    @contextmanager
-    def _db(self, write: bool = False) -> Iterator[sqlite3.Connection]:
-        """The connection, under the lock; ``write`` wraps the body in one transaction."""
-        with self._lock:
-            if self._closed:
-                raise SessionStoreError("the session store is closed (the bridge is stopping)")
-            try:
-                if self._conn is None:
-                    self._conn = self._open()
-                conn = self._conn
-                if not write:
-                    yield conn
-                    return
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-            except (sqlite3.Error, OSError) as exc:
-                raise SessionStoreError(
-                    f"session store {self.path} failed: {exc}; check the sessions_db "
-                    "path, its permissions and free disk space") from exc
-
-    def close(self) -> None:
-        """Close the database (idempotent); later calls raise :class:`SessionStoreError`."""
-        with self._lock:
-            self._closed = True
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    # ------------------------------------------------------------------ reading
-
-    def history(self, client: str, session: str) -> list[Turn]:
-        """The stored turns of a session, oldest first (empty if it does not exist)."""
-        with self._db() as db:
-            row = db.execute("SELECT updated FROM sessions WHERE client = ? AND session = ?",
-                             (client, session)).fetchone()
-            if row is None or self._expired(row[0]):
-                return []
-            rows = db.execute("SELECT body FROM turns WHERE client = ? AND session = ? "
-                              "ORDER BY seq", (client, session)).fetchall()
-        return [json.loads(body) for (body,) in rows]
-
-    def sessions(self, client: str | None = None) -> list[tuple[str, str]]:
-        """``(client, session)`` of every stored session (of one client), oldest use first."""
-        with self._db() as db:
-            if client is None:
-                rows = db.execute("SELECT client, session FROM sessions ORDER BY updated")
-            else:
-                rows = db.execute("SELECT client, session FROM sessions WHERE client = ? "
-                                  "ORDER BY updated", (client,))
-            return [(c, s) for c, s in rows.fetchall()]
-
-    def _expired(self, updated: float) -> bool:
-        return self.limits.ttl_s > 0 and updated < self._clock() - self.limits.ttl_s
-
-    # ------------------------------------------------------------------ writing
-
-    def append(self, client: str, session: str, turn: Sequence[Message]) -> AppendResult:
-        """Store one turn (the request's new messages and the answer) at the end.
-
-        Creating a session may evict the least recently used one of the client
-        (``per_client``) or of all (``max_sessions``); a session past
-        ``max_messages``/``max_bytes`` loses its oldest turns. A single turn larger
-        than the bounds is not kept.
-        """
-        body = json_text(list(turn))
-        size, count = len(body.encode()), len(turn)
-        now = self._clock()
-        evicted = dropped = 0
-        kept = True
-        with self._db(write=True) as db:
-            exists = db.execute("SELECT updated FROM sessions WHERE client = ? AND session = ?",
-                                (client, session)).fetchone()
-            if exists is not None and self._expired(exists[0]):
-                self._delete(db, client, session)
-                exists = None
-            if exists is None:
-                evicted = self._make_room(db, client, now)
-                db.execute("INSERT INTO sessions (client, session, updated) VALUES (?, ?, ?)",
-                           (client, session, now))
-            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM turns "
-                             "WHERE client = ? AND session = ?", (client, session)).fetchone()[0]
-            db.execute("INSERT INTO turns (client, session, seq, body, messages, bytes) "
-                       "VALUES (?, ?, ?, ?, ?, ?)", (client, session, seq, body, count, size))
-            db.execute("UPDATE sessions SET updated = ?, messages = messages + ?, "
-                       "bytes = bytes + ? WHERE client = ? AND session = ?",
-                       (now, count, size, client, session))
-            while True:
-                messages, total = db.execute(
-                    "SELECT messages, bytes FROM sessions WHERE client = ? AND session = ?",
-                    (client, session)).fetchone()
-                if messages <= self.limits.max_messages and total <= self.limits.max_bytes:
-                    break
-                oldest = db.execute("SELECT seq, messages, bytes FROM turns WHERE client = ? "
-                                    "AND session = ? ORDER BY seq LIMIT 1",
-                                    (client, session)).fetchone()
-                if oldest is None:
-                    break
-                kept = kept and oldest[0] != seq
-                db.execute("DELETE FROM turns WHERE client = ? AND session = ? AND seq = ?",
-                           (client, session, oldest[0]))
-                db.execute("UPDATE sessions SET messages = messages - ?, bytes = bytes - ? "
-                           "WHERE client = ? AND session = ?",
-                           (oldest[1], oldest[2], client, session))
-                dropped += 1
-        if dropped or evicted:
-            log.info("session %s/%s: dropped %d oldest turn(s), evicted %d other session(s) "
-                     "to stay within the session limits", client, session, dropped, evicted)
-        if not kept:
-            log.warning("session %s/%s: a turn of %d messages / %d bytes exceeds "
-                        "session_max_messages/session_max_bytes and was not kept",
-                        client, session, count, size)
-        return AppendResult(turns_dropped=dropped, sessions_evicted=evicted, turn_kept=kept)
-
-    def _make_room(self, db: sqlite3.Connection, client: str, now: float) -> int:
-        """Before creating a session: drop expired ones, then the LRU ones over the limits."""
-        evicted = 0
-        if self.limits.ttl_s > 0:
-            for c, s in db.execute("SELECT client, session FROM sessions WHERE updated < ?",
-                                   (now - self.limits.ttl_s,)).fetchall():
-                self._delete(db, c, s)
-        for where, args, limit in (("WHERE client = ?", (client,), self.limits.per_client),
-                                   ("", (), self.limits.max_sessions)):
-            (n,) = db.execute(f"SELECT COUNT(*) FROM sessions {where}", args).fetchone()
-            if n >= limit:
-                victims = db.execute(f"SELECT client, session FROM sessions {where} "
-                                     "ORDER BY updated LIMIT ?", (*args, n - limit + 1))
-                for c, s in victims.fetchall():
-                    log.info("session %s/%s evicted (least recently used): %s", c, s,
-                             "sessions_per_client reached" if where else "sessions_max reached")
-                    self._delete(db, c, s)
-                    evicted += 1
-        return evicted
-
-    @staticmethod
-    def _delete(db: sqlite3.Connection, client: str, session: str) -> None:
-        db.execute("DELETE FROM turns WHERE client = ? AND session = ?", (client, session))
-        db.execute("DELETE FROM sessions WHERE client = ? AND session = ?", (client, session))
-
-    def clear(self, client: str, session: str) -> bool:
-        """Forget a session. Returns True if it existed."""
-        with self._db(write=True) as db:
-            existed = db.execute("SELECT 1 FROM sessions WHERE client = ? AND session = ?",
-                                 (client, session)).fetchone() is not None
-            self._delete(db, client, session)
-        return existed
 
 
 # --------------------------------------------------------------------------- fitting the context
@@ -494,5 +231,5 @@ class Sessions:
         self.store.close()
 
 
-__all__ = ["SessionLimits", "SessionStore", "SessionStoreError", "Sessions", "as_chat",
+__all__ = ["PER_MESSAGE_TOKENS", "PROMPT_TOKENS", "Sessions", "as_chat", "byte_bound",
            "fit_history"]

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from bridge.mqtt.link import PublishError
-from bridge.service.job import Job
+from bridge.service.job import Job, JobState
 
 log = logging.getLogger("bridge.service.ticker")
 
@@ -112,7 +112,7 @@ class Ticker:
         wake = now + _MAX_SLEEP_S
         for job in self._jobs():
             ch = job.channel
-            if job.state == "running" and now >= job.deadline and not job.timed_out:
+            if job.state is JobState.running and now >= job.deadline and not job.timed_out:
                 job.timed_out = True
                 job.token.cancel()
             if not ch.link.has_room():
@@ -127,9 +127,9 @@ class Ticker:
                     wake = min(wake, due)
             if not ch.finished and now - ch.last_sent >= self._heartbeat_s:
                 try:
-                    if job.state == "queued":
+                    if job.state is JobState.queued:
                         ch.progress(queued_ms=round((now - job.acc.received_at) * 1000))
-                    elif job.state == "running" and ch.first_text_at is None:
+                    elif job.state is JobState.running and ch.first_text_at is None:
                         ch.progress(prompt_progress={
                             "waiting_ms": round((now - (job.started_at or now)) * 1000)})
                 except PublishError as exc:

@@ -26,19 +26,14 @@ import pytest
 from pydantic import ValidationError
 
 from bridge import cli
-from bridge.config.profiles import (
-    SAMPLING_FIELDS,
-    Profile,
-    ProfileRegistry,
-    UnknownProfile,
-    apply_profile,
-)
+from bridge.config.profiles import SAMPLING_FIELDS, Profile, ProfileRegistry, UnknownProfile
 from bridge.config.settings import MqttSettings, load_config
 from bridge.llama.client import LlamaCppClient
 from bridge.mqtt.device import BridgeClient
+from bridge.protocol.address import ReplyAddress
 from bridge.protocol.errors import RequestRejected
 from bridge.protocol.messages import BridgeRequest, ErrorCode
-from bridge.service.intake import Accepted
+from bridge.service.intake import Accepted, apply_profile
 from tests.support.bridge_proc import running_bridge
 from tests.support.fake_llama import FakeLlama
 from tests.support.processes import MosquittoProcess
@@ -111,7 +106,7 @@ def test_the_examples_profile_tables_load() -> None:
 def accepted(**fields: Any) -> Accepted:
     """As intake makes it, with max_tokens_cap = 48."""
     request = BridgeRequest.model_validate(fields)
-    return Accepted("dev", request, "r1", "llm/reply/dev/r1", None, None, 0.0, 512,
+    return Accepted("dev", request, ReplyAddress("llm/reply/dev/r1", "r1", None), None, 0.0, 512,
                     min(request.max_tokens or 48, 48))
 
 

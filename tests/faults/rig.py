@@ -662,7 +662,7 @@ def wait_while_progressing(condition: Callable[[], bool], progress: Callable[[],
 
 def bridge_state(bridge: Bridge) -> str:
     """A one-line picture of a bridge that did not finish, for the failure message."""
-    with bridge._jobs_lock:
+    with bridge.jobs.lock:
         jobs = [f"{c}/{i}:{j.state}@seq{j.channel.seq.next}" for (c, i), j in
                 list(bridge.jobs.items())[:6]]
     return (f"connected={bridge.link.connected} outstanding={bridge.link.outstanding} "

@@ -938,7 +938,7 @@ def _hostile_phase(res: Result, env: Env, url: str, *, count: int, valid_every: 
             broker.host, broker.port, [url], protocol="5", max_tokens_cap=16,
             client_max_inflight=100_000, client_rate_per_min=10_000_000, queue_size=10_000))
         (dev,) = stack.enter_context(devices(broker.host, broker.port, [me]))
-        started_at = bridge._started
+        started_at = bridge.status.started_at
         published: set[str] = set()
         valid: list[tuple[str, str]] = []  # (id, prompt)
         infos = []
@@ -1010,7 +1010,7 @@ def _hostile_phase(res: Result, env: Env, url: str, *, count: int, valid_every: 
             res.expect(ok, f"{me}: something was published on {m.topic!r}")
         dead = bridge_threads_alive(bridge)
         res.expect(not dead, f"{me}: bridge threads died: {dead}")
-        res.expect(bridge.link.connected and bridge._started == started_at,
+        res.expect(bridge.link.connected and bridge.status.started_at == started_at,
                    f"{me}: the bridge's link or process restarted")
         connections = broker.log_path.read_text(errors="replace").count(
             f" as {bridge.cfg.mqtt_client_id} ")
@@ -1808,7 +1808,7 @@ def broker_stops_reading(env: Env, sizes: Sizes) -> Result:
     the stall (the scripted backend sees its connection closed), and once the stall
     ends every request is answered.
     """
-    flood = 10_000  # the intake queue's bound (service._INTAKE_BOUND)
+    flood = 10_000  # the intake queue's bound (bridge.service.admission.INTAKE_BOUND)
     res = Result("4c. broker stops reading (one-way stall) + flood",
                  f"1 long stream, 1 queued request, 2 cancels, {flood} QoS 0 junk messages, "
                  "scripted backend, bridge process", "bridge→broker direction held, released")

@@ -170,7 +170,7 @@ def test_requests_spread_and_route_by_model(
         assert msgs[-1].code == "bad_request" and not msgs[-1].retryable
         assert "'alpha', 'beta'" in msgs[-1].message and "gamma" in msgs[-1].message
         snapshot = {b["name"]: b["models"] for b in
-                    json.loads(bridge._status_payload("online"))["backends"]}
+                    json.loads(bridge.status.payload())["backends"]}
         assert snapshot == {"backend-1": ["alpha"], "backend-2": ["beta"]}
 
 

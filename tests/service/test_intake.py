@@ -73,7 +73,7 @@ def reject(payload: bytes | str | dict[str, Any], max_payload: int = MAX_PAYLOAD
            **kwargs: Any) -> Rejected:
     result = parse_request(inbound(payload, **kwargs), CLIENT, CFG, max_payload)
     assert isinstance(result, Rejected), result
-    assert result.reply_topic == f"{NS}{result.request_id}"
+    assert result.reply.topic == f"{NS}{result.request_id}"
     assert is_valid_id(result.request_id)
     assert 0 < len(result.message) <= 400
     return result
@@ -88,7 +88,7 @@ def test_plain_text_is_one_user_message() -> None:
     assert acc.request.prompt is None
     assert acc.client == CLIENT
     assert HEX16.match(acc.request_id)
-    assert acc.reply_topic == f"{NS}{acc.request_id}"
+    assert acc.reply.topic == f"{NS}{acc.request_id}"
     assert acc.chunk_bytes == CFG.chunk_bytes
     assert acc.max_tokens == CFG.max_tokens_default
 
@@ -142,7 +142,7 @@ def test_generated_ids_are_16_hex_and_fresh() -> None:
 def test_valid_id_is_kept(request_id: str) -> None:
     acc = accept({"id": request_id, "messages": HI})
     assert acc.request_id == request_id
-    assert acc.reply_topic == f"{NS}{request_id}"
+    assert acc.reply.topic == f"{NS}{request_id}"
 
 
 # ---------------------------------------------------------------------------- rejected
@@ -250,7 +250,7 @@ def test_model_level_error_says_what_to_send() -> None:
 @pytest.mark.parametrize("topic", [f"{NS}x", f"{NS}mine/deeper/level", f"{NS}$x"])
 def test_response_topic_inside_the_namespace_is_honoured(topic: str) -> None:
     acc = accept({"id": "r1", "messages": HI}, response_topic=topic)
-    assert acc.reply_topic == topic
+    assert acc.reply.topic == topic
     assert acc.request_id == "r1"
 
 
@@ -272,23 +272,23 @@ def test_response_topic_outside_or_with_wildcards_is_rejected(topic: str) -> Non
     rej = reject({"id": "r1", "messages": HI}, response_topic=topic, correlation_data=b"c")
     assert rej.code == ErrorCode.bad_request
     assert "Response Topic" in rej.message
-    assert rej.reply_topic == f"{NS}r1"  # the error goes to the default topic, never outside
-    assert rej.correlation_data == b"c"
+    assert rej.reply.topic == f"{NS}r1"  # the error goes to the default topic, never outside
+    assert rej.reply.correlation_data == b"c"
     assert len(rej.message) <= 400
 
 
 def test_correlation_data_and_expiry_are_carried_through() -> None:
     acc = accept("hi", correlation_data=b"\x00\xffcorr", expires_at=1234.5, received_at=1000.0)
-    assert acc.correlation_data == b"\x00\xffcorr"
+    assert acc.reply.correlation_data == b"\x00\xffcorr"
     assert acc.expires_at == 1234.5
     assert acc.received_at == 1000.0
     rej = reject(b"\xff", correlation_data=b"\x01")
-    assert rej.correlation_data == b"\x01"
+    assert rej.reply.correlation_data == b"\x01"
 
 
 def test_without_v5_properties_nothing_is_invented() -> None:
     acc = accept("hi")
-    assert acc.correlation_data is None
+    assert acc.reply.correlation_data is None
     assert acc.expires_at is None
 
 
@@ -309,7 +309,7 @@ def test_chunk_bytes_is_clamped(requested: int | None, max_payload: int, expecte
         payload["chunk_bytes"] = requested
     acc = accept(payload, max_payload=max_payload)
     if expected == max_payload:  # bounded by the link: its limit covers topic + payload
-        expected -= len(acc.reply_topic.encode())
+        expected -= len(acc.reply.topic.encode())
     assert acc.chunk_bytes == expected
 
 
@@ -317,7 +317,7 @@ def test_a_full_chunk_fits_the_link_with_its_topic() -> None:
     cfg = load_config(prefix="llm", bridge_id="t", max_chunk_bytes=4096,
                            max_message_bytes=4096)
     acc = accept({"messages": HI, "chunk_bytes": 4096}, max_payload=4096, cfg=cfg)
-    assert acc.chunk_bytes + len(acc.reply_topic.encode()) <= 4096
+    assert acc.chunk_bytes + len(acc.reply.topic.encode()) <= 4096
 
 
 @pytest.mark.parametrize(("requested", "expected"), [(None, 256), (1, 1), (999, 999),
@@ -458,19 +458,19 @@ def test_parse_request_never_raises(payload: bytes, client: str, response_topic:
     namespace = f"llm/reply/{client}/"
     assert isinstance(result, Accepted | Rejected)
     assert result.client == client
-    assert result.correlation_data == correlation
+    assert result.reply.correlation_data == correlation
     assert is_valid_id(result.request_id)
-    assert result.reply_topic.startswith(namespace)
-    assert len(result.reply_topic) > len(namespace)
+    assert result.reply.topic.startswith(namespace)
+    assert len(result.reply.topic) > len(namespace)
     if isinstance(result, Rejected):
         assert result.message
         assert len(result.message) <= 400
-        assert result.reply_topic == namespace + result.request_id
+        assert result.reply.topic == namespace + result.request_id
         assert isinstance(result.code, ErrorCode)
         assert encode(ErrorMsg(id=result.request_id, seq=0, code=result.code,
                                message=result.message))
     else:
-        assert "+" not in result.reply_topic and "#" not in result.reply_topic
+        assert "+" not in result.reply.topic and "#" not in result.reply.topic
         assert 128 <= result.chunk_bytes <= max(128, min(CFG.max_chunk_bytes, max_payload))
         assert 1 <= result.max_tokens <= CFG.max_tokens_cap
         assert (result.request.messages is None) != (result.request.prompt is None) \
@@ -514,8 +514,8 @@ def test_rejections_go_to_a_valid_response_topic(payload: bytes) -> None:
     result = parse_request(inbound(payload, response_topic=topic, correlation_data=b"c7"),
                            CLIENT, CFG, MAX_PAYLOAD)
     assert isinstance(result, Rejected)
-    assert result.reply_topic == topic
-    assert result.correlation_data == b"c7"
+    assert result.reply.topic == topic
+    assert result.reply.correlation_data == b"c7"
 
 
 def test_response_topic_deeper_than_brokers_allow_is_refused_on_the_default_topic() -> None:
@@ -525,7 +525,7 @@ def test_response_topic_deeper_than_brokers_allow_is_refused_on_the_default_topi
     rej = reject({"id": "deep", "messages": HI}, response_topic=deep, correlation_data=b"c")
     assert rej.code is ErrorCode.bad_request
     assert "202 topic levels; the limit is 32" in rej.message
-    assert rej.reply_topic == f"{NS}deep" and rej.correlation_data == b"c"
+    assert rej.reply.topic == f"{NS}deep" and rej.reply.correlation_data == b"c"
 
 
 def test_response_topic_that_leaves_no_room_for_a_message_is_refused() -> None:
@@ -534,11 +534,11 @@ def test_response_topic_that_leaves_no_room_for_a_message_is_refused() -> None:
     assert isinstance(parse_request(msg, CLIENT, CFG, MAX_PAYLOAD), Accepted)
     rej = parse_request(msg, CLIENT, CFG, 1024)  # a broker with a tiny Maximum Packet Size
     assert isinstance(rej, Rejected) and rej.code is ErrorCode.bad_request
-    assert "512 must stay free" in rej.message and rej.reply_topic == f"{NS}r1"
+    assert "512 must stay free" in rej.message and rej.reply.topic == f"{NS}r1"
 
 
 def test_rejections_ignore_a_forbidden_response_topic() -> None:
     result = parse_request(inbound(b"\xff", response_topic="llm/reply/other/x"),
                            CLIENT, CFG, MAX_PAYLOAD)
     assert isinstance(result, Rejected)
-    assert result.reply_topic == f"{NS}{result.request_id}"
+    assert result.reply.topic == f"{NS}{result.request_id}"

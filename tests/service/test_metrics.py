@@ -8,6 +8,7 @@ import re
 import socket
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,9 +17,13 @@ from bridge.config.settings import MqttSettings, load_config
 from bridge.llama.client import LlamaCppClient
 from bridge.llama.pool import Backend
 from bridge.mqtt.device import BridgeClient
-from bridge.protocol.messages import TERMINAL_TYPES, Timings, Usage
+from bridge.protocol.address import ReplyAddress
+from bridge.protocol.messages import TERMINAL_TYPES, BridgeRequest, ErrorCode, Timings, Usage
 from bridge.service.bridge import Bridge
-from bridge.service.metrics import BridgeMetrics, LiveState, MetricsError, outcome_label
+from bridge.service.intake import Accepted
+from bridge.service.job import Job, Outcome, outcome_label
+from bridge.service.metrics import BridgeMetrics, LiveState, MetricsError
+from bridge.service.reply import ReplyChannel
 from tests.support.bridge_proc import running_bridge
 from tests.support.processes import BrokerInfo, EmbeddedBroker, free_port
 from tests.support.recorder import Recorder, check_reply_stream
@@ -36,14 +41,43 @@ def _samples(exposition: bytes | str) -> dict[tuple[str, tuple[tuple[str, str], 
 
 def _live(backends: list[Backend] | None = None) -> LiveState:
     return LiveState(queued=lambda: 3, active=lambda: 2, backends=lambda: backends or [],
-                     published=lambda: (10, 2048), accepted=lambda: 7)
+                     published=lambda: (10, 2048))
 
 
 def test_outcome_labels() -> None:
-    assert [outcome_label(o) for o in ("done", "reply", "cancelled", "expired", "error:timeout",
-                                       "error:backend_error", "error:", "?")] == \
+    assert [outcome_label(*o) for o in (
+        (Outcome.done,), (Outcome.reply,), (Outcome.cancelled,), (Outcome.expired,),
+        (Outcome.error, ErrorCode.timeout), (Outcome.error, ErrorCode.backend_error),
+        (Outcome.error,), (Outcome.unknown,))] == \
         ["done", "reply", "cancelled", "expired", "timeout", "backend_error", "internal",
          "unknown"]
+
+
+def test_request_log_outcome_and_label_of_a_job() -> None:
+    class NoLink:
+        def publish(self, topic: str, payload: bytes, *, correlation_data: bytes | None = None,
+                    flow_controlled: bool = True) -> mqtt.MQTTMessageInfo:
+            raise AssertionError("nothing is published here")
+
+        def has_room(self) -> bool:
+            return True
+
+    reply = ReplyAddress("llm/reply/dev/r1", "r1")
+    acc = Accepted("dev", BridgeRequest(prompt="x"), reply, None, 0.0, 512, 16)
+    job = Job(acc, ReplyChannel(NoLink(), reply, chunk_bytes=512, flush_s=0.0), deadline=0.0)
+
+    def seen() -> tuple[str, str, bool]:
+        return (job.outcome_text, job.label, job.ended_in_error)
+
+    assert seen() == ("?", "unknown", False)
+    job.outcome = Outcome.done
+    assert seen() == ("done", "done", False)
+    job.outcome = Outcome.publish_failed
+    assert seen() == ("publish_failed", "publish_failed", False)
+    job.failed(ErrorCode.timeout)
+    assert seen() == ("error:timeout", "timeout", True)
+    job.outcome = Outcome.shutdown
+    assert seen() == ("error:shutdown", "shutdown", True)
 
 
 def test_metrics_of_one_bridge_are_private_and_complete() -> None:
@@ -51,10 +85,12 @@ def test_metrics_of_one_bridge_are_private_and_complete() -> None:
                       name="gpu-a", healthy=True, slots=4, active=1)
     first = BridgeMetrics("b1", "0.1.0", _live([backend]))
     second = BridgeMetrics("b2", "0.1.0", _live())  # a second registry: no name clash
+    for _ in range(7):
+        first.request_accepted()
     first.request_finished("done", backend.url,
                            Timings(queue_ms=5, ttft_ms=120, total_ms=900, tokens_per_s=42.0),
                            Usage(prompt_tokens=11, completion_tokens=30))
-    first.request_finished("error:timeout", None,
+    first.request_finished("timeout", None,
                            Timings(queue_ms=1, ttft_ms=None, total_ms=600_000), Usage())
     first.request_rejected("bad_request")
     first.request_rejected("bad_request")
@@ -95,6 +131,10 @@ def test_metrics_of_one_bridge_are_private_and_complete() -> None:
     assert snap["rejected_by_code"] == {"bad_request": 2, "busy": 1}
     assert (snap["published_messages"], snap["published_bytes"]) == (10, 2048)
     assert snap["uptime_s"] >= 0
+    # the status `stats` counters are read from the same counts, first in the object
+    assert first.summary() == {"accepted": 7, "rejected": 3, "done": 1, "errors": 1,
+                               "cancelled": 0}
+    assert list(snap)[:5] == ["accepted", "rejected", "done", "errors", "cancelled"]
 
 
 def test_metrics_port_taken_fails_before_anything_starts(amqtt_broker: EmbeddedBroker) -> None:

@@ -1,8 +1,11 @@
-"""``ReplyChannel`` tells its caller when buffered text has a new flush deadline, once per
-coalescing period: the service then wakes the ticker for it (and not for every token).
+"""``ReplyChannel``: the ordered reply messages of one request.
 
-With the real link against a real Mosquitto; what the subscriber receives is the
-text in order, in chunks with contiguous ``seq``.
+- It tells its caller when buffered text has a new flush deadline, once per coalescing
+  period: the service then wakes the ticker for it (and not for every token). With the
+  real link against a real Mosquitto, what the subscriber receives is the text in order,
+  in chunks with contiguous ``seq``.
+- Without a broker (a fake publisher and a fake clock): the deadline arithmetic,
+  ``seq`` order across message types, and exactly one terminal message.
 """
 
 from __future__ import annotations
@@ -10,12 +13,26 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from bridge.config.settings import load_config
 from bridge.mqtt.link import MqttLink
-from bridge.protocol.messages import ChunkMsg, decode_reply
+from bridge.protocol.address import ReplyAddress
+from bridge.protocol.messages import (
+    AnyReply,
+    ChunkMsg,
+    DoneMsg,
+    ErrorCode,
+    ErrorMsg,
+    ProgressMsg,
+    StartMsg,
+    Timings,
+    Usage,
+    decode_reply,
+)
 from bridge.service.reply import ReplyChannel
 from tests.support.processes import MosquittoProcess
 from tests.support.subscriber import collecting_subscriber
@@ -50,8 +67,7 @@ def link(mosquitto: MosquittoProcess) -> Iterator[MqttLink]:
 def test_a_new_flush_deadline_is_reported_once_per_period(
         link: MqttLink, received: tuple[list[bytes], threading.Condition]) -> None:
     payloads, cond = received
-    channel = ReplyChannel(link, TOPIC, "r1", correlation_data=None, chunk_bytes=256,
-                           flush_s=0.02)
+    channel = ReplyChannel(link, ReplyAddress(TOPIC, "r1"), chunk_bytes=256, flush_s=0.02)
     assert channel.text("first") is False  # published at once: nothing buffered
     assert channel.text(" a") is True  # buffered: a new deadline
     due = channel.due()
@@ -76,3 +92,155 @@ def test_a_new_flush_deadline_is_reported_once_per_period(
     got = [decode_reply(p) for p in payloads]
     assert [m.seq for m in got] == list(range(len(got)))
     assert text() == sent
+
+
+# ============================================================================ without a broker
+
+
+@dataclass(frozen=True)
+class Sent:
+    topic: str
+    payload: bytes
+    correlation_data: bytes | None
+    flow_controlled: bool
+
+
+class FakeLink:
+    """A publisher that keeps what it is given (the :class:`Publisher` a channel uses)."""
+
+    def __init__(self) -> None:
+        self.sent: list[Sent] = []
+
+    def publish(self, topic: str, payload: bytes, *, correlation_data: bytes | None = None,
+                flow_controlled: bool = True) -> mqtt.MQTTMessageInfo:
+        self.sent.append(Sent(topic, payload, correlation_data, flow_controlled))
+        return mqtt.MQTTMessageInfo(len(self.sent))
+
+    def has_room(self) -> bool:
+        return True
+
+    def messages(self) -> list[AnyReply]:
+        return [decode_reply(s.payload) for s in self.sent]
+
+    def texts(self) -> list[str | None]:
+        return [m.text for m in self.messages() if isinstance(m, ChunkMsg)]
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+ADDRESS = ReplyAddress(TOPIC, "r1", b"corr")
+
+
+def fake_channel(flush_s: float, clock: FakeClock, **kwargs: bool) -> tuple[ReplyChannel,
+                                                                           FakeLink]:
+    fake = FakeLink()
+    return ReplyChannel(fake, ADDRESS, chunk_bytes=256, flush_s=flush_s, clock=clock,
+                        **kwargs), fake
+
+
+@pytest.mark.parametrize(("flush_s", "grid"), [(0.05, 0.01), (0.02, 0.004)])
+def test_flush_deadline_is_the_coalescing_time_rounded_down_to_the_grid(
+        flush_s: float, grid: float) -> None:
+    clock = FakeClock(1000.0)
+    channel, fake = fake_channel(flush_s, clock)
+    assert channel.text("first") is False  # the first text goes out at once
+    assert len(fake.sent) == 1 and channel.due() is None
+    clock.now = 1000.0037
+    assert channel.text(" a") is True
+    due = channel.due()
+    assert due is not None
+    exact = clock.now + flush_s
+    assert exact - grid < due <= exact  # at most one grid step early, never late
+    assert due / grid == pytest.approx(round(due / grid))  # on the grid
+    clock.now = due - grid / 10
+    assert channel.text(" b") is False and channel.due() == due  # the same period
+    channel.poll()
+    assert len(fake.sent) == 1  # not due yet
+    clock.now = due
+    channel.poll()
+    assert fake.texts() == ["first", " a b"]
+    assert channel.due() is None
+    assert channel.text(" c") is True  # a new period, a new deadline from now
+    again = channel.due()
+    assert again is not None and clock.now + flush_s - grid < again <= clock.now + flush_s
+
+
+def test_without_coalescing_every_text_goes_out_at_once() -> None:
+    clock = FakeClock()
+    channel, fake = fake_channel(0.0, clock)
+    for word in ("a", " b", " c"):
+        assert channel.text(word) is False
+        assert channel.due() is None
+    assert fake.texts() == ["a", " b", " c"]
+
+
+def test_seq_is_contiguous_across_message_types_and_every_message_carries_the_address() -> None:
+    clock = FakeClock()
+    channel, fake = fake_channel(0.05, clock)
+    with channel.lock:
+        channel.start_locked("m", 2)
+    channel.progress(queued_ms=5)
+    channel.reasoning("think")  # first reasoning: at once
+    channel.reasoning(" more")  # buffered
+    channel.text("answer")  # flushes the reasoning first, then the text at once
+    channel.text(" rest")  # buffered
+    clock.now += 1
+    channel.done("stop", Usage(completion_tokens=3), Timings())  # flushes the text first
+    got = fake.messages()
+    assert [type(m) for m in got] == [StartMsg, ProgressMsg, ChunkMsg, ChunkMsg, ChunkMsg,
+                                      ChunkMsg, DoneMsg]
+    assert [m.seq for m in got] == list(range(len(got)))
+    assert all(m.id == "r1" for m in got)
+    chunks = [m for m in got if isinstance(m, ChunkMsg)]
+    assert [(c.reasoning, c.text) for c in chunks] == \
+        [("think", None), (" more", None), (None, "answer"), (None, " rest")]
+    assert isinstance(got[0], StartMsg) and (got[0].model, got[0].queue) == ("m", 2)
+    assert {(s.topic, s.correlation_data) for s in fake.sent} == {(TOPIC, b"corr")}
+    # `start` comes from the intake thread, which never waits for the publish window
+    assert [s.flow_controlled for s in fake.sent] == [False] + [True] * (len(got) - 1)
+    assert channel.seq.next == len(got)
+
+
+def test_exactly_one_terminal_message_and_nothing_after_it() -> None:
+    clock = FakeClock()
+    channel, fake = fake_channel(0.05, clock)
+    channel.text("a")
+    channel.text(" b")  # buffered: the terminal message flushes it first
+    channel.done("stop", None, Timings())
+    terminal_info = channel.terminal_info
+    channel.error(ErrorCode.internal, "too late")
+    channel.reply(finish_reason="stop")
+    channel.progress(queued_ms=1)
+    clock.now += 1
+    channel.poll()
+    got = fake.messages()
+    assert [type(m) for m in got] == [ChunkMsg, ChunkMsg, DoneMsg]
+    assert [m.seq for m in got] == [0, 1, 2]
+    assert channel.finished and channel.terminal == "DoneMsg"
+    assert terminal_info is not None and terminal_info.mid == 3  # the done's handle
+    assert channel.terminal_info is terminal_info
+    assert channel.record == [s.payload for s in fake.sent]  # kept for a duplicate
+
+
+def test_refused_stream_ends_with_one_error_on_the_given_topic() -> None:
+    clock = FakeClock()
+    channel, fake = fake_channel(0.05, clock)
+    channel.text("a")
+    channel.refused("llm/reply/dev/r1", "stopped")
+    got = fake.messages()
+    assert [type(m) for m in got] == [ChunkMsg, ErrorMsg]
+    end = got[-1]
+    assert isinstance(end, ErrorMsg) and (end.seq, end.code, end.retryable, end.message) == \
+        (1, ErrorCode.internal, False, "stopped")
+    last = fake.sent[-1]
+    assert (last.topic, last.correlation_data, last.flow_controlled) == \
+        ("llm/reply/dev/r1", b"corr", False)
+    assert channel.finished and channel.record is None  # a duplicate must run again
+    channel.done("stop", None, Timings())
+    assert len(fake.sent) == 2

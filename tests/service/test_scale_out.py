@@ -253,7 +253,7 @@ def test_clean_stop_ends_running_and_queued_requests_and_the_other_bridge_serves
             assert all(g.stall_started.wait(30) for g in gens)
             assert rec.wait_for(lambda ms: any(
                 m.topic == topics["dev-s0"] and b'"chunk"' in m.payload for m in ms), 30)
-            states = poll_until(lambda: sorted(j.state for j in b2._live_jobs()),
+            states = poll_until(lambda: sorted(j.state for j in b2.jobs.snapshot()),
                                 lambda s: s == ["queued", "queued", "running", "running"], 30)
             assert states == ["queued", "queued", "running", "running"], states
             assert len(b2.queue) == 2

@@ -25,14 +25,8 @@ from bridge.mqtt.device import BridgeClient
 from bridge.protocol.errors import BackendHTTPError
 from bridge.protocol.messages import TERMINAL_TYPES
 from bridge.service.scheduler import FairQueue, WorkerPool
-from bridge.service.sessions import (
-    PER_MESSAGE_TOKENS,
-    PROMPT_TOKENS,
-    SessionLimits,
-    SessionStore,
-    SessionStoreError,
-    fit_history,
-)
+from bridge.service.session_store import SessionLimits, SessionStore, SessionStoreError
+from bridge.service.sessions import PER_MESSAGE_TOKENS, PROMPT_TOKENS, fit_history
 from tests.support.bridge_proc import running_bridge
 from tests.support.fake_llama import FakeLlama, words
 from tests.support.processes import MosquittoProcess
