@@ -21,7 +21,7 @@ class Dechunker:
     the socket's buffer directly returns every event that has arrived in one call.
 
     Used only when the response is chunked, not content-encoded and not read yet
-    (:meth:`attach`); otherwise the stream reads through urllib3 as before. The
+    (:meth:`attach`); otherwise the stream reads through urllib3. The
     connection is then never handed back to the pool in an unknown state: http.client
     does not see the body end, so closing the response closes the connection.
     """

@@ -213,7 +213,7 @@ class EmbeddedLlama:
         """Stop (or reap a killed) server and start it again on the same port.
 
         Returns:
-            The base URL (the same as before).
+            The base URL, unchanged: the server comes back on the same port.
 
         Raises:
             EmbeddedLlamaError: as for :meth:`start`, e.g. if the port was taken meanwhile.

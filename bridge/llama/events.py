@@ -5,7 +5,7 @@ not use (``id``, ``model``, ``created``...): decoding it whole into dicts and wa
 them was a quarter of the bridge's CPU in batched mode. The usual event is decoded by
 msgspec into the few typed fields that matter, skipping the rest; anything else
 (unusual types, malformed JSON, error events) takes the lenient path, plain JSON
-checked field by field, which decides exactly as before.
+checked field by field, which decides every case the typed path declines.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class EventAccumulator:
             try:
                 chunk = _decode_chunk(data)
             except msgspec.MsgspecError:
-                pass  # unusual types, bad JSON: the lenient path decides, as before
+                pass  # unusual types, bad JSON: the lenient path decides
             else:
                 if chunk.error is msgspec.UNSET:
                     return self._typed(chunk)

@@ -292,7 +292,7 @@ class Runner:
 
 
 def _prompt_ms(timings: dict[str, Any] | None) -> float | None:
-    """llama-server's ``timings.prompt_ms`` if it sent a number (it is not in the spec)."""
+    """llama-server's ``timings.prompt_ms`` if it sent a number (it is not in the OpenAI API)."""
     value = (timings or {}).get("prompt_ms")
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
