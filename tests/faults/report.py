@@ -253,12 +253,12 @@ B10 is checked by `tests/llama/test_pool.py` and `tests/protocol/test_messages.p
 `tests/mqtt/test_link_window.py`.
 
 - **B1 -- a retryable error was replayed to a retry with the same id** (fixed).
-  `Bridge._finish` recorded every finished request in the duplicate cache, errors
+  `Finisher.finish` recorded every finished request in the duplicate cache, errors
   before any text included: a device that re-sent its request after `retryable: true`
   got the old error back for `dedupe_ttl_s` (600 s). Fixed by forgetting the id when a
   request ends in an error before any text.
 - **B2 -- a broker outage longer than `max_generation_s` left streams without an end**
-  (fixed). `ReplyChannel._publish` gave up at `received_at + max_generation_s`; `Bridge._run`
+  (fixed). `ReplyChannel._publish` gave up at `received_at + max_generation_s`; `Runner.run`
   then sent nothing (2 of 2 streams ended without a terminal message, with a `seq`
   hole), and the ticker blocked on the full window too. Fixed: no deadline on a
   channel's publishes, and the ticker skips flushes/heartbeats while the window is full.
@@ -296,7 +296,7 @@ B10 is checked by `tests/llama/test_pool.py` and `tests/protocol/test_messages.p
   `MqttLink.stop_waiting()` first thing in `stop()` -- from then on a publish that would
   wait fails at once (messages that fit still go out).
 - **B9 -- cancelling a queued request made the intake thread wait for the window**
-  (fixed). `Bridge._cancel` answered a queued request with a flow-controlled
+  (fixed). `Admission._cancel` answered a queued request with a flow-controlled
   `done("cancelled")` from the intake thread, which must never wait on paho's network
   thread (paho's thread blocks handing it messages once the intake queue of 10,000 is
   full). With the broker slow to acknowledge, later cancels and requests stalled behind

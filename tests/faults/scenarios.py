@@ -70,7 +70,7 @@ from tests.support.waiting import poll_until
 # scenarios that showed them are regression tests now.
 BUGS: dict[str, str] = {
     "B1": "B1: a retryable error was replayed to a retry with the same id "
-          "(Bridge._finish kept errors before any text in the duplicate cache)",
+          "(Finisher.finish kept errors before any text in the duplicate cache)",
     "B2": "B2: a broker outage longer than max_generation_s left streams without a "
           "terminal message and with seq holes (publishes gave up at the deadline)",
     "B3": "B3: big MQTT 5 Correlation Data made every reply exceed the broker's Maximum "
