@@ -22,12 +22,12 @@ from bridge.config.settings import load_config
 from bridge.mqtt.link import MqttLink
 from bridge.protocol.address import ReplyAddress
 from bridge.protocol.messages import (
-    AnyReply,
     ChunkMsg,
     DoneMsg,
     ErrorCode,
     ErrorMsg,
     ProgressMsg,
+    ReplyMessage,
     StartMsg,
     Timings,
     Usage,
@@ -119,7 +119,7 @@ class FakeLink:
     def has_room(self) -> bool:
         return True
 
-    def messages(self) -> list[AnyReply]:
+    def messages(self) -> list[ReplyMessage]:
         return [decode_reply(s.payload) for s in self.sent]
 
     def texts(self) -> list[str | None]:
