@@ -25,8 +25,7 @@ from bridge.protocol.messages import (
     json_text,
 )
 from bridge.protocol.topics import Topics, is_valid_client, is_valid_id
-
-HI = [{"role": "user", "content": "hi"}]
+from tests.support.prompts import HI
 
 
 def parse(obj: dict[str, Any]) -> BridgeRequest:
