@@ -37,7 +37,7 @@ import paho.mqtt.client as mqtt
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.fake_llama import STAMP_MASK, token_latencies_ms
+from tests.support.fake_llama.fast import STAMP_MASK, token_latencies_ms
 
 _LAT_CAP = 200_000  # latencies kept (a stride sample beyond that)
 _STALL_S = 3.0  # a running request silent this long counts as stalled (starved)

@@ -17,13 +17,14 @@ from typing import Any
 
 import pytest
 
+from bridge.llama.client import LlamaCppClient
+from tests.support.local_broker import require_mosquitto
 from tests.support.processes import (
     BrokerInfo,
     EmbeddedBroker,
     EmbeddedLlama,
     EmbeddedLlamaUnavailable,
     MosquittoProcess,
-    mosquitto_available,
 )
 from tests.support.recorder import PublishLog, Recorder
 
@@ -131,19 +132,10 @@ def make_llama(tmp_path: Path) -> Iterator[Callable[..., EmbeddedLlama]]:
 # ---------------------------------------------------------------------------- brokers
 
 
-def _require_mosquitto() -> None:
-    if not mosquitto_available():
-        pytest.fail(
-            "mosquitto is not installed; the test suite needs it and does not skip. "
-            "Install it with: apt-get install -y mosquitto mosquitto-clients",
-            pytrace=False,
-        )
-
-
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
     """A private Mosquitto (``plain`` preset: anonymous, MQTT 3.1.1 + 5) on 127.0.0.1."""
-    _require_mosquitto()
+    require_mosquitto()
     proc = MosquittoProcess(tmp_path / "mosquitto", "plain").start()
     try:
         yield proc
@@ -154,7 +146,7 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
 @pytest.fixture
 def mosquitto_secure(tmp_path: Path) -> Iterator[MosquittoProcess]:
     """A private Mosquitto (``secure`` preset: TLS + passwords + the shipped ACL)."""
-    _require_mosquitto()
+    require_mosquitto()
     proc = MosquittoProcess(tmp_path / "mosquitto-secure", "secure").start()
     try:
         yield proc
@@ -200,3 +192,15 @@ def recorder(broker: BrokerInfo) -> Iterator[Recorder]:
 def published() -> PublishLog:
     """What the test's devices publish (each device is registered with ``track``)."""
     return PublishLog()
+
+
+# ---------------------------------------------------------------------------- llama clients
+
+
+@pytest.fixture
+def clients() -> Iterator[list[LlamaCppClient]]:
+    """Llama clients a test made (``tests.support.llama_client.serve``), closed after it."""
+    made: list[LlamaCppClient] = []
+    yield made
+    for client in made:
+        client.close()

@@ -14,12 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli_proc import RunningBridge
+from tests.support.cli_proc import ROOT, RunningBridge
 from tests.support.cli_proc import cli as _cli
 from tests.support.processes import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-READY_TIMEOUT = 120.0
 
 
 @pytest.fixture

@@ -17,12 +17,12 @@ import pytest
 
 from bridge.cli import build_parser
 from bridge.config.settings import DeploymentConfig
+from tests.support.processes import REPO as ROOT
 from tests.support.processes import free_port
+from tests.support.prompts import TEMPLATE_MARKERS
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = [ROOT / "scripts" / name for name in ("setup", "quickstart", "test", "check")] + [
     ROOT / ".ci" / "run"]
-TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>")
 
 
 # ---------------------------------------------------------------------------- packaging

@@ -21,13 +21,12 @@ from bridge import BridgeClient, MqttSettings
 from bridge.config.settings import DeploymentConfig
 from tests.support.cli_proc import ROOT, Line, RunningBridge, SubWatcher, cli
 from tests.support.processes import free_port
+from tests.support.prompts import TEMPLATE_MARKERS
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 # A slow, shared CI machine makes a few tokens a second: bounds for the answers to end.
 ANSWER_TIMEOUT = 300.0
 TERMINAL = ("done", "reply", "error")
-# What the chat templates llama.cpp falls back to would leave in an answer.
-TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>")
 
 
 def code_block(lang: str, containing: str) -> str:

@@ -12,11 +12,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import subprocess
-import sys
-import threading
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,22 +23,23 @@ from pydantic import ValidationError
 
 from bridge import cli
 from bridge.config.profiles import SAMPLING_FIELDS, Profile, ProfileRegistry, UnknownProfile
-from bridge.config.settings import MqttSettings, load_config
+from bridge.config.settings import load_config
 from bridge.llama.client import LlamaCppClient
-from bridge.mqtt.device import BridgeClient
 from bridge.protocol.address import ReplyAddress
 from bridge.protocol.errors import RequestRejected
 from bridge.protocol.messages import BridgeRequest, ErrorCode
 from bridge.service.intake import Accepted, apply_profile
 from tests.support.bridge_proc import running_bridge
+from tests.support.cli_proc import RunningBridge
+from tests.support.device import ask, bridge_client
 from tests.support.fake_llama import FakeLlama
+from tests.support.processes import REPO as ROOT
 from tests.support.processes import MosquittoProcess
+from tests.support.prompts import SEED, system, user
 from tests.support.recorder import Recorder, check_reply_stream, text_of
+from tests.support.waiting import REPLY_TIMEOUT as TIMEOUT
 
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "bridge.example.toml"
-TIMEOUT = 120.0
-SEED = 42
 
 KITCHEN: dict[str, Any] = {
     "system": "You are the kitchen assistant.", "temperature": 0.3, "top_p": 0.8, "top_k": 7,
@@ -50,14 +47,6 @@ KITCHEN: dict[str, Any] = {
     "max_tokens": 30}
 TOOLS = [{"type": "function", "function": {"name": "get_time", "description": "the time",
                                            "parameters": {"type": "object", "properties": {}}}}]
-
-
-def user(text: str) -> dict[str, Any]:
-    return {"role": "user", "content": text}
-
-
-def system(text: str) -> dict[str, Any]:
-    return {"role": "system", "content": text}
 
 
 # ============================================================================ configuration
@@ -206,23 +195,13 @@ def test_reload_swaps_profiles_and_keeps_them_on_a_bad_file(
 # ============================================================================ bridge + fake llama
 
 
-def _mqtt(broker: MosquittoProcess) -> MqttSettings:
-    return MqttSettings(host=broker.host, port=broker.port, protocol="5")
-
-
-def ask(dev: BridgeClient, request: dict[str, Any]) -> list[Any]:
-    msgs = list(dev.ask(request, idle_timeout=TIMEOUT))
-    check_reply_stream(msgs)
-    return msgs
-
-
 def test_profiles_reach_llama_server(mosquitto: MosquittoProcess) -> None:
     profiles = {"kitchen": KITCHEN, "tools": {"tools": TOOLS, "tool_choice": "auto"},
                 "big": {"max_tokens": 500}}
     with FakeLlama() as fake, \
             running_bridge(mosquitto.host, mosquitto.port, [fake.url], max_tokens_cap=48,
                            profiles=profiles), \
-            BridgeClient(_mqtt(mosquitto), client="dev-prof") as dev:
+            bridge_client(mosquitto, "dev-prof", protocol="5") as dev:
         plain = ask(dev, {"profile": "kitchen", "messages": [user("hi")]})
         override = ask(dev, {"profile": "kitchen", "messages": [system("mine"), user("hi")],
                              "temperature": 0.9, "max_tokens": 100, "stop": "END"})
@@ -269,7 +248,7 @@ def test_real_llama_profile_answers_like_its_settings_sent_directly(
                               "seed": SEED, "max_tokens": 24}
     with running_bridge(mosquitto.host, mosquitto.port, [llama_server],
                         profiles={"pirate": pirate}), \
-            BridgeClient(_mqtt(mosquitto), client="dev-pirate") as dev:
+            bridge_client(mosquitto, "dev-pirate", protocol="5") as dev:
         with_profile = ask(dev, {"profile": "pirate", "messages": [user("Where is the ship?")]})
         without = ask(dev, {"messages": [user("Where is the ship?")], "temperature": 0,
                             "seed": SEED, "max_tokens": 24})
@@ -287,57 +266,6 @@ def test_real_llama_profile_answers_like_its_settings_sent_directly(
 # ============================================================================ SIGHUP
 
 
-class BridgeProcess:
-    """``python -m bridge run ...`` in a child process; its log lines can be waited for."""
-
-    def __init__(self, *args: str) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "bridge", "run", *args], cwd=ROOT,
-                                     env=env, text=True, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._eof = False
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def wait_line(self, needle: str, after: int = 0, timeout: float = TIMEOUT) -> int:
-        """Wait for a line containing ``needle`` (from line ``after`` on); return its index."""
-        def find() -> int | None:
-            return next((i for i in range(after, len(self.lines)) if needle in self.lines[i]),
-                        None)
-
-        with self._cond:
-            self._cond.wait_for(lambda: find() is not None or self._eof, timeout)
-            found = find()
-            assert found is not None, f"no {needle!r} in the bridge's output:\n" + \
-                "".join(self.lines)
-            return found
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(10)
-            self._reader.join(10)
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-
-
 def test_sighup_reloads_profiles_while_a_stream_runs(mosquitto: MosquittoProcess,
                                                      tmp_path: Path) -> None:
     conf = tmp_path / "bridge.toml"
@@ -345,13 +273,13 @@ def test_sighup_reloads_profiles_while_a_stream_runs(mosquitto: MosquittoProcess
     rec = Recorder(mosquitto.host, mosquitto.port, topic_filter="llm/reply/dev-hup/#")
     try:
         with FakeLlama(slots=2) as fake:
-            bridge = BridgeProcess("--config", str(conf), "--mqtt-host", mosquitto.host,
-                                   "--mqtt-port", str(mosquitto.port), "--llama-url", fake.url,
-                                   "--bridge-id", "hup-test",
-                                   "--sessions-db", str(tmp_path / "s.db"))
+            bridge = RunningBridge("--config", str(conf), "--mqtt-host", mosquitto.host,
+                                    "--mqtt-port", str(mosquitto.port), "--llama-url", fake.url,
+                                    "--bridge-id", "hup-test",
+                                    "--sessions-db", str(tmp_path / "s.db"))
             try:
                 bridge.wait_line(" ready: ")
-                with BridgeClient(_mqtt(mosquitto), client="dev-hup") as dev:
+                with bridge_client(mosquitto, "dev-hup", protocol="5") as dev:
                     gate = fake.hold_next()
                     dev.send({"id": "a", "profile": "p", "messages": [user("first")]},
                              subscribe=False)

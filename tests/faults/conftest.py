@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 
 from bridge.llama.embedded import EmbeddedLlama
 from tests.faults.rig import Env
+from tests.support.waiting import poll_until
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Env:
     return Env(tmp_path, llama_url, make_llama)
 
 
-_OURS = ("bridge-", "paho-", "fault-llama", "http-tap", "sampler", "outstanding-probe",
+_OURS = ("bridge-", "paho-", "fake-llama", "http-tap", "sampler", "outstanding-probe",
          "soak-")
 
 
@@ -43,11 +43,10 @@ def no_thread_left_behind() -> Iterator[None]:
     ended once the test is over -- on failure too."""
     before = set(threading.enumerate())
     yield
-    deadline = time.monotonic() + 15
-    while True:
-        left = [t.name for t in set(threading.enumerate()) - before
+
+    def ours() -> list[str]:
+        return [t.name for t in set(threading.enumerate()) - before
                 if t.is_alive() and t.name.startswith(_OURS)]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)  # poll interval, bounded by the deadline above
+
+    left = poll_until(ours, lambda names: not names, 15, 0.1)
     assert not left, f"threads left running after the test: {left}"

@@ -38,8 +38,8 @@ from bridge.llama.embedded import EmbeddedLlama
 from tests.faults import scenarios
 from tests.faults.rig import Env, Result, ScenarioFailed
 from tests.faults.sizes import LONG, SHORT, Sizes
+from tests.support.processes import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 Scenario = Callable[[Env, Sizes], Result]
 
 #: (key, function) in report order; the key is what ``--only`` takes
@@ -197,7 +197,7 @@ def render(rows: list[tuple[str, Result | None, str, str]], sizes: Sizes, comman
         "process; the soak runs `python -m bridge run` as a child process) against real "
         "Mosquitto 2.0 (started from the shipped `mosquitto/mosquitto.conf`) and real "
         "llama.cpp (xllamacpp, Gemma 3 270M) on 127.0.0.1. A scripted llama-server "
-        "(`tests/support/fault_llama.py`) stands in where a fault needs precise timing "
+        "(`tests/support/fake_llama/`) stands in where a fault needs precise timing "
         "or a request rate no real model reaches here. The short form of the same "
         "scenarios runs in the normal test suite (`pytest tests/faults`).",
         "",

@@ -13,7 +13,6 @@ functions with the short sizes, ``tests/faults/report.py`` with the long ones.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import signal
 import subprocess
@@ -21,24 +20,21 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import paho.mqtt.client as mqtt
 import psutil  # type: ignore[import-untyped]
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge.config.settings import load_config
 from bridge.llama.embedded import EmbeddedLlama
-from bridge.protocol.messages import TERMINAL_TYPES
 from bridge.service.bridge import Bridge
-
-SEED = 42
-DEADLINE = 180.0  # generous bound on anything a scenario waits for (noisy 2-core machine)
+from tests.support.bridge_proc import running_bridge
+from tests.support.device import Device
+from tests.support.replies import StreamView
+from tests.support.waiting import DEADLINE, poll_until
 
 # Prompts with nothing in common, so each stream is easy to tell apart in the tap.
 PROMPTS = [
@@ -121,70 +117,6 @@ class Result:
 # =========================================================================== streams
 
 
-@dataclass
-class StreamView:
-    """What a device received on one reply topic, de-duplicated by ``seq``."""
-
-    topic: str
-    deliveries: int = 0
-    by_seq: dict[int, bytes] = field(default_factory=dict)
-    conflicts: int = 0  # a seq received again with a different payload
-
-    def add(self, payload: bytes) -> None:
-        self.deliveries += 1
-        try:
-            seq = int(json.loads(payload)["seq"])
-        except (ValueError, KeyError, TypeError):
-            seq = -1 - self.deliveries  # not a reply message: keep it, it counts as a conflict
-            self.conflicts += 1
-        old = self.by_seq.get(seq)
-        if old is None:
-            self.by_seq[seq] = payload
-        elif old != payload:
-            self.conflicts += 1
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        """The distinct messages in ``seq`` order."""
-        return [json.loads(self.by_seq[s]) for s in sorted(self.by_seq) if s >= 0]
-
-    @property
-    def redelivered(self) -> int:
-        return self.deliveries - len(self.by_seq) - self.conflicts
-
-    @property
-    def terminals(self) -> list[dict[str, Any]]:
-        return [m for m in self.messages if m.get("type") in TERMINAL_TYPES]
-
-    @property
-    def terminal(self) -> dict[str, Any] | None:
-        ends = self.terminals
-        return ends[0] if ends else None
-
-    @property
-    def missing(self) -> int:
-        """Messages known to be missing: ``seq`` gaps, plus one if no terminal arrived."""
-        seqs = [s for s in self.by_seq if s >= 0]
-        top = max(seqs) if seqs else -1
-        gaps = (top + 1) - len(seqs)
-        return gaps + (0 if self.terminals else 1)
-
-    @property
-    def complete(self) -> bool:
-        """``seq`` 0..n without gaps, exactly one terminal message, and it is the last."""
-        msgs = self.messages
-        return (bool(msgs) and [m["seq"] for m in msgs] == list(range(len(msgs)))
-                and len(self.terminals) == 1 and msgs[-1].get("type") in TERMINAL_TYPES
-                and self.conflicts == 0)
-
-    @property
-    def text(self) -> str:
-        return "".join(m.get("text") or "" for m in self.messages if m.get("type") == "chunk")
-
-    def types(self) -> list[str]:
-        return [str(m.get("type")) for m in self.messages]
-
-
 def tally(res: Result, views: list[StreamView], generations_per_request: list[int] | None = None,
           *, streams: int | None = None) -> None:
     """Fill ``terminal``, ``lost``, ``duplicated`` and ``redelivered`` from the streams seen.
@@ -204,231 +136,6 @@ def tally(res: Result, views: list[StreamView], generations_per_request: list[in
 
 
 # =========================================================================== devices
-
-
-class Device:
-    """A device: fixed client id, persistent session (3.1.1 ``clean_session=False`` or
-    MQTT 5 session expiry), subscribed at QoS 1 to its whole reply namespace.
-
-    It re-subscribes on every connection (harmless when the session survived, needed
-    when the broker lost it), reconnects by itself, and records every message.
-
-    Args:
-        host, port: the broker.
-        name: client id and ``{client}`` topic level.
-        protocol: ``"5"`` or ``"3.1.1"``.
-        persistent: keep the session across disconnects.
-        will: ``(topic, payload)`` Last Will, published by the broker if the device vanishes.
-        username, password, ca_file: credentials / TLS.
-    """
-
-    def __init__(self, host: str, port: int, name: str, *, protocol: Literal["5", "3.1.1"] = "5",
-                 prefix: str = "llm", persistent: bool = True,
-                 will: tuple[str, bytes] | None = None, username: str | None = None,
-                 password: str | None = None, ca_file: Path | None = None,
-                 subscribe: bool = True) -> None:
-        self.host, self.port, self.name, self.prefix = host, port, name, prefix
-        self.v5 = protocol == "5"
-        self.persistent = persistent
-        self.namespace = f"{prefix}/reply/{name}/"
-        self._subscribe = subscribe
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name,
-                                  protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
-                                  clean_session=None if self.v5 else not persistent)
-        self.client.reconnect_delay_set(1, 2)
-        self.client.max_queued_messages_set(0)
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        if ca_file is not None:
-            import ssl
-
-            self.client.tls_set(ca_certs=str(ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        if will is not None:
-            self.client.will_set(will[0], will[1], qos=1)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
-        self.client.on_publish = self._on_publish
-        self._pubacks: dict[int, Any] = {}
-        self.cond = threading.Condition()
-        self.received: list[tuple[str, bytes]] = []
-        self.terminal_topics: set[str] = set()  # topics on which a terminal message arrived
-        self.by_topic: dict[str, list[bytes]] = {}
-        self.connects = 0
-        self.session_present: list[bool] = []
-        self.connect_failure: str | None = None
-        self._acks: dict[int, threading.Event] = {}
-        self._codes: dict[int, list[Any]] = {}
-        self._ack_lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self._connack = threading.Event()
-
-    # ------------------------------------------------------------------ connection
-
-    def connect(self, timeout: float = 30.0) -> Device:
-        props = None
-        kwargs: dict[str, Any] = {}
-        if self.v5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            if self.persistent:
-                props.SessionExpiryInterval = 3600
-            kwargs = {"clean_start": not self.persistent, "properties": props}
-        self.client.connect(self.host, self.port, keepalive=30, **kwargs)
-        self.client.loop_start()
-        if not self._connack.wait(timeout):
-            self.close()
-            raise TimeoutError(f"{self.name}: no CONNACK within {timeout} s")
-        if self.connect_failure:
-            self.close()
-            raise ConnectionRefusedError(f"{self.name}: {self.connect_failure}")
-        if self._subscribe and not self._subscribed.wait(timeout):
-            self.close()
-            raise TimeoutError(f"{self.name}: no SUBACK within {timeout} s")
-        return self
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def drop(self) -> None:
-        """Vanish without DISCONNECT (crash, power cut): the broker publishes the Will."""
-        self.client.loop_stop()
-        sock = self.client.socket()
-        if sock is not None:
-            with suppress(OSError):
-                sock.close()
-
-    def __enter__(self) -> Device:
-        return self.connect()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def barrier(self, timeout: float = 30.0) -> None:
-        """A SUBSCRIBE/SUBACK round trip once connected: what the broker had queued for
-        us before it is delivered by the time this returns."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.client.is_connected() and self._subscribed.is_set():
-                break
-            self._subscribed.wait(0.2)
-        self.subscribe(self.namespace + "#", timeout=max(1.0, end - time.monotonic()))
-
-    def subscribe(self, topic: str, timeout: float = 30.0) -> list[Any]:
-        """Subscribe at QoS 1 and wait for the SUBACK; returns its reason codes."""
-        done = threading.Event()
-        codes: list[Any] = []
-        with self._ack_lock:
-            rc, mid = self.client.subscribe(topic, qos=1)
-            assert rc == mqtt.MQTT_ERR_SUCCESS and mid is not None, f"subscribe failed: {rc}"
-            self._acks[mid] = done
-            self._codes[mid] = codes
-        assert done.wait(timeout), f"{self.name}: no SUBACK for {topic} within {timeout} s"
-        return codes
-
-    # ------------------------------------------------------------------ requests
-
-    def request(self, payload: dict[str, Any] | str | bytes, *, topic: str | None = None,
-                props: Properties | None = None, wait: bool = True) -> mqtt.MQTTMessageInfo:
-        """Publish one request at QoS 1 (on ``P/request/{name}`` unless ``topic``)."""
-        data = json.dumps(payload).encode() if isinstance(payload, dict) else \
-            payload.encode() if isinstance(payload, str) else payload
-        info = self.client.publish(topic or f"{self.prefix}/request/{self.name}", data, qos=1,
-                                   properties=props)
-        if wait:
-            info.wait_for_publish(30)
-        return info
-
-    def cancel(self, request_id: str) -> None:
-        self.client.publish(f"{self.prefix}/cancel/{self.name}", json.dumps({"id": request_id}),
-                            qos=1).wait_for_publish(30)
-
-    def topic(self, request_id: str) -> str:
-        return f"{self.namespace}{request_id}"
-
-    # ------------------------------------------------------------------ what arrived
-
-    def view(self, topic: str) -> StreamView:
-        view = StreamView(topic)
-        with self.cond:
-            payloads = list(self.by_topic.get(topic, ()))
-        for payload in payloads:
-            view.add(payload)
-        return view
-
-    def views(self) -> dict[str, StreamView]:
-        """Every topic a message arrived on, with what arrived on it."""
-        with self.cond:
-            topics = list(self.by_topic)
-        return {topic: self.view(topic) for topic in topics}
-
-    def wait(self, predicate: Callable[[Device], bool], timeout: float = DEADLINE) -> bool:
-        """Wait until ``predicate(self)`` holds (re-checked on every message)."""
-        with self.cond:
-            return self.cond.wait_for(lambda: predicate(self), timeout)
-
-    def has_terminal(self, topic: str) -> bool:
-        return topic in self.terminal_topics
-
-    def wait_terminal(self, topic: str, timeout: float = DEADLINE) -> StreamView:
-        self.wait(lambda d: topic in d.terminal_topics, timeout)
-        return self.view(topic)
-
-    # ------------------------------------------------------------------ paho callbacks
-
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                    props: Any) -> None:
-        if reason.is_failure:
-            self.connect_failure = str(reason)
-            self._connack.set()
-            return
-        self.connects += 1
-        self.session_present.append(bool(flags.session_present))
-        if self._subscribe:
-            self._subscribed.clear()
-            _, mid = client.subscribe(self.namespace + "#", qos=1)
-            if mid is not None:
-                with self._ack_lock:
-                    self._acks[mid] = self._subscribed
-        self._connack.set()
-
-    def _on_disconnect(self, *args: Any) -> None:
-        self._subscribed.clear()
-
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any,
-                      props: Any) -> None:
-        with self._ack_lock:
-            event = self._acks.pop(mid, None)
-            target = self._codes.pop(mid, None)
-        if target is not None:
-            target.extend(codes)
-        if event is not None:
-            event.set()
-
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
-                    props: Any) -> None:
-        with self.cond:
-            self._pubacks[mid] = reason
-
-    def puback_reason(self, mid: int) -> Any:
-        """The PUBACK reason code of publish ``mid`` (MQTT 5: failure = refused)."""
-        with self.cond:
-            return self._pubacks.get(mid)
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        payload = bytes(msg.payload)
-        try:
-            body = json.loads(payload)
-            terminal = isinstance(body, dict) and body.get("type") in TERMINAL_TYPES
-        except ValueError:
-            terminal = False
-        with self.cond:
-            self.received.append((msg.topic, payload))
-            self.by_topic.setdefault(msg.topic, []).append(payload)
-            if terminal:
-                self.terminal_topics.add(msg.topic)
-            self.cond.notify_all()
 
 
 def v5_props(*, response_topic: str | None = None, correlation: bytes | None = None,
@@ -534,12 +241,7 @@ class Env:
 def wait_until(condition: Callable[[], bool], timeout: float = DEADLINE,
                interval: float = 0.05) -> bool:
     """Poll a condition that sends no event (bridge counters, process state) until it holds."""
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= end:
-            return False
-        time.sleep(interval)  # poll interval, bounded by the deadline above
-    return True
+    return bool(poll_until(condition, bool, timeout, interval))
 
 
 @contextmanager
@@ -559,29 +261,20 @@ def devices(host: str, port: int, names: list[str], **kwargs: Any) -> Iterator[l
 _bridge_ids = itertools.count(1)
 
 
-@contextmanager
 def start_bridge(host: str, port: int, llama_urls: list[str], *, protocol: str = "auto",
                  mqtt_settings: dict[str, Any] | None = None,
                  llama_settings: dict[str, Any] | None = None,
-                 **overrides: Any) -> Iterator[Bridge]:
-    """Like :func:`tests.support.bridge_proc.running_bridge`, with ``[llama]`` settings too.
+                 **overrides: Any) -> AbstractContextManager[Bridge]:
+    """:func:`tests.support.bridge_proc.running_bridge` with the scenarios' defaults.
 
     Health probes default to every 2 s: below llama-server's 5 s keep-alive timeout, so
     a probe never races the server closing its idle connection (see docs/reliability.md).
     """
     overrides.setdefault("bridge_id", f"fault-bridge-{next(_bridge_ids)}")
-    overrides.setdefault("max_tokens_cap", 48)
     overrides.setdefault("dedupe_ttl_s", 600)
-    llama = {"health_interval_s": 2.0, **(llama_settings or {}), "urls": llama_urls}
-    cfg = load_config(mqtt={"host": host, "port": port, "protocol": protocol,
-                            "reconnect_min_s": 1, "reconnect_max_s": 2, **(mqtt_settings or {})},
-                      llama=llama, **overrides)
-    bridge = Bridge(cfg, llama_urls)
-    bridge.start()
-    try:
-        yield bridge
-    finally:
-        bridge.stop()
+    return running_bridge(host, port, llama_urls, protocol=protocol, mqtt=mqtt_settings,
+                          llama={"health_interval_s": 2.0, **(llama_settings or {})},
+                          **overrides)
 
 
 def bridge_threads_alive(bridge: Bridge) -> list[str]:

@@ -30,12 +30,9 @@ from bridge.protocol import topics as bridge_topics
 from bridge.protocol.messages import TERMINAL_TYPES
 from bridge.service.bridge import Bridge
 from tests.faults.rig import (
-    SEED,
-    Device,
     Env,
     ProcessSampler,
     Result,
-    StreamView,
     bridge_process,
     bridge_state,
     bridge_threads_alive,
@@ -48,13 +45,12 @@ from tests.faults.rig import (
     wait_while_progressing,
 )
 from tests.faults.sizes import Sizes
-from tests.support.fault_llama import DEFAULT_TEXTS, FaultLlama, stream_script
-from tests.support.processes import MOSQUITTO_ACL, MosquittoProcess
-from tests.support.recorder import Recorder
-from tests.support.relay import TcpRelay
-from tests.support.scripted_sse import (
+from tests.support.device import Device
+from tests.support.fake_llama import (
+    DEFAULT_TEXTS,
     PING,
     Action,
+    FakeLlama,
     Pause,
     Respond,
     Send,
@@ -62,7 +58,13 @@ from tests.support.scripted_sse import (
     Stall,
     chat_chunk,
     event,
+    stream_script,
 )
+from tests.support.processes import MOSQUITTO_ACL, MosquittoProcess
+from tests.support.prompts import SEED
+from tests.support.recorder import Recorder
+from tests.support.relay import TcpRelay
+from tests.support.replies import StreamView
 from tests.support.tap import Exchange, HttpTap
 from tests.support.waiting import poll_until
 
@@ -449,7 +451,7 @@ def retry_same_id_after_backend_unavailable(env: Env, sizes: Sizes) -> Result:
     res = Result("2b. retry of a retryable error, same id",
                  "1 request, scripted backend", "backend unhealthy, then healthy again")
     with ExitStack() as stack:
-        fake = stack.enter_context(FaultLlama())
+        fake = stack.enter_context(FakeLlama())
         broker = stack.enter_context(MosquittoProcess(env.dir("mosquitto")))
         bridge = stack.enter_context(start_bridge(
             broker.host, broker.port, [fake.url], protocol="5",
@@ -523,7 +525,7 @@ def llama_stalls(env: Env, sizes: Sizes) -> Result:
     res = Result("3. llama-server stalls", f"{len(STALL_CASES)} stalled requests + 1 normal, "
                  "scripted server", "no bytes / headers only / stall mid-stream / pings only")
     with ExitStack() as stack:
-        fake = stack.enter_context(FaultLlama(_stall_script))
+        fake = stack.enter_context(FakeLlama(_stall_script))
         broker = stack.enter_context(MosquittoProcess(env.dir("mosquitto")))
         stack.enter_context(start_bridge(
             broker.host, broker.port, [fake.url], protocol="5", heartbeat_s=0.5,
@@ -543,7 +545,7 @@ def llama_stalls(env: Env, sizes: Sizes) -> Result:
             named = f"{which.split('_timeout')[0]}={timeout_s:g} s"  # e.g. "idle=1.5 s"
             res.expect(named in str(end.get("message")),
                        f"{marker}: the message does not say {named!r}: {end.get('message')}")
-            gen = next((g for g in fake.generations if marker in json.dumps(g.body)), None)
+            gen = next((g for g in fake.generations if marker in json.dumps(g.json())), None)
             res.expect(gen is not None, f"{marker}: never reached the backend")
             if gen is not None:
                 closed = gen.client_closed.wait(30)
@@ -631,7 +633,7 @@ def broker_paused(env: Env, sizes: Sizes) -> Result:
                     url, tokens = tap.url, sizes.stream_tokens
                 else:
                     texts = [f" t{i}" for i in range(fast_tokens)]
-                    fake = stack.enter_context(FaultLlama(
+                    fake = stack.enter_context(FakeLlama(
                         functools.partial(_fixed_stream, texts)))
                     url, tokens = fake.url, fast_tokens
                 bridge = stack.enter_context(start_bridge(
@@ -705,7 +707,7 @@ def broker_paused_past_deadline(env: Env, sizes: Sizes) -> Result:
                  f"SIGSTOP for {limit + 3:g} s after the window filled")
     with ExitStack() as stack:
         texts = [f" t{i}" for i in range(3000)]
-        fake = stack.enter_context(FaultLlama(
+        fake = stack.enter_context(FakeLlama(
             lambda path, body: stream_script(path, texts, gap_s=0.0)))
         broker = stack.enter_context(MosquittoProcess(env.dir("mosquitto")))
         bridge = stack.enter_context(start_bridge(
@@ -754,7 +756,7 @@ def burst(env: Env, sizes: Sizes) -> Result:
     res = Result("5. burst on 2 slots, queue 16", f"{n} requests at once from 5 devices, "
                  "scripted backend (4 tokens, 20 ms apart)", "queue overflow")
     with ExitStack() as stack:
-        fake = stack.enter_context(FaultLlama(
+        fake = stack.enter_context(FakeLlama(
             lambda path, body: stream_script(path, ["a", "b", "c", "d"], gap_s=0.02), slots=2))
         broker = stack.enter_context(MosquittoProcess(env.dir("mosquitto")))
         stack.enter_context(start_bridge(
@@ -925,7 +927,7 @@ class _HostileOutcome:
 
 def _hostile_phase(res: Result, env: Env, url: str, *, count: int, valid_every: int,
                    real: bool, seed: int, tap: HttpTap | None = None,
-                   fake: FaultLlama | None = None) -> _HostileOutcome:
+                   fake: FakeLlama | None = None) -> _HostileOutcome:
     me = "hostile-real" if real else "hostile"
     out = _HostileOutcome()
     rng = random.Random(seed)
@@ -1035,7 +1037,7 @@ def hostile_input(env: Env, sizes: Sizes) -> Result:
                  "random bytes, invalid UTF-8, deep/huge JSON, wrong types, unknown fields, "
                  "bad ids, foreign Response Topics, garbage cancels, bad client topics")
     with ProcessSampler() as sampler:
-        with FaultLlama() as fake:
+        with FakeLlama() as fake:
             fast = _hostile_phase(res, env, fake.url, count=sizes.hostile,
                                   valid_every=sizes.valid_every, real=False, seed=1, fake=fake)
         with HttpTap(env.llama_url()) as tap:
@@ -1069,7 +1071,7 @@ def duplicate_ids(env: Env, sizes: Sizes) -> Result:
                  "same id again while running, after a reconnect, after the answer")
     texts = [f" w{i}" for i in range(8)]
     with ExitStack() as stack:
-        fake = stack.enter_context(FaultLlama(
+        fake = stack.enter_context(FakeLlama(
             lambda path, body: stream_script(path, texts, gap_s=0.05)))
         broker = stack.enter_context(MosquittoProcess(env.dir("mosquitto")))
         stack.enter_context(start_bridge(
@@ -1377,7 +1379,7 @@ def security(env: Env, sizes: Sizes) -> Result:
         # would take over the running bridge's client id): only what a bridge needs.
         probe = stack.enter_context(Device(broker.host, plain.port, other_account,
                                            username=other_account,
-                                           password=users[other_account], subscribe=False))
+                                           password=users[other_account], replies=False))
         for topic in ("llm/reply/#", "llm2/#", "other/#"):
             probe.subscribe(topic)
         refused = {}
@@ -1514,7 +1516,7 @@ def bridge_account_as_device(env: Env, sizes: Sizes) -> Result:
         broker = stack.enter_context(MosquittoProcess(env.dir("mosquitto"), "secure",
                                                       users=users))
         first = broker.info("5", names[0])
-        fake = stack.enter_context(FaultLlama())
+        fake = stack.enter_context(FakeLlama())
         bridge = stack.enter_context(start_bridge(
             broker.host, first.port, [fake.url], protocol="5", bridge_id=bridges[0][1],
             mqtt_settings={"username": names[0], "password": users[names[0]]}))
@@ -1553,7 +1555,7 @@ def oversized_correlation_data(env: Env, sizes: Sizes) -> Result:
     res = Result("6b. oversized Correlation Data", "1 hostile + 1 victim request, scripted "
                  "backend", f"Correlation Data of 8000 bytes; broker max_packet_size {limit}")
     with ExitStack() as stack:
-        fake = stack.enter_context(FaultLlama())
+        fake = stack.enter_context(FakeLlama())
         broker = stack.enter_context(MosquittoProcess(env.dir("mosquitto"),
                                                       extra_conf=f"max_packet_size {limit}"))
         bridge = stack.enter_context(start_bridge(broker.host, broker.port, [fake.url],
@@ -1611,7 +1613,7 @@ class _RequestLog(logging.Handler):
 
 def _poison_case(res: Result, env: Env, name: str, *, protocol: Literal["5", "3.1.1"],
                  broker_conf: str, request: dict[str, Any], props: Properties | None,
-                 llama: FaultLlama, expect_code: str, **bridge_settings: Any) -> list[StreamView]:
+                 llama: FakeLlama, expect_code: str, **bridge_settings: Any) -> list[StreamView]:
     """One device sends a request whose replies the broker refuses; another device asks
     right after. Checks what each device receives, the bridge's connections and its log.
 
@@ -1677,7 +1679,7 @@ def poison_publish(env: Env, sizes: Sizes) -> Result:
                  "an unannounced max_packet_size")
     deep = "llm/reply/{name}-h/" + "l/" * 198 + "l"
     views: list[StreamView] = []
-    with FaultLlama() as fake:
+    with FakeLlama() as fake:
         for name, lifted in (("deeprt", False), ("deeprt-lifted", True)):
             with ExitStack() as patches:
                 if lifted:
@@ -1694,7 +1696,7 @@ def poison_publish(env: Env, sizes: Sizes) -> Result:
         return [Respond(200, {"choices": [choice],
                               "usage": {"prompt_tokens": 1, "completion_tokens": 3000}})]
 
-    with FaultLlama(long_reply) as fake:
+    with FakeLlama(long_reply) as fake:
         views += _poison_case(res, env, "oversize", protocol="3.1.1",
                               broker_conf="max_packet_size 2048", llama=fake,
                               request={"id": "big", "prompt": "x", "max_tokens": 4,
@@ -1734,7 +1736,7 @@ def non_finite_numbers(env: Env, sizes: Sizes) -> Result:
         b'{"role": "user", "content": "hi"}]}',
     ]
     with ExitStack() as stack:
-        fake = stack.enter_context(FaultLlama())
+        fake = stack.enter_context(FakeLlama())
         broker = stack.enter_context(MosquittoProcess(env.dir("mosquitto")))
         stack.enter_context(start_bridge(broker.host, broker.port, [fake.url], protocol="5"))
         (dev,) = stack.enter_context(devices(broker.host, broker.port, ["nan-dev"]))
@@ -1765,7 +1767,7 @@ def retained_request(env: Env, sizes: Sizes) -> Result:
     res = Result("7b. retained request", "1 retained request, 3 bridge starts, scripted "
                  "backend", "bridge restarted twice (same id, persistent session)")
     with ExitStack() as stack:
-        fake = stack.enter_context(FaultLlama())
+        fake = stack.enter_context(FakeLlama())
         broker = stack.enter_context(MosquittoProcess(env.dir("mosquitto")))
         (dev,) = stack.enter_context(devices(broker.host, broker.port, ["retain-dev"]))
         for start in range(3):
@@ -1814,7 +1816,7 @@ def broker_stops_reading(env: Env, sizes: Sizes) -> Result:
                  "scripted backend, bridge process", "bridge→broker direction held, released")
     texts = [f" t{i}" for i in range(3000)]
     with ExitStack() as stack:
-        fake = stack.enter_context(FaultLlama(
+        fake = stack.enter_context(FakeLlama(
             lambda path, body: stream_script(path, texts, gap_s=0.005)
             if "long" in json.dumps(body) else stream_script(path)))
         broker = stack.enter_context(MosquittoProcess(env.dir("mosquitto")))
@@ -1883,7 +1885,7 @@ def stop_while_broker_frozen(env: Env, sizes: Sizes) -> Result:
                  "scripted backend, max_queued 10", "SIGSTOP broker, then Bridge.stop()")
     texts = [f" t{i}" for i in range(3000)]
     with ExitStack() as stack:
-        fake = stack.enter_context(FaultLlama(functools.partial(_fixed_stream, texts)))
+        fake = stack.enter_context(FakeLlama(functools.partial(_fixed_stream, texts)))
         broker = stack.enter_context(MosquittoProcess(env.dir("mosquitto")))
         bridge_cm = start_bridge(broker.host, broker.port, [fake.url], protocol="5",
                                  max_concurrent=1, max_tokens_cap=3000, flush_ms=0,
@@ -1937,7 +1939,7 @@ def stale_keepalive_probe(env: Env, sizes: Sizes) -> Result:
                  "probes every 0.2 s while idle, then 20 requests, scripted backend",
                  "server closes reused keep-alive connections unanswered")
     with ExitStack() as stack:
-        fake = stack.enter_context(FaultLlama(stale_keepalive=True))
+        fake = stack.enter_context(FakeLlama(stale_keepalive=True))
         broker = stack.enter_context(MosquittoProcess(env.dir("mosquitto")))
         bridge = stack.enter_context(start_bridge(
             broker.host, broker.port, [fake.url], protocol="5", client_max_inflight=100,

@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -24,11 +23,9 @@ from bridge.llama.client import (
     CancelToken,
     LlamaCppClient,
     ReasoningDelta,
-    RetryPolicy,
     Stream,
     StreamEnd,
     TextDelta,
-    Timeouts,
     ToolCallDelta,
 )
 from bridge.protocol.errors import (
@@ -42,7 +39,8 @@ from bridge.protocol.errors import (
     StreamCancelled,
 )
 from bridge.protocol.messages import ChatMessage
-from tests.support.scripted_sse import (
+from tests.support.fake_llama import (
+    CLOSE_SEEN_S,
     DONE,
     PING,
     Action,
@@ -60,53 +58,10 @@ from tests.support.scripted_sse import (
     llama_error,
     usage_chunk,
 )
+from tests.support.llama_client import collect, make_client, serve
+from tests.support.prompts import HI as MESSAGES
 
 pytestmark = pytest.mark.timeout(20)
-
-MESSAGES = [{"role": "user", "content": "hi"}]
-CLOSE_SEEN_S = 3.0  # how long the server may take to notice the client's close
-
-
-def make_client(url: str, *, first_byte: float = 2.0, idle: float = 1.0,
-                attempts: int = 1, backoff: float = 0.01, connect: float = 1.0,
-                non_streamed: float = 2.0) -> LlamaCppClient:
-    return LlamaCppClient(
-        url,
-        timeouts=Timeouts(connect=connect, first_byte=first_byte, idle=idle, request=1.0,
-                          non_streamed=non_streamed),
-        retry=RetryPolicy(attempts=attempts, initial_backoff=backoff, max_backoff=backoff,
-                          jitter=0.0),
-    )
-
-
-@pytest.fixture
-def clients() -> Iterator[list[LlamaCppClient]]:
-    """Clients created by a test are closed after it."""
-    made: list[LlamaCppClient] = []
-    yield made
-    for client in made:
-        client.close()
-
-
-def serve(clients: list[LlamaCppClient], server: ScriptedSSEServer,
-          **kwargs: Any) -> LlamaCppClient:
-    client = make_client(server.url, **kwargs)
-    clients.append(client)
-    return client
-
-
-def collect(stream: Stream) -> tuple[str, StreamEnd]:
-    """Iterate a stream to its end: (concatenated text, the StreamEnd)."""
-    text: list[str] = []
-    ends: list[StreamEnd] = []
-    with stream:
-        for delta in stream:
-            if isinstance(delta, TextDelta):
-                text.append(delta.text)
-            elif isinstance(delta, StreamEnd):
-                ends.append(delta)
-    assert len(ends) == 1, "exactly one StreamEnd"
-    return "".join(text), ends[0]
 
 
 def elapsed_since(start: float) -> float:

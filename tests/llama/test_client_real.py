@@ -15,9 +15,11 @@ from typing import Any
 
 import pytest
 
-from bridge.llama.client import LlamaCppClient, Stream, StreamEnd, TextDelta, Timeouts
+from bridge.llama.client import LlamaCppClient, TextDelta, Timeouts
 from bridge.protocol.errors import BackendHTTPError, StreamCancelled
 from bridge.protocol.messages import ChatMessage
+from tests.support.llama_client import collect
+from tests.support.waiting import poll_until
 
 pytestmark = [pytest.mark.llama, pytest.mark.timeout(180)]
 
@@ -43,34 +45,19 @@ def client(real_llama: str) -> Iterator[LlamaCppClient]:
     c.close()
 
 
-def collect(stream: Stream) -> tuple[list[str], StreamEnd]:
-    pieces: list[str] = []
-    ends: list[StreamEnd] = []
-    with stream:
-        for delta in stream:
-            if isinstance(delta, TextDelta):
-                pieces.append(delta.text)
-            elif isinstance(delta, StreamEnd):
-                ends.append(delta)
-    assert len(ends) == 1
-    return pieces, ends[0]
-
-
 def no_slot_busy(client: LlamaCppClient, within: float) -> bool:
     """Poll /slots until no slot is processing, up to ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if not any(slot.get("is_processing") for slot in client.slots()):
-            return True
-        time.sleep(0.1)  # polling the server's state; there is no event to wait on
-    return False
+    def idle(slots: list[dict[str, Any]]) -> bool:
+        return not any(slot.get("is_processing") for slot in slots)
+
+    return idle(poll_until(client.slots, idle, within, 0.1))
 
 
 def test_streamed_chat_equals_non_streamed(client: LlamaCppClient) -> None:
-    pieces, end = collect(client.generate_stream(MESSAGES, **SAMPLING))
+    text, end = collect(client.generate_stream(MESSAGES, **SAMPLING))
     gen = client.generate([ChatMessage(role=str(m["role"]), content=m["content"])  # type: ignore[arg-type]
                            for m in MESSAGES], **SAMPLING)
-    assert "".join(pieces) == gen.content
+    assert text == gen.content
     assert end.finish_reason == gen.finish_reason
     assert end.finish_reason in ("stop", "length")
     assert end.usage is not None and gen.usage is not None
@@ -84,9 +71,9 @@ def test_streamed_chat_equals_non_streamed(client: LlamaCppClient) -> None:
 
 def test_streamed_completion_equals_non_streamed(client: LlamaCppClient) -> None:
     prompt = "The capital of France is"
-    pieces, end = collect(client.complete_stream(prompt, **SAMPLING))
+    text, end = collect(client.complete_stream(prompt, **SAMPLING))
     gen = client.complete(prompt, **SAMPLING)
-    assert "".join(pieces) == gen.content
+    assert text == gen.content
     assert end.finish_reason == gen.finish_reason
     assert end.usage is not None and gen.usage is not None
     assert end.usage.completion_tokens == gen.usage.completion_tokens >= 1

@@ -18,8 +18,8 @@ import requests
 
 from bridge.llama.embedded import EmbeddedLlama, EmbeddedLlamaError
 from bridge.llama.embedded_server import BASE_MODEL_CHAT_TEMPLATE, BASE_MODEL_STOPS
-
-TIMEOUT = 10.0
+from tests.support.prompts import TEMPLATE_MARKERS
+from tests.support.waiting import LOOPBACK_TIMEOUT as TIMEOUT
 
 
 def test_session_server_is_healthy_with_two_slots(llama: EmbeddedLlama) -> None:
@@ -109,10 +109,6 @@ def test_startup_failure_names_the_log(tmp_path: Path) -> None:
     assert "llama.log" in str(err.value)
     assert server.pid is None
     server.stop()
-
-
-# What llama.cpp's fallback (ChatML) or Gemma's own turn format would leave in answers.
-TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>")
 
 
 def test_packaged_base_model_answers_chat_as_plain_text(

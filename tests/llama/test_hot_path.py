@@ -152,7 +152,7 @@ def test_typed_event_decoding_matches_the_lenient_path(chunk: dict[str, object],
 
 
 def test_usual_event_takes_the_typed_path() -> None:
-    # llama-server's token event, as bench/fake_llama.py writes it (xllamacpp 2026.10).
+    # llama-server's token event, as tests/support/fake_llama/fast.py writes it (xllamacpp 2026.10).
     data = ('{"choices":[{"finish_reason":null,"index":0,"delta":{"content":" abcd"}}],'
             '"created":1764612345,"id":"chatcmpl-0123","model":"gemma-3-270m-it-Q4_K_M.gguf",'
             '"system_fingerprint":"b0-unknown","object":"chat.completion.chunk"}')

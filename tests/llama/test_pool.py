@@ -24,8 +24,8 @@ from bridge.protocol.messages import ErrorCode
 from tests.support.bridge_proc import running_bridge
 from tests.support.processes import BrokerInfo, EmbeddedLlama
 from tests.support.recorder import Recorder, check_reply_stream, text_of
+from tests.support.waiting import REPLY_TIMEOUT as TIMEOUT
 
-TIMEOUT = 120.0
 GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
 
 # ---------------------------------------------------------------------------- unit

@@ -17,8 +17,8 @@ import pytest
 from bridge.llama.client import Delta, LlamaCppClient, Stream, StreamEnd, TextDelta
 from bridge.llama.relay import Relay
 from bridge.protocol.errors import BackendProtocolError, IdleTimeout, StreamCancelled
-from tests.llama.test_client_faults import CLOSE_SEEN_S, MESSAGES, clients, serve
-from tests.support.scripted_sse import (
+from tests.support.fake_llama import (
+    CLOSE_SEEN_S,
     DONE,
     PING,
     Action,
@@ -34,9 +34,9 @@ from tests.support.scripted_sse import (
     event,
     usage_chunk,
 )
+from tests.support.llama_client import serve
+from tests.support.prompts import HI as MESSAGES
 from tests.support.waiting import poll_until
-
-__all__ = ["clients"]  # the fixture, imported for the tests below
 
 pytestmark = pytest.mark.timeout(20)
 

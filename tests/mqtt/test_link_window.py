@@ -8,7 +8,6 @@ reconnect discards: the window used to leak them and could stay full for good).
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 
@@ -16,8 +15,8 @@ import pytest
 
 from bridge.config.settings import load_config
 from bridge.mqtt.link import MqttLink, PublishError
+from tests.support.device import Device
 from tests.support.processes import MosquittoProcess
-from tests.support.subscriber import collecting_subscriber
 from tests.support.waiting import poll_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -34,18 +33,16 @@ def make_link(broker: MosquittoProcess, qos: int) -> MqttLink:
 
 
 @pytest.fixture
-def counter(mosquitto: MosquittoProcess) -> Iterator[tuple[list[bytes], threading.Condition]]:
+def counter(mosquitto: MosquittoProcess) -> Iterator[Device]:
     """A subscriber on ``window/#`` collecting payloads."""
-    with collecting_subscriber(mosquitto.host, mosquitto.port, "window/#",
-                               "window-counter") as collected:
-        yield collected
+    with Device.bare(mosquitto.host, mosquitto.port, "window-counter") as device:
+        device.subscribe("window/#")
+        yield device
 
 
 @pytest.mark.parametrize("qos", [0, 1, 2])
 def test_every_message_goes_out_and_the_window_empties(
-        mosquitto: MosquittoProcess, counter: tuple[list[bytes], threading.Condition],
-        qos: int) -> None:
-    got, cond = counter
+        mosquitto: MosquittoProcess, counter: Device, qos: int) -> None:
     link = make_link(mosquitto, qos)
     link.start()
     try:
@@ -53,9 +50,9 @@ def test_every_message_goes_out_and_the_window_empties(
         for i in range(n):
             link.publish("window/a", b"%d" % i, deadline=time.monotonic() + 30)
             assert link.outstanding <= WINDOW + 1
-        with cond:
-            assert cond.wait_for(lambda: len(got) >= n, 30), f"{len(got)} of {n} arrived"
-        assert got == [b"%d" % i for i in range(n)]
+        assert counter.wait(lambda d: len(d.received) >= n, 30), \
+            f"{len(counter.received)} of {n} arrived"
+        assert counter.payloads() == [b"%d" % i for i in range(n)]
         assert poll_until(lambda: link.outstanding, lambda k: k == 0, 10, 0.01) == 0
         assert link.published == n
     finally:

@@ -21,137 +21,38 @@ SUBSCRIBE before the marker.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import queue
 import re
 import shutil
 import signal
-import socket
-import struct
 import tempfile
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.config.settings import MqttSettings
 from bridge.mqtt.brokers.mosquitto import (
     MOSQUITTO_ENV,
-    find_binary,
 )
 from bridge.mqtt.device import BridgeClient
 from tests.support.cli_proc import RunningBridge
+from tests.support.device import Device
+from tests.support.local_broker import (
+    FOLDER_GLOB,
+    PROTOCOL,
+    broker_processes,
+    require_mosquitto,
+)
 from tests.support.processes import free_port
 from tests.support.recorder import check_reply_stream
+from tests.support.waiting import LOOPBACK_TIMEOUT as TIMEOUT
 from tests.support.waiting import poll_until
 
-TIMEOUT = 10.0  # anything on loopback
 KINDS = ["mosquitto", "amqtt"]
-PROTOCOL = {"mosquitto": "5", "amqtt": "3.1.1"}
-FOLDER_GLOB = "llamacpp-mqtt-bridge-mosquitto-*"
 _PROBLEM = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
-
-
-def _mosquitto() -> str:
-    binary = find_binary("mosquitto")
-    if binary is None:
-        pytest.fail("mosquitto is not installed; the test suite needs it and does not skip. "
-                    "Install it with: apt-get install -y mosquitto", pytrace=False)
-    return binary
-
-
-def _broker_processes(port: int) -> list[int]:
-    """Pids of Mosquitto processes running a configuration generated for ``port``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue  # it ended while we looked
-        if f"llamacpp-mqtt-bridge-mosquitto-{port}-" in cmdline and state != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
-def _non_loopback_ipv4() -> list[str]:
-    """This machine's IPv4 addresses other than loopback (Linux ioctl SIOCGIFADDR)."""
-    found = []
-    for _, name in socket.if_nameindex():
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            try:
-                packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
-            except OSError:
-                continue  # no IPv4 address on this interface
-        address = socket.inet_ntoa(packed[20:24])
-        if not address.startswith("127."):
-            found.append(address)
-    return found
-
-
-# ---------------------------------------------------------------------------- a device
-
-
-class Device:
-    """A paho 3.1.1 client (as on a microcontroller) that counts its connects and drops."""
-
-    def __init__(self, port: int, name: str) -> None:
-        self.name = name
-        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-        self.connacks: list[Any] = []
-        self.drops = 0
-        self._acks: queue.Queue[Any] = queue.Queue()
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name,
-                             protocol=mqtt.MQTTv311)
-        self.c.on_connect = lambda _c, _u, _f, rc, _p: (self.connacks.append(rc),
-                                                        self._acks.put(rc))
-        self.c.on_disconnect = self._on_disconnect
-        self.c.on_subscribe = lambda _c, _u, _m, codes, _p: self._acks.put(codes)
-        self.c.on_message = lambda _c, _u, msg: self.messages.put(msg)
-        self.port = port
-
-    def _on_disconnect(self, *_: Any) -> None:
-        self.drops += 1
-
-    def connect(self) -> Device:
-        self.c.connect("127.0.0.1", self.port, keepalive=30)
-        self.c.loop_start()
-        rc = self._acks.get(timeout=TIMEOUT)
-        assert not rc.is_failure, f"{self.name}: refused: {rc}"
-        return self
-
-    def subscribe(self, *filters: str) -> None:
-        self.c.subscribe([(f, 1) for f in filters])
-        codes = self._acks.get(timeout=TIMEOUT)
-        assert [getattr(c, "value", c) for c in codes] == [1] * len(filters), codes
-
-    def received_before_marker(self) -> list[str]:
-        """Publish a marker to itself; the topics of everything that came before it."""
-        marker = f"marker/{self.name}/{uuid.uuid4().hex[:6]}"
-        self.subscribe(marker)
-        self.c.publish(marker, b"m", qos=1).wait_for_publish(TIMEOUT)
-        before = []
-        while True:
-            try:
-                msg = self.messages.get(timeout=TIMEOUT)
-            except queue.Empty:
-                raise AssertionError(f"{self.name}: marker never came back "
-                                     f"(before it: {before}, drops: {self.drops})") from None
-            if msg.topic == marker:
-                return before
-            before.append(msg.topic)
-
-    def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
 
 
 # ---------------------------------------------------------------------------- `run`
@@ -203,7 +104,7 @@ def start_run(tmp_path: Path, run_tmp: Path, llama_server: str
             env[MOSQUITTO_ENV] = "none"  # as on a machine without Mosquitto
         else:
             env.pop(MOSQUITTO_ENV, None)
-            _mosquitto()
+            require_mosquitto()
         run = CliRun(port, ["--mqtt-port", str(port), "--llama-url", llama_server,
                       "--bridge-id", "run-test", "--sessions-db", str(tmp_path / "s.db"),
                       *extra], env)
@@ -214,15 +115,15 @@ def start_run(tmp_path: Path, run_tmp: Path, llama_server: str
     for run in started:
         run.end(signal.SIGKILL)
     for port in {run.port for run in started}:  # a failed test leaves no broker behind
-        for pid in _broker_processes(port):
+        for pid in broker_processes(port):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
 
 def _watch_status(port: int) -> Device:
     """A dashboard on llm/status/+: the filter that made amqtt leak the status."""
-    watcher = Device(port, "dashboard").connect()
-    watcher.subscribe("llm/status/+")
+    watcher = Device.bare("127.0.0.1", port, "dashboard").connect()
+    assert watcher.subscribe("llm/status/+") == [1]
     msg = watcher.messages.get(timeout=TIMEOUT)
     assert msg.topic == "llm/status/run-test" and msg.retain, msg.topic
     return watcher
@@ -242,9 +143,9 @@ def test_devices_see_only_their_own_topics_and_the_start_is_clean(
     watcher = _watch_status(port)
     devices = []
     for index, topic_filter in enumerate(["llm/reply/kitchen/#", "foo/bar/#", "nothing/here"]):
-        device = Device(port, f"dev-{index}").connect()
+        device = Device.bare("127.0.0.1", port, f"dev-{index}").connect()
         devices.append(device)
-        device.subscribe(topic_filter)
+        assert device.subscribe(topic_filter) == [1]
         assert device.received_before_marker() == [], f"{topic_filter} got foreign messages"
 
     settings = MqttSettings(host="127.0.0.1", port=port, protocol="3.1.1")
@@ -258,12 +159,12 @@ def test_devices_see_only_their_own_topics_and_the_start_is_clean(
         device.close()
     pid = run.broker_pid() if kind == "mosquitto" else None
     if pid is not None:
-        assert _broker_processes(port) == [pid]
+        assert broker_processes(port) == [pid]
         assert len(list(run_tmp.glob(FOLDER_GLOB))) == 1
     assert run.end() == 0
     assert run.problems() == [], run.log
     # The broker stopped with the bridge, before it exited, and left no folder behind.
-    assert _broker_processes(port) == []
+    assert broker_processes(port) == []
     assert list(run_tmp.glob(FOLDER_GLOB)) == []
 
 
@@ -273,7 +174,7 @@ def test_twenty_devices_connect_at_once(kind: str, start_run: Callable[..., CliR
     run = start_run(kind, port)
     run.wait_ready()
     watcher = _watch_status(port)  # what made amqtt fail connects that met a SUBSCRIBE
-    devices = [Device(port, f"dev-{i}") for i in range(20)]
+    devices = [Device.bare("127.0.0.1", port, f"dev-{i}") for i in range(20)]
     together = threading.Barrier(len(devices))
     errors: list[BaseException] = []
 
@@ -281,7 +182,7 @@ def test_twenty_devices_connect_at_once(kind: str, start_run: Callable[..., CliR
         try:
             together.wait(TIMEOUT)
             device.connect()
-            device.subscribe(f"llm/reply/{device.name}/#")
+            assert device.subscribe(f"llm/reply/{device.name}/#") == [1]
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -323,7 +224,7 @@ def test_ctrl_c_stops_the_bridge_then_its_mosquitto(start_run: Callable[..., Cli
     order = [line for line in run.lines
              if "bridge run-test stopped" in line or re.search(r"mosquitto: .* terminating", line)]
     assert len(order) == 2 and "bridge run-test stopped" in order[0], run.log
-    assert _broker_processes(port) == [], f"mosquitto {pid} outlived the bridge"
+    assert broker_processes(port) == [], f"mosquitto {pid} outlived the bridge"
 
 
 def test_a_killed_bridge_takes_its_mosquitto_along(start_run: Callable[..., CliRun]) -> None:
@@ -331,9 +232,9 @@ def test_a_killed_bridge_takes_its_mosquitto_along(start_run: Callable[..., CliR
     run = start_run("mosquitto", port)
     run.wait_ready()
     pid = run.broker_pid()
-    assert _broker_processes(port) == [pid]
+    assert broker_processes(port) == [pid]
     run.end(signal.SIGKILL)  # no clean-up runs in the bridge
-    left = poll_until(lambda: _broker_processes(port), lambda pids: pids == [], TIMEOUT, 0.05)
+    left = poll_until(lambda: broker_processes(port), lambda pids: pids == [], TIMEOUT, 0.05)
     assert left == [], f"mosquitto {pid} outlived the killed bridge"
     # Nothing removes the folder of a killed bridge; what matters is that the port is free.
     again = start_run("mosquitto", port)

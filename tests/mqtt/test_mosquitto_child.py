@@ -29,15 +29,15 @@ from bridge.mqtt.brokers.mosquitto import (
     MosquittoError,
     find_mosquitto,
 )
-from tests.mqtt.test_local_broker import (
+from tests.support.local_broker import (
     FOLDER_GLOB,
     PROTOCOL,
-    TIMEOUT,
-    _broker_processes,
-    _mosquitto,
-    _non_loopback_ipv4,
+    broker_processes,
+    non_loopback_ipv4,
+    require_mosquitto,
 )
 from tests.support.processes import MOSQUITTO_CONF, _Conf, free_port
+from tests.support.waiting import LOOPBACK_TIMEOUT as TIMEOUT
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_generated_config_is_loopback_only_with_the_shipped_limits(temp_dir: Path) -> None:
-    with EmbeddedMosquitto(_mosquitto(), port=0) as broker:
+    with EmbeddedMosquitto(require_mosquitto(), port=0) as broker:
         assert broker.folder is not None
         conf = (broker.folder / "mosquitto.conf").read_text()
         settings = [line.split(" ", 1) for line in conf.splitlines()
@@ -56,7 +56,7 @@ def test_generated_config_is_loopback_only_with_the_shipped_limits(temp_dir: Pat
         assert [value for key, value in settings if key == "listener"] == [
             f"{broker.port} 127.0.0.1"]
         assert ["allow_anonymous", "true"] in settings
-        for address in _non_loopback_ipv4():  # where the machine has one, try it
+        for address in non_loopback_ipv4():  # where the machine has one, try it
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection((address, broker.port), timeout=TIMEOUT).close()
         with socket.create_connection(("127.0.0.1", broker.port), timeout=TIMEOUT):
@@ -74,15 +74,15 @@ def test_a_taken_port_says_which_and_leaves_nothing(temp_dir: Path,
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(LocalBrokerError) as early:  # found before Mosquitto runs
-            EmbeddedMosquitto(_mosquitto(), port=port).start()
+            EmbeddedMosquitto(require_mosquitto(), port=port).start()
         # ... and when the port is taken after that check, Mosquitto's own failure.
         monkeypatch.setattr("bridge.mqtt.brokers.local.check_port_free", lambda host, port: None)
         with pytest.raises(LocalBrokerError) as late:
-            EmbeddedMosquitto(_mosquitto(), port=port).start()
+            EmbeddedMosquitto(require_mosquitto(), port=port).start()
     for error in (early.value, late.value):
         assert f"port {port} on 127.0.0.1 is already in use" in str(error)
         assert "--mqtt-port" in str(error) and "--mqtt-host" in str(error)
-    assert _broker_processes(port) == []
+    assert broker_processes(port) == []
     assert list(temp_dir.glob(FOLDER_GLOB)) == []
 
 
@@ -99,16 +99,16 @@ def test_a_failed_start_leaves_no_process(failure: BaseException, temp_dir: Path
         raise failure  # ... and then the start fails (a timeout, or Ctrl-C)
 
     monkeypatch.setattr(MosquittoChild, "_wait_running", fail_after_it_runs)
-    broker = EmbeddedMosquitto(_mosquitto(), port=free_port())
+    broker = EmbeddedMosquitto(require_mosquitto(), port=free_port())
     with pytest.raises((LocalBrokerError, KeyboardInterrupt)):
         broker.start()
-    assert started and _broker_processes(broker.port) == []
+    assert started and broker_processes(broker.port) == []
     assert list(temp_dir.glob(FOLDER_GLOB)) == []
     broker.stop()  # harmless after a failed start
 
 
 def test_mosquitto_is_found_or_named_or_declined(tmp_path: Path) -> None:
-    installed = _mosquitto()
+    installed = require_mosquitto()
     assert find_mosquitto({}) == installed
     assert find_mosquitto({MOSQUITTO_ENV: installed}) == installed
     assert find_mosquitto({MOSQUITTO_ENV: "none"}) is None
@@ -118,7 +118,7 @@ def test_mosquitto_is_found_or_named_or_declined(tmp_path: Path) -> None:
 
 def test_the_local_broker_is_mosquitto_else_amqtt(temp_dir: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    _mosquitto()
+    require_mosquitto()
     monkeypatch.delenv(MOSQUITTO_ENV, raising=False)
     broker = start_local_broker(0)
     try:

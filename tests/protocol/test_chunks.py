@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from bridge.protocol.chunks import Chunker, SeqCounter, escaped_len, split_to_fit
 from bridge.protocol.messages import ChunkMsg, decode_reply, json_text
 from bridge.protocol.topics import ID_PATTERN
+from tests.support.clock import FakeClock
 
 PROPERTY = settings(max_examples=1000, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -95,14 +96,6 @@ class Recorder:
         return list(accumulate(map(len, self.texts)))[:-1]
 
 
-class FakeClock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
 # ------------------------------------------------------------------- properties
 
 
@@ -171,11 +164,11 @@ def test_batching_timing(deltas: list[str], request_id: str, start: int, chunk_b
     fed_at: list[float] = []  # feed time of every code point fed
     started = False
     for d in deltas:
-        clock.t += data.draw(st.sampled_from([0.0, 0.0, flush_s / 3, flush_s, 2 * flush_s]))
+        clock.now += data.draw(st.sampled_from([0.0, 0.0, flush_s / 3, flush_s, 2 * flush_s]))
         if data.draw(st.booleans()):
             due = ch.due()
             out = rec.take(ch.poll())
-            if due is not None and clock.t >= due:
+            if due is not None and clock.now >= due:
                 assert out and not ch.pending
             else:
                 assert out == ""
@@ -184,14 +177,14 @@ def test_batching_timing(deltas: list[str], request_id: str, start: int, chunk_b
         budget = chunk_bytes - envelope(request_id, seq.next, "text")
         out = rec.take(ch.feed(d))
         fed += d
-        fed_at += [clock.t] * len(d)
+        fed_at += [clock.now] * len(d)
         if not d:
             assert out == "" and ch.due() == due_before  # ignored, even when overdue
             continue
         if not started:
             started = True
             assert out == d and not ch.pending
-        elif due_before is not None and clock.t >= due_before:
+        elif due_before is not None and clock.now >= due_before:
             assert not ch.pending and out == buffered + d  # overdue: all of it goes
         elif escaped_len(buffered + d) > budget:
             assert out  # the bound forces a chunk out
@@ -202,10 +195,10 @@ def test_batching_timing(deltas: list[str], request_id: str, start: int, chunk_b
         due = ch.due()
         if ch.pending:
             assert due is not None
-            assert clock.t < due <= fed_at[emitted] + flush_s
+            assert clock.now < due <= fed_at[emitted] + flush_s
         else:
             assert due is None
-    clock.t += flush_s  # every buffered delta is now at least flush_s old
+    clock.now += flush_s  # every buffered delta is now at least flush_s old
     rec.take(ch.poll())
     assert not ch.pending and ch.flush() == []
     assert "".join(rec.texts) == fed
@@ -250,13 +243,13 @@ def test_exact_payloads_and_coalescing() -> None:
     ch = Chunker("r1", seq, chunk_bytes=512, flush_s=0.05, clock=clock)
     assert ch.feed("Hi") == [b'{"type":"chunk","id":"r1","seq":0,"text":"Hi"}']
     assert ch.feed("") == [] and not ch.pending and ch.due() is None
-    clock.t = 10.01
+    clock.now = 10.01
     assert ch.feed(" the") == [] and ch.due() == pytest.approx(10.06)
-    clock.t = 10.03
+    clock.now = 10.03
     assert ch.feed("re \"x\"\n") == [] and ch.due() == pytest.approx(10.06)
     assert ch.poll() == []
     assert seq.take() == 1  # a progress message in between
-    clock.t = 10.06
+    clock.now = 10.06
     assert ch.poll() == [b'{"type":"chunk","id":"r1","seq":2,"text":" there \\"x\\"\\n"}']
     assert ch.poll() == [] and ch.due() is None
     assert seq.next == 3
@@ -318,11 +311,11 @@ def test_carried_grapheme_keeps_its_deadline() -> None:
     ch = Chunker("r", SeqCounter(), chunk_bytes=128, flush_s=1.0, clock=clock)
     budget = 128 - envelope("r", 1, "text")
     ch.feed("x")
-    clock.t = 0.5
+    clock.now = 0.5
     ch.feed("a" * (budget - 4))
-    clock.t = 0.7
+    clock.now = 0.7
     ch.feed("👨")
-    clock.t = 0.9
+    clock.now = 0.9
     assert ch.feed("\u200d👩") == [payload("r", 1, "a" * (budget - 4))]
     assert ch.due() == 1.5  # "👨" has been waiting since 0.5's buffer began: no later
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,14 +33,14 @@ from bridge.service.intake import (
     parse_request,
 )
 from bridge.service.reply import _RECORD_LIMIT
+from tests.support.processes import REPO as ROOT
+from tests.support.prompts import HI
 
-ROOT = Path(__file__).resolve().parents[2]
 PROTOCOL = ROOT / "docs" / "protocol.md"
 CFG = load_config(prefix="llm", bridge_id="limits", chunk_bytes=512, max_chunk_bytes=16384,
                   max_message_bytes=65536, max_request_bytes=65536, max_tokens_cap=1000)
 MAX_PAYLOAD = 65536
 CLIENT = "dev1"
-HI = [{"role": "user", "content": "hi"}]
 
 
 def parse(payload: bytes | str | dict[str, Any], *, response_topic: str | None = None,

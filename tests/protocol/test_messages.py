@@ -34,8 +34,7 @@ from bridge.protocol.topics import (
     is_valid_client,
     is_valid_id,
 )
-
-HI = [{"role": "user", "content": "hi"}]
+from tests.support.prompts import HI
 
 
 def parse(obj: dict[str, Any]) -> BridgeRequest:

@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bridge.config.settings import MqttSettings
-from bridge.llama.client import LlamaCppClient, RetryPolicy, StreamEnd, TextDelta, Timeouts
+from bridge.llama.client import LlamaCppClient, StreamEnd, TextDelta
 from bridge.mqtt.device import BridgeClient
 from bridge.protocol.errors import LLAMA_ERROR_TYPES, BackendHTTPError, backend_retryable
 from tests.support.bridge_proc import running_bridge
-from tests.support.fault_llama import FaultLlama, stream_script
-from tests.support.processes import EmbeddedBroker
-from tests.support.recorder import check_reply_stream, text_of
-from tests.support.scripted_sse import (
+from tests.support.device import bridge_client
+from tests.support.fake_llama import (
     Action,
+    FakeLlama,
     Respond,
     ScriptedSSEServer,
     Send,
@@ -39,12 +37,16 @@ from tests.support.scripted_sse import (
     chat_stream,
     event,
     llama_error,
+    stream_script,
 )
+from tests.support.llama_client import make_client
+from tests.support.processes import EmbeddedBroker
+from tests.support.prompts import HI as MESSAGES
+from tests.support.recorder import check_reply_stream, text_of
+from tests.support.waiting import REPLY_TIMEOUT as TIMEOUT
 from tests.support.waiting import poll_until
 
 PROTOCOL = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
-MESSAGES = [{"role": "user", "content": "hi"}]
-TIMEOUT = 120.0
 
 #: What llama-server (xllamacpp's build, checked by test_real_llama_...) answers for an
 #: assistant tool call without "type": HTTP 500, type server_error.
@@ -89,19 +91,8 @@ STREAM_CASES: list[tuple[str | None, str, bool]] = [
 ]
 
 
-@pytest.fixture
-def clients() -> Iterator[list[LlamaCppClient]]:
-    made: list[LlamaCppClient] = []
-    yield made
-    for client in made:
-        client.close()
-
-
 def _client(clients: list[LlamaCppClient], url: str) -> LlamaCppClient:
-    client = LlamaCppClient(url, timeouts=Timeouts(connect=1, first_byte=3, idle=2, request=2,
-                                                    non_streamed=3),
-                            retry=RetryPolicy(attempts=3, initial_backoff=0.01,
-                                              max_backoff=0.01, jitter=0.0))
+    client = make_client(url, first_byte=3, idle=2, request=2, non_streamed=3, attempts=3)
     clients.append(client)
     return client
 
@@ -183,17 +174,6 @@ def test_classification_without_a_message_pattern() -> None:
 # --------------------------------------------------------------------------- through the bridge
 
 
-@pytest.fixture
-def amqtt(amqtt_broker: EmbeddedBroker) -> EmbeddedBroker:
-    """conftest's embedded amqtt broker, under the short name these tests use."""
-    return amqtt_broker
-
-
-def _device(broker: EmbeddedBroker, name: str) -> BridgeClient:
-    return BridgeClient(MqttSettings(host=broker.host, port=broker.port, protocol="3.1.1"),
-                        client=name)
-
-
 def _by_prompt(path: str, body: dict[str, Any]) -> Sequence[Action]:
     """Answers chosen by the request's last message (see the test below)."""
     messages = body.get("messages") or [{}]
@@ -213,9 +193,9 @@ def _by_prompt(path: str, body: dict[str, Any]) -> Sequence[Action]:
 
 
 def test_device_is_told_retryable_only_where_a_retry_can_succeed(amqtt: EmbeddedBroker) -> None:
-    with FaultLlama(_by_prompt) as llama, \
+    with FakeLlama(_by_prompt) as llama, \
             running_bridge(amqtt.host, amqtt.port, [llama.url], protocol="3.1.1") as bridge, \
-            _device(amqtt, "dev-retry") as dev:
+            bridge_client(amqtt, "dev-retry", protocol="3.1.1") as dev:
         ends: dict[str, Any] = {}
         for prompt in ("never", "later", "too long"):
             msgs = list(dev.ask({"messages": [{"role": "user", "content": prompt}]},
@@ -249,7 +229,7 @@ def test_real_llama_tool_call_without_type_is_not_retryable(
                             {"role": "tool", "tool_call_id": "c1", "content": "12:00"}],
                "max_tokens": 8}
     with running_bridge(amqtt.host, amqtt.port, [llama_server], protocol="3.1.1"), \
-            _device(amqtt, "dev-tool-type") as dev:
+            bridge_client(amqtt, "dev-tool-type", protocol="3.1.1") as dev:
         for attempt in range(2):  # a retry fails the same way: the first answer was right
             msgs = list(dev.ask({**request, "id": f"tt-{attempt}"}, idle_timeout=TIMEOUT))
             check_reply_stream(msgs)
@@ -264,11 +244,12 @@ def test_real_llama_tool_call_without_type_is_not_retryable(
 def test_rate_limited_and_busy_are_retryable(amqtt: EmbeddedBroker) -> None:
     """The bridge's own refusals that pass with time say so (``rate_limited`` used to
     come with ``retry_after_ms`` but ``retryable: false``)."""
-    with FaultLlama(lambda path, body: [Stall(30)], slots=1) as llama, \
+    with FakeLlama(lambda path, body: [Stall(30)], slots=1) as llama, \
             running_bridge(amqtt.host, amqtt.port, [llama.url], protocol="3.1.1",
                            client_max_inflight=1, queue_size=1) as bridge, \
-            _device(amqtt, "dev-limited") as dev, _device(amqtt, "dev-other") as other, \
-            _device(amqtt, "dev-third") as third:
+            bridge_client(amqtt, "dev-limited", protocol="3.1.1") as dev, \
+            bridge_client(amqtt, "dev-other", protocol="3.1.1") as other, \
+            bridge_client(amqtt, "dev-third", protocol="3.1.1") as third:
         running = dev.send({"prompt": "x"})
         llama.wait_generations(1, 30)
         limited = list(dev.ask({"prompt": "y"}, idle_timeout=TIMEOUT))
@@ -303,10 +284,10 @@ def _cancel_after_chunks(dev: BridgeClient, rid: str, count: int) -> list[Any]:
 def test_cancelled_done_counts_the_tokens_received(amqtt: EmbeddedBroker) -> None:
     """llama-server sends usage only in a stream's last event, which a cancelled stream
     never gets: the ``done`` counts the token events that arrived (one per token)."""
-    with FaultLlama(_by_prompt) as llama, \
+    with FakeLlama(_by_prompt) as llama, \
             running_bridge(amqtt.host, amqtt.port, [llama.url], protocol="3.1.1",
                            flush_ms=0) as bridge, \
-            _device(amqtt, "dev-usage") as dev:
+            bridge_client(amqtt, "dev-usage", protocol="3.1.1") as dev:
         rid = dev.send({"messages": [{"role": "user", "content": "tokens 37"}]})
         seen = _cancel_after_chunks(dev, rid, 37)
         assert llama.generations[0].client_closed.wait(10)
@@ -349,7 +330,7 @@ def test_real_llama_cancelled_done_counts_generated_tokens(
     With ``flush_ms = 0`` every token is one chunk, so the count equals the chunks."""
     with running_bridge(amqtt.host, amqtt.port, [llama_server], protocol="3.1.1",
                         max_tokens_cap=2000, flush_ms=0) as bridge, \
-            _device(amqtt, "dev-cancel-usage") as dev:
+            bridge_client(amqtt, "dev-cancel-usage", protocol="3.1.1") as dev:
         rid = dev.send({"prompt": "Count from one to one thousand: one, two,",
                         "max_tokens": 2000})
         seen = _cancel_after_chunks(dev, rid, 40)
@@ -363,9 +344,9 @@ def test_real_llama_cancelled_done_counts_generated_tokens(
 
 
 def test_cancelled_before_any_token_reports_zero(amqtt: EmbeddedBroker) -> None:
-    with FaultLlama(lambda path, body: [Stall(30)]) as llama, \
+    with FakeLlama(lambda path, body: [Stall(30)]) as llama, \
             running_bridge(amqtt.host, amqtt.port, [llama.url], protocol="3.1.1") as bridge, \
-            _device(amqtt, "dev-cancel-0") as dev:
+            bridge_client(amqtt, "dev-cancel-0", protocol="3.1.1") as dev:
         rid = dev.send({"prompt": "x"})
         llama.wait_generations(1, 30)
         dev.cancel(rid)

@@ -32,6 +32,7 @@ from bridge.service.intake import (
     parse_cancel,
     parse_request,
 )
+from tests.support.prompts import HI
 
 # Every value parse_request reads is given explicitly, so no BRIDGE_* variable can change it.
 CFG = load_config(
@@ -41,7 +42,6 @@ CFG = load_config(
 MAX_PAYLOAD = 65536
 CLIENT = "dev1"
 NS = f"llm/reply/{CLIENT}/"
-HI = [{"role": "user", "content": "hi"}]
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
 
 

@@ -27,9 +27,8 @@ from bridge.service.reply import ReplyChannel
 from tests.support.bridge_proc import running_bridge
 from tests.support.processes import BrokerInfo, EmbeddedBroker, free_port
 from tests.support.recorder import Recorder, check_reply_stream
+from tests.support.waiting import REPLY_TIMEOUT as TIMEOUT
 from tests.support.waiting import poll_until
-
-TIMEOUT = 120.0
 
 
 def _samples(exposition: bytes | str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,8 +33,8 @@ from bridge.protocol.messages import (
     decode_reply,
 )
 from bridge.service.reply import ReplyChannel
+from tests.support.device import Device
 from tests.support.processes import MosquittoProcess
-from tests.support.subscriber import collecting_subscriber
 from tests.support.waiting import poll_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,11 +43,11 @@ TOPIC = "rchan/reply/dev/r1"
 
 
 @pytest.fixture
-def received(mosquitto: MosquittoProcess) -> Iterator[tuple[list[bytes], threading.Condition]]:
-    """The payloads published on ``rchan/#``, and a condition to wait on."""
-    with collecting_subscriber(mosquitto.host, mosquitto.port, "rchan/#",
-                               "rchan-sub") as collected:
-        yield collected
+def received(mosquitto: MosquittoProcess) -> Iterator[Device]:
+    """A subscriber collecting the payloads published on ``rchan/#``."""
+    with Device.bare(mosquitto.host, mosquitto.port, "rchan-sub") as device:
+        device.subscribe("rchan/#")
+        yield device
 
 
 @pytest.fixture
@@ -65,8 +64,7 @@ def link(mosquitto: MosquittoProcess) -> Iterator[MqttLink]:
 
 
 def test_a_new_flush_deadline_is_reported_once_per_period(
-        link: MqttLink, received: tuple[list[bytes], threading.Condition]) -> None:
-    payloads, cond = received
+        link: MqttLink, received: Device) -> None:
     channel = ReplyChannel(link, ReplyAddress(TOPIC, "r1"), chunk_bytes=256, flush_s=0.02)
     assert channel.text("first") is False  # published at once: nothing buffered
     assert channel.text(" a") is True  # buffered: a new deadline
@@ -84,12 +82,11 @@ def test_a_new_flush_deadline_is_reported_once_per_period(
     sent = "first a b c" + "x" * 300
 
     def text() -> str:
-        return "".join(m.text or "" for m in map(decode_reply, payloads)
+        return "".join(m.text or "" for m in map(decode_reply, received.payloads())
                        if isinstance(m, ChunkMsg))
 
-    with cond:
-        assert cond.wait_for(lambda: len(text()) >= len(sent), 10), payloads
-    got = [decode_reply(p) for p in payloads]
+    assert received.wait(lambda d: len(text()) >= len(sent), 10), received.payloads()
+    got = [decode_reply(p) for p in received.payloads()]
     assert [m.seq for m in got] == list(range(len(got)))
     assert text() == sent
 

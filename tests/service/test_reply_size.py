@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 
-from bridge.config.settings import MqttSettings
-from bridge.mqtt.device import BridgeClient
 from tests.support.bridge_proc import running_bridge
-from tests.support.fake_llama import FakeLlama
+from tests.support.device import bridge_client
+from tests.support.fake_llama import FakeLlama, answer_with
 from tests.support.recorder import (
     PublishLog,
     Recorder,
@@ -27,8 +26,8 @@ from tests.support.recorder import (
     text_of,
 )
 from tests.support.tap import HttpTap
+from tests.support.waiting import REPLY_TIMEOUT as TIMEOUT
 
-TIMEOUT = 120.0
 MAX_MESSAGE = 1024  # the smallest max_message_bytes the config accepts
 SIZES: dict[str, Any] = {"max_message_bytes": MAX_MESSAGE, "max_chunk_bytes": MAX_MESSAGE}
 TOOLS = [{"type": "function", "function": {
@@ -41,11 +40,6 @@ LONG = "".join(PIECES)
 
 def _long_answer(body: dict[str, Any]) -> list[str]:
     return PIECES
-
-
-def _device(broker: Any, name: str, published: PublishLog) -> BridgeClient:
-    settings = MqttSettings(host=broker.host, port=broker.port, protocol=broker.protocol)
-    return published.track(BridgeClient(settings, client=name))
 
 
 def _check_chunked_reply(msgs: list[Any], text: str, topic_payloads: list[bytes]) -> None:
@@ -75,10 +69,10 @@ def test_long_reply_goes_as_chunks_then_reply_without_content(
     request = REQUESTS[kind]
     # the precondition of the rule: this content alone does not fit in one message
     assert len(json.dumps(LONG).encode()) > MAX_MESSAGE
-    with FakeLlama(answer=_long_answer) as fake, \
+    with FakeLlama(answer_with(_long_answer)) as fake, \
             running_bridge(broker.host, broker.port, [fake.url], protocol=broker.protocol,
                            **SIZES) as bridge, \
-            _device(broker, "dev-size", published) as dev:
+            bridge_client(broker, "dev-size", published=published) as dev:
         msgs = list(dev.ask(request, idle_timeout=TIMEOUT))
         topic = f"llm/reply/dev-size/{msgs[0].id}"
         recorder.wait_terminal(topic, 30)
@@ -104,7 +98,7 @@ def test_reply_that_fits_is_one_message_with_content(
     with FakeLlama() as fake, \
             running_bridge(broker.host, broker.port, [fake.url], protocol="5",
                            **SIZES) as bridge, \
-            _device(broker, "dev-size", published) as dev:
+            bridge_client(broker, "dev-size", published=published) as dev:
         msgs = list(dev.ask(REQUESTS["stream-false"], idle_timeout=TIMEOUT))
         recorder.wait_terminal(f"llm/reply/dev-size/{msgs[0].id}", 30)
         check_bridge_messages(recorder, published, bridge.cfg, v5=True)
@@ -130,10 +124,10 @@ def test_reply_that_fits_only_without_its_topic_is_chunked_too(
 
     calibrate, boundary = "c" * 64, "b" * 64  # longest ids: the topic is long
     topic = f"llm/reply/dev-size/{boundary}"
-    with FakeLlama(answer=answer) as fake, \
+    with FakeLlama(answer_with(answer)) as fake, \
             running_bridge(broker.host, broker.port, [fake.url], protocol="5",
                            **SIZES) as bridge, \
-            _device(broker, "dev-size", published) as dev:
+            bridge_client(broker, "dev-size", published=published) as dev:
         # The reply envelope's size (ids, usage, timings) measured on a short answer, with
         # the same id length, prompt length and token count as the real request.
         short = list(dev.ask({"id": calibrate, "prompt": "calibrate x", "stream": False},
@@ -165,10 +159,10 @@ def test_tool_calls_too_big_for_one_message_get_a_too_large_error(
     def tool_calls(body: dict[str, Any]) -> list[dict[str, Any]] | None:
         return huge if "huge" in body["messages"][-1]["content"] else None
 
-    with FakeLlama(tool_calls=tool_calls) as fake, \
+    with FakeLlama(answer_with(tool_calls=tool_calls)) as fake, \
             running_bridge(broker.host, broker.port, [fake.url], protocol="5",
                            **SIZES) as bridge, \
-            _device(broker, "dev-size", published) as dev:
+            bridge_client(broker, "dev-size", published=published) as dev:
         big = list(dev.ask({"id": "huge", "tools": TOOLS, "messages": [
             {"role": "user", "content": "huge tool call"}]}, idle_timeout=TIMEOUT))
         after = list(dev.ask({"id": "small", "tools": TOOLS, "messages": [
@@ -197,7 +191,7 @@ def test_long_reply_from_llama_server_matches_its_own_answer(
     with HttpTap(llama_server) as tap, \
             running_bridge(broker.host, broker.port, [tap.url], protocol="5",
                            max_tokens_cap=240, **SIZES) as bridge, \
-            _device(broker, "dev-size", published) as dev:
+            bridge_client(broker, "dev-size", published=published) as dev:
         msgs = list(dev.ask(request, idle_timeout=TIMEOUT))
         topic = f"llm/reply/dev-size/{msgs[0].id}"
         recorder.wait_terminal(topic, 30)

@@ -23,17 +23,25 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 import requests
-from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.config.settings import load_config
 from bridge.mqtt.link import SHARED_SESSION_EXPIRY_S, MqttLink
 from bridge.protocol.messages import TERMINAL_TYPES, decode_reply
 from bridge.service.bridge import Bridge
 from tests.support.bridge_proc import running_bridge
-from tests.support.fault_llama import FaultLlama, completion_chunk
+from tests.support.device import Device
+from tests.support.fake_llama import (
+    Action,
+    FakeLlama,
+    Send,
+    SSEHeaders,
+    Stall,
+    chat_chunk,
+    completion_chunk,
+    event,
+)
 from tests.support.processes import (
     EmbeddedLlama,
     EmbeddedLlamaUnavailable,
@@ -41,7 +49,6 @@ from tests.support.processes import (
     free_port,
 )
 from tests.support.recorder import Recorded, Recorder
-from tests.support.scripted_sse import Action, Send, SSEHeaders, Stall, chat_chunk, event
 from tests.support.waiting import poll_until
 
 pytestmark = [pytest.mark.llama, pytest.mark.mosquitto]
@@ -68,27 +75,6 @@ def llama_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     finally:
         for server in servers:
             server.stop()
-
-
-class Device:
-    """A raw MQTT 5 publisher of requests and cancels (the replies go to a Recorder)."""
-
-    def __init__(self, broker: MosquittoProcess) -> None:
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="scale-device",
-                                   protocol=mqtt.MQTTv5)
-        self._client.connect(broker.host, broker.port)
-        self._client.loop_start()
-
-    def request(self, client: str, body: dict[str, Any]) -> None:
-        self._client.publish(f"llm/request/{client}", json.dumps(body),
-                             qos=1).wait_for_publish(10)
-
-    def cancel(self, client: str, request_id: str) -> None:
-        self._client.publish(f"llm/cancel/{client}", request_id, qos=1).wait_for_publish(10)
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
 
 
 def _by_topic(msgs: list[Recorded], since: int = 0) -> dict[str, list[Any]]:
@@ -139,7 +125,7 @@ def test_two_bridges_share_requests_exactly_once_cancel_and_clean_stop(
 ) -> None:
     host, port = mosquitto.host, mosquitto.port
     rec = Recorder(host, port, topic_filter="llm/#")
-    device = Device(mosquitto)
+    device = Device.bare(mosquitto.host, mosquitto.port, "scale-device", protocol="5").connect()
     common: dict[str, Any] = {"protocol": "5", "shared_group": GROUP, "max_tokens_cap": 400}
     try:
         with running_bridge(host, port, llama_pair, bridge_id="b1", **common) as b1:
@@ -149,8 +135,8 @@ def test_two_bridges_share_requests_exactly_once_cancel_and_clean_stop(
                 topics = []
                 for j in range(4):
                     for i in range(10):
-                        device.request(f"dev-{i}", {"id": f"r{j}", "prompt": "Hi",
-                                                    "max_tokens": 3, "temperature": 0})
+                        device.request_as(f"dev-{i}", {"id": f"r{j}", "prompt": "Hi",
+                                                       "max_tokens": 3, "temperature": 0})
                         topics.append(f"llm/reply/dev-{i}/r{j}")
                 assert rec.wait_for(lambda ms: _terminals(ms) >= set(topics), TIMEOUT), \
                     f"unanswered: {sorted(set(topics) - _terminals(rec.messages))}"
@@ -166,8 +152,8 @@ def test_two_bridges_share_requests_exactly_once_cancel_and_clean_stop(
                 long_ids: list[tuple[str, str]] = []
                 for n in range(8):  # round robin: two requests usually reach both bridges
                     client = f"dev-long-{n}"
-                    device.request(client, {"id": "long", "prompt": "Count: one, two,",
-                                            "max_tokens": 400})
+                    device.request_as(client, {"id": "long", "prompt": "Count: one, two,",
+                                               "max_tokens": 400})
                     long_ids.append((client, "long"))
                     assert rec.wait_for(_seen(f"llm/reply/{client}/long"), 30)
                     owners = {id(_owner(bridges, c, r)) for c, r in long_ids}
@@ -175,7 +161,7 @@ def test_two_bridges_share_requests_exactly_once_cancel_and_clean_stop(
                         break
                 assert {id(_owner(bridges, c, r)) for c, r in long_ids} == {id(b1), id(b2)}
                 for client, rid in long_ids:
-                    device.cancel(client, rid)
+                    device.publish(f"llm/cancel/{client}", rid)
                 long_topics = {f"llm/reply/{c}/{r}" for c, r in long_ids}
                 assert rec.wait_for(lambda ms: _terminals(ms) >= long_topics, TIMEOUT)
                 by_topic = _by_topic(rec.messages)
@@ -198,8 +184,8 @@ def test_two_bridges_share_requests_exactly_once_cancel_and_clean_stop(
             before = b1.stats["accepted"]
             after_topics = []
             for i in range(6):
-                device.request(f"dev-{i}", {"id": "after-stop", "prompt": "Hi",
-                                            "max_tokens": 3})
+                device.request_as(f"dev-{i}", {"id": "after-stop", "prompt": "Hi",
+                                               "max_tokens": 3})
                 after_topics.append(f"llm/reply/dev-{i}/after-stop")
             assert rec.wait_for(lambda ms: _terminals(ms) >= set(after_topics), 60), \
                 f"unanswered after b2 stopped: " \
@@ -234,19 +220,19 @@ def test_clean_stop_ends_running_and_queued_requests_and_the_other_bridge_serves
     reason ``shutdown``; the devices' resends (same ids) are served by the other bridge."""
     host, port = mosquitto.host, mosquitto.port
     rec = Recorder(host, port, topic_filter="llm/#")
-    device = Device(mosquitto)
+    device = Device.bare(mosquitto.host, mosquitto.port, "scale-device", protocol="5").connect()
     common: dict[str, Any] = {"protocol": "5", "shared_group": GROUP}
     # two running on b2's two slots (one has published text, one has not), two queued
     requests = {"dev-s0": "tell a story", "dev-s1": "silent", "dev-s2": "tell a story",
                 "dev-s3": "silent"}
     topics = {client: f"llm/reply/{client}/stop-1" for client in requests}
     try:
-        with FaultLlama(_stalling, slots=2) as slow, FaultLlama() as fast, \
+        with FakeLlama(_stalling, slots=2) as slow, FakeLlama() as fast, \
                 running_bridge(host, port, [slow.url], bridge_id="b2", **common) as b2:
             assert b2.workers is not None and b2.workers.size == 2
             # b2 is the group's only member: it takes all four
             for client, prompt in requests.items():
-                device.request(client, {"id": "stop-1", "prompt": prompt, "max_tokens": 32})
+                device.request_as(client, {"id": "stop-1", "prompt": prompt, "max_tokens": 32})
                 assert rec.wait_for(_seen(topics[client]), 30)
             # poll until two are surely running (the backend holds them) and two queued
             gens = slow.wait_generations(2, 30)
@@ -312,8 +298,8 @@ def test_clean_stop_ends_running_and_queued_requests_and_the_other_bridge_serves
                 # The devices resend with the same ids: b1 serves them, from seq 0 again.
                 resent_at = len(rec.messages)
                 for client, prompt in requests.items():
-                    device.request(client, {"id": "stop-1", "prompt": prompt,
-                                            "max_tokens": 32})
+                    device.request_as(client, {"id": "stop-1", "prompt": prompt,
+                                               "max_tokens": 32})
                 assert rec.wait_for(
                     lambda ms: _terminals(ms, resent_at) >= set(topics.values()), 60), \
                     sorted(set(topics.values()) - _terminals(rec.messages, resent_at))
@@ -366,7 +352,7 @@ def test_lost_bridge_goes_offline_by_will_and_resend_is_served_by_the_other(
            "BRIDGE_MQTT__SESSION_EXPIRY_S": str(expiry), "BRIDGE_MAX_TOKENS_CAP": "2000",
            "BRIDGE_LOG_LEVEL": "INFO"}
     rec = Recorder(host, port, topic_filter="llm/#")
-    device = Device(mosquitto)
+    device = Device.bare(mosquitto.host, mosquitto.port, "scale-device", protocol="5").connect()
     try:
         metrics_port = free_port()
         with _bridge_process(tmp_path, mosquitto, llama_pair, "b2", env, metrics_port) as proc:
@@ -381,8 +367,8 @@ def test_lost_bridge_goes_offline_by_will_and_resend_is_served_by_the_other(
             assert 'llm_bridge_info{bridge_id="b2"' in metrics
             # b2 is the group's only member: it takes the long request
             topic = "llm/reply/dev-will/long"
-            device.request("dev-will", {"id": "long", "prompt": "Count: one, two, three,",
-                                        "max_tokens": 2000})
+            device.request_as("dev-will", {"id": "long", "prompt": "Count: one, two, three,",
+                                           "max_tokens": 2000})
             assert rec.wait_for(lambda ms: any(m.topic == topic and b'"chunk"' in m.payload
                                                for m in ms), TIMEOUT)
             with running_bridge(host, port, llama_pair, protocol="5", bridge_id="b1",
@@ -414,8 +400,8 @@ def test_lost_bridge_goes_offline_by_will_and_resend_is_served_by_the_other(
                 # The device resends with the same id: b1 has never seen it, so it runs it;
                 # the answer starts again at seq 0.
                 resent_at = len(rec.messages)
-                device.request("dev-will", {"id": "long", "prompt": "Count: one, two, three,",
-                                            "max_tokens": 8})
+                device.request_as("dev-will", {"id": "long", "prompt": "Count: one, two, three,",
+                                               "max_tokens": 8})
                 assert rec.wait_for(lambda ms: topic in _terminals(ms, resent_at), TIMEOUT)
                 second = _by_topic(rec.messages, resent_at)[topic]
                 _exactly_once(second)
@@ -424,8 +410,8 @@ def test_lost_bridge_goes_offline_by_will_and_resend_is_served_by_the_other(
                 # New requests all reach b1: the dead bridge's session is gone.
                 after = []
                 for i in range(6):
-                    device.request(f"dev-{i}", {"id": "after-kill", "prompt": "Hi",
-                                                "max_tokens": 3})
+                    device.request_as(f"dev-{i}", {"id": "after-kill", "prompt": "Hi",
+                                                   "max_tokens": 3})
                     after.append(f"llm/reply/dev-{i}/after-kill")
                 assert rec.wait_for(lambda ms: _terminals(ms) >= set(after), 60), \
                     sorted(set(after) - _terminals(rec.messages))
@@ -442,7 +428,7 @@ def test_crashed_bridge_over_mqtt_311_gives_up_its_share_at_once(
     with a clean session: once it crashes, every request goes to the others."""
     host, port = mosquitto.host, mosquitto.port
     rec = Recorder(host, port, topic_filter="llm/#")
-    device = Device(mosquitto)
+    device = Device.bare(mosquitto.host, mosquitto.port, "scale-device", protocol="5").connect()
     try:
         with running_bridge(host, port, llama_pair, protocol="3.1.1", bridge_id="b1",
                             shared_group=GROUP) as b1, \
@@ -459,8 +445,8 @@ def test_crashed_bridge_over_mqtt_311_gives_up_its_share_at_once(
                 for m in ms[since:]), 30)
             topics = []
             for i in range(6):
-                device.request(f"dev-{i}", {"id": "after-crash", "prompt": "Hi",
-                                            "max_tokens": 3})
+                device.request_as(f"dev-{i}", {"id": "after-crash", "prompt": "Hi",
+                                               "max_tokens": 3})
                 topics.append(f"llm/reply/dev-{i}/after-crash")
             assert rec.wait_for(lambda ms: _terminals(ms) >= set(topics), 60), \
                 sorted(set(topics) - _terminals(rec.messages))

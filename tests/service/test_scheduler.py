@@ -17,18 +17,9 @@ import pytest
 import bridge.service.dedupe as limits_mod
 from bridge.service.dedupe import ClientLimits, DedupeCache
 from bridge.service.scheduler import FairQueue, QueueFull, WorkerPool
+from tests.support.clock import FakeClock
 
 WAIT = 5.0  # seconds any Event/Barrier may take before the test fails
-
-
-class FakeClock:
-    """Stands in for the ``time`` module of bridge.service.dedupe."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -19,38 +19,23 @@ from typing import Any
 
 import pytest
 
-from bridge.config.settings import MqttSettings, load_config
+from bridge.config.settings import load_config
 from bridge.llama.client import LlamaCppClient
-from bridge.mqtt.device import BridgeClient
 from bridge.protocol.errors import BackendHTTPError
 from bridge.protocol.messages import TERMINAL_TYPES
 from bridge.service.scheduler import FairQueue, WorkerPool
 from bridge.service.session_store import SessionLimits, SessionStore, SessionStoreError
 from bridge.service.sessions import PER_MESSAGE_TOKENS, PROMPT_TOKENS, fit_history
 from tests.support.bridge_proc import running_bridge
-from tests.support.fake_llama import FakeLlama, words
+from tests.support.clock import FakeClock
+from tests.support.device import ask, bridge_client
+from tests.support.fake_llama import FakeLlama, answer_with, words
 from tests.support.processes import MosquittoProcess
+from tests.support.prompts import SEED, assistant, user
 from tests.support.recorder import Recorder, check_reply_stream, text_of
+from tests.support.waiting import REPLY_TIMEOUT as TIMEOUT
 
 WAIT = 10.0
-TIMEOUT = 120.0
-SEED = 42
-
-
-def user(text: str) -> dict[str, Any]:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict[str, Any]:
-    return {"role": "assistant", "content": text}
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -317,29 +302,19 @@ def test_a_failing_job_frees_its_conversation() -> None:
 # ============================================================================ bridge + fake llama
 
 
-def _mqtt(broker: MosquittoProcess) -> MqttSettings:
-    return MqttSettings(host=broker.host, port=broker.port, protocol="5")
-
-
-def ask(dev: BridgeClient, request: dict[str, Any]) -> list[Any]:
-    msgs = list(dev.ask(request, idle_timeout=TIMEOUT))
-    check_reply_stream(msgs)
-    return msgs
-
-
 def test_history_is_sent_and_survives_a_bridge_restart(mosquitto: MosquittoProcess,
                                                        tmp_path: Path) -> None:
     db = tmp_path / "sessions.db"
-    with FakeLlama(answer=lambda body: ["Nice", " to meet", " you."]) as fake:
+    with FakeLlama(answer_with(lambda body: ["Nice", " to meet", " you."])) as fake:
         with running_bridge(mosquitto.host, mosquitto.port, [fake.url], sessions_db=db), \
-                BridgeClient(_mqtt(mosquitto), client="dev-z") as dev:
+                bridge_client(mosquitto, "dev-z", protocol="5") as dev:
             first = ask(dev, {"session": "s1",
                               "messages": [user("My name is Zorblax.")]})
         assert first[-1].type == "done" and first[-1].finish_reason == "stop"
         # a new bridge on the same file
         with running_bridge(mosquitto.host, mosquitto.port, [fake.url], sessions_db=db), \
-                BridgeClient(_mqtt(mosquitto), client="dev-z") as dev, \
-                BridgeClient(_mqtt(mosquitto), client="dev-other") as other:
+                bridge_client(mosquitto, "dev-z", protocol="5") as dev, \
+                bridge_client(mosquitto, "dev-other", protocol="5") as other:
             second = ask(dev, {"session": "s1", "prompt": "What is my name?"})
             stranger = ask(other, {"session": "s1", "prompt": "What is my name?"})
         bodies = fake.chat_bodies()
@@ -359,7 +334,7 @@ def test_system_messages_and_profile_are_sent_but_not_stored(mosquitto: Mosquitt
     with FakeLlama() as fake, \
             running_bridge(mosquitto.host, mosquitto.port, [fake.url],
                            sessions_db=tmp_path / "s.db", profiles=profiles) as bridge, \
-            BridgeClient(_mqtt(mosquitto), client="dev-p") as dev:
+            bridge_client(mosquitto, "dev-p", protocol="5") as dev:
         one = ask(dev, {"session": "s", "profile": "brief", "messages": [user("one")],
                         "stream": False})
         two = ask(dev, {"session": "s", "messages": [{"role": "system", "content": "Own."},
@@ -382,7 +357,7 @@ def test_history_is_trimmed_to_the_context_oldest_first(mosquitto: MosquittoProc
     with FakeLlama(n_ctx=n_ctx) as fake, \
             running_bridge(mosquitto.host, mosquitto.port, [fake.url], max_tokens_cap=max_tokens,
                            sessions_db=tmp_path / "s.db") as bridge, \
-            BridgeClient(_mqtt(mosquitto), client="dev-t") as dev:
+            bridge_client(mosquitto, "dev-t", protocol="5") as dev:
         for i in range(10):
             msgs = ask(dev, {"session": "s", "messages": [
                 system, user(f"question {i}: " + "blah " * 28)]})
@@ -418,7 +393,7 @@ def test_clear_answers_cleared_and_forgets(mosquitto: MosquittoProcess, tmp_path
     with FakeLlama() as fake, \
             running_bridge(mosquitto.host, mosquitto.port, [fake.url],
                            sessions_db=tmp_path / "s.db"), \
-            BridgeClient(_mqtt(mosquitto), client="dev-c") as dev:
+            bridge_client(mosquitto, "dev-c", protocol="5") as dev:
         ask(dev, {"session": "s", "prompt": "remember this"})
         cleared = ask(dev, {"session": "s", "clear": True})
         after = ask(dev, {"session": "s", "prompt": "anything?"})
@@ -456,7 +431,7 @@ def test_two_requests_on_one_session_are_answered_in_order(mosquitto: MosquittoP
         with FakeLlama(slots=3) as fake, \
                 running_bridge(mosquitto.host, mosquitto.port, [fake.url],
                                sessions_db=tmp_path / "s.db"), \
-                BridgeClient(_mqtt(mosquitto), client="dev-o") as dev:
+                bridge_client(mosquitto, "dev-o", protocol="5") as dev:
             gate = fake.hold_next()
             dev.send({"id": "a", "session": "s", "prompt": "first"}, subscribe=False)
             fake.wait_bodies(1)  # "a" is streaming and held after its first piece
@@ -494,13 +469,13 @@ def test_real_llama_remembers_a_turn_across_a_bridge_restart(
     db = tmp_path / "sessions.db"
     sampling = {"temperature": 0, "seed": SEED, "max_tokens": 24}
     with running_bridge(mosquitto.host, mosquitto.port, [llama_server], sessions_db=db), \
-            BridgeClient(_mqtt(mosquitto), client="dev-real") as dev:
+            bridge_client(mosquitto, "dev-real", protocol="5") as dev:
         baseline = ask(dev, {"messages": [user("What is my name?")], **sampling})
         first = ask(dev, {"session": "me", "messages": [user("My name is Zorblax.")],
                           **sampling})
     answer1 = text_of(first)
     with running_bridge(mosquitto.host, mosquitto.port, [llama_server], sessions_db=db), \
-            BridgeClient(_mqtt(mosquitto), client="dev-real") as dev:
+            bridge_client(mosquitto, "dev-real", protocol="5") as dev:
         second = ask(dev, {"session": "me", "prompt": "What is my name?", **sampling})
     for msgs in (baseline, first, second):
         assert msgs[-1].type == "done", msgs[-1]
@@ -522,7 +497,7 @@ def test_real_llama_long_session_is_trimmed_not_rejected(
     topic_words = ["apples", "rivers", "engines", "clouds", "violins", "deserts", "bridges"]
     with running_bridge(mosquitto.host, mosquitto.port, [small.url], max_tokens_cap=max_tokens,
                         sessions_db=tmp_path / "s.db") as bridge, \
-            BridgeClient(_mqtt(mosquitto), client="dev-long") as dev:
+            bridge_client(mosquitto, "dev-long", protocol="5") as dev:
         results = []
         for i, word in enumerate(topic_words):
             question = f"Question {i}: tell me about {word}. " + f"The {word} are nice. " * 20
@@ -547,7 +522,7 @@ def test_real_llama_clear_and_order(mosquitto: MosquittoProcess, llama_server: s
     try:
         with running_bridge(mosquitto.host, mosquitto.port, [llama_server],
                             sessions_db=tmp_path / "s.db"), \
-                BridgeClient(_mqtt(mosquitto), client="dev-rq") as dev:
+                bridge_client(mosquitto, "dev-rq", protocol="5") as dev:
             baseline = ask(dev, {"messages": [user("Say something.")], **sampling})
             # two requests back to back on one session, two free slots: still one at a time
             dev.send({"id": "q1", "session": "s", "prompt": "Count to five.", **sampling},
@@ -599,7 +574,7 @@ def test_ask_command_takes_session_and_profile(mosquitto: MosquittoProcess, tmp_
 
 def test_tokenize_on_the_real_server_and_a_malformed_answer(llama_server: str) -> None:
     from bridge.protocol.errors import BackendProtocolError
-    from tests.support.scripted_sse import Respond, ScriptedSSEServer
+    from tests.support.fake_llama import Respond, ScriptedSSEServer
 
     with LlamaCppClient(llama_server) as client:
         tokens = client.tokenize("My name is Zorblax.")

@@ -24,17 +24,11 @@ from bridge.config.settings import LlamaSettings, MqttSettings, load_config
 from bridge.mqtt.device import BridgeClient
 from bridge.service.ticker import STATUS_MIN_INTERVAL_S, Ticker
 from tests.support.bridge_proc import running_bridge
-from tests.support.fault_llama import FaultLlama
+from tests.support.fake_llama import FakeLlama
 from tests.support.processes import EmbeddedBroker
 from tests.support.recorder import Recorder, check_reply_stream
 
 TIMEOUT = 60.0
-
-
-@pytest.fixture
-def amqtt(amqtt_broker: EmbeddedBroker) -> EmbeddedBroker:
-    """conftest's embedded amqtt broker, under the short name these tests use."""
-    return amqtt_broker
 
 
 @pytest.fixture
@@ -86,7 +80,7 @@ def test_status_names_backends_and_never_shows_their_urls(
     topic = "llm/status/names"
     rec = Recorder(amqtt.host, amqtt.port, topic_filter="llm/status/#")
     try:
-        with FaultLlama() as llama, \
+        with FakeLlama() as llama, \
                 running_bridge(amqtt.host, amqtt.port, [llama.url, dead_url],
                                protocol="3.1.1", bridge_id="names") as bridge:
             online = _wait_status(rec, topic, lambda s: s["state"] == "online", 10)
@@ -145,7 +139,7 @@ def test_status_is_fresh_right_after_a_request(amqtt: EmbeddedBroker) -> None:
     rec = Recorder(amqtt.host, amqtt.port, topic_filter=topic)
     settings = MqttSettings(host=amqtt.host, port=amqtt.port, protocol="3.1.1")
     try:
-        with FaultLlama() as llama, \
+        with FakeLlama() as llama, \
                 running_bridge(amqtt.host, amqtt.port, [llama.url], protocol="3.1.1",
                                bridge_id="fresh", status_interval_s=3600), \
                 BridgeClient(settings, client="dev-fresh") as dev:
@@ -172,7 +166,7 @@ def test_many_quick_requests_make_few_status_messages(amqtt: EmbeddedBroker) -> 
     rec = Recorder(amqtt.host, amqtt.port, topic_filter=topic)
     settings = MqttSettings(host=amqtt.host, port=amqtt.port, protocol="3.1.1")
     try:
-        with FaultLlama(slots=4) as llama, \
+        with FakeLlama(slots=4) as llama, \
                 running_bridge(amqtt.host, amqtt.port, [llama.url], protocol="3.1.1",
                                bridge_id="burst", status_interval_s=3600,
                                client_max_inflight=count) as bridge, \

@@ -15,7 +15,8 @@ _ids = itertools.count(1)
 
 @contextmanager
 def running_bridge(host: str, port: int, llama_urls: list[str], *, protocol: str = "auto",
-                   mqtt: dict[str, Any] | None = None, **overrides: Any) -> Iterator[Bridge]:
+                   mqtt: dict[str, Any] | None = None, llama: dict[str, Any] | None = None,
+                   **overrides: Any) -> Iterator[Bridge]:
     """A started bridge; stopped (offline status published) on exit.
 
     Args:
@@ -23,6 +24,7 @@ def running_bridge(host: str, port: int, llama_urls: list[str], *, protocol: str
         llama_urls: backends.
         protocol: ``auto``, ``5`` or ``3.1.1``.
         mqtt: extra ``[mqtt]`` settings (credentials, TLS).
+        llama: extra ``[llama]`` settings (health probe interval, timeouts).
         overrides: top-level settings (``chunk_bytes``, ``max_tokens_cap`` …).
     """
     overrides.setdefault("bridge_id", f"test-bridge-{next(_ids)}")
@@ -30,7 +32,7 @@ def running_bridge(host: str, port: int, llama_urls: list[str], *, protocol: str
     overrides.setdefault("dedupe_ttl_s", 60)
     cfg = load_config(mqtt={"host": host, "port": port, "protocol": protocol,
                             "reconnect_min_s": 1, "reconnect_max_s": 2, **(mqtt or {})},
-                      llama={"urls": llama_urls}, **overrides)
+                      llama={**(llama or {}), "urls": llama_urls}, **overrides)
     bridge = Bridge(cfg, llama_urls)
     bridge.start()
     try:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.processes import REPO as ROOT
+
 READY_TIMEOUT = 120.0
 
 
@@ -41,15 +42,22 @@ class RunningBridge:
                                      start_new_session=new_session)
         self.lines: list[str] = []
         self.ready = threading.Event()
+        self._cond = threading.Condition()
+        self._eof = False
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.lines.append(line)
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
             if " ready: " in line:
                 self.ready.set()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
         self.ready.set()  # EOF: wake the waiter, who checks the exit code
 
     @property
@@ -59,6 +67,18 @@ class RunningBridge:
     def wait_ready(self) -> None:
         assert self.ready.wait(READY_TIMEOUT), f"bridge not ready:\n{self.log}"
         assert self.proc.poll() is None, f"bridge exited:\n{self.log}"
+
+    def wait_line(self, needle: str, after: int = 0, timeout: float = READY_TIMEOUT) -> int:
+        """Wait for a line containing ``needle`` (from line ``after`` on); return its index."""
+        def find() -> int | None:
+            return next((i for i in range(after, len(self.lines)) if needle in self.lines[i]),
+                        None)
+
+        with self._cond:
+            self._cond.wait_for(lambda: find() is not None or self._eof, timeout)
+            found = find()
+            assert found is not None, f"no {needle!r} in the bridge's output:\n{self.log}"
+            return found
 
     def stop(self, sig: int = signal.SIGTERM, *, group: bool = False) -> int:
         """Send ``sig`` (to the whole process group, like Ctrl-C, if ``group``) and wait;
@@ -75,6 +95,8 @@ class RunningBridge:
                 self.proc.kill()
                 self.proc.wait(10)
             self._reader.join(10)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
 
 
 @dataclass(frozen=True)
