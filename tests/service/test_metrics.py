@@ -8,7 +8,6 @@ import re
 import socket
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,6 +25,7 @@ from bridge.service.metrics import BridgeMetrics, LiveState, MetricsError
 from bridge.service.reply import ReplyChannel
 from tests.support.bridge_proc import running_bridge
 from tests.support.processes import BrokerInfo, EmbeddedBroker, free_port
+from tests.support.publisher import RecordingPublisher
 from tests.support.recorder import Recorder, check_reply_stream
 from tests.support.waiting import REPLY_TIMEOUT as TIMEOUT
 from tests.support.waiting import poll_until
@@ -53,17 +53,10 @@ def test_outcome_labels() -> None:
 
 
 def test_request_log_outcome_and_label_of_a_job() -> None:
-    class NoLink:
-        def publish(self, topic: str, payload: bytes, *, correlation_data: bytes | None = None,
-                    flow_controlled: bool = True) -> mqtt.MQTTMessageInfo:
-            raise AssertionError("nothing is published here")
-
-        def has_room(self) -> bool:
-            return True
-
     reply = ReplyAddress("llm/reply/dev/r1", "r1")
     acc = Accepted("dev", BridgeRequest(prompt="x"), reply, None, 0.0, 512, 16)
-    job = Job(acc, ReplyChannel(NoLink(), reply, chunk_bytes=512, flush_s=0.0), deadline=0.0)
+    publisher = RecordingPublisher()
+    job = Job(acc, ReplyChannel(publisher, reply, chunk_bytes=512, flush_s=0.0), deadline=0.0)
 
     def seen() -> tuple[str, str, bool]:
         return (job.outcome_text, job.label, job.ended_in_error)
@@ -77,6 +70,7 @@ def test_request_log_outcome_and_label_of_a_job() -> None:
     assert seen() == ("error:timeout", "timeout", True)
     job.outcome = Outcome.shutdown
     assert seen() == ("error:shutdown", "shutdown", True)
+    assert publisher.sent == []  # naming the outcome publishes nothing
 
 
 def test_metrics_of_one_bridge_are_private_and_complete() -> None:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import paho.mqtt.client as mqtt
 import pytest
 
 from bridge.config.settings import load_config
@@ -26,15 +24,16 @@ from bridge.protocol.messages import (
     ErrorCode,
     ErrorMsg,
     ProgressMsg,
-    ReplyMessage,
     StartMsg,
     Timings,
     Usage,
     decode_reply,
 )
 from bridge.service.reply import ReplyChannel
+from tests.support.clock import FakeClock
 from tests.support.device import Device
 from tests.support.processes import MosquittoProcess
+from tests.support.publisher import RecordingPublisher
 from tests.support.waiting import poll_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -94,49 +93,12 @@ def test_a_new_flush_deadline_is_reported_once_per_period(
 # ============================================================================ without a broker
 
 
-@dataclass(frozen=True)
-class Sent:
-    topic: str
-    payload: bytes
-    correlation_data: bytes | None
-    flow_controlled: bool
-
-
-class FakeLink:
-    """A publisher that keeps what it is given (the :class:`Publisher` a channel uses)."""
-
-    def __init__(self) -> None:
-        self.sent: list[Sent] = []
-
-    def publish(self, topic: str, payload: bytes, *, correlation_data: bytes | None = None,
-                flow_controlled: bool = True) -> mqtt.MQTTMessageInfo:
-        self.sent.append(Sent(topic, payload, correlation_data, flow_controlled))
-        return mqtt.MQTTMessageInfo(len(self.sent))
-
-    def has_room(self) -> bool:
-        return True
-
-    def messages(self) -> list[ReplyMessage]:
-        return [decode_reply(s.payload) for s in self.sent]
-
-    def texts(self) -> list[str | None]:
-        return [m.text for m in self.messages() if isinstance(m, ChunkMsg)]
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 ADDRESS = ReplyAddress(TOPIC, "r1", b"corr")
 
 
 def fake_channel(flush_s: float, clock: FakeClock, **kwargs: bool) -> tuple[ReplyChannel,
-                                                                           FakeLink]:
-    fake = FakeLink()
+                                                                           RecordingPublisher]:
+    fake = RecordingPublisher()
     return ReplyChannel(fake, ADDRESS, chunk_bytes=256, flush_s=flush_s, clock=clock,
                         **kwargs), fake
 
