@@ -52,7 +52,7 @@ def llama_server_url(url: str, name: str = "llama url") -> str:
     """
     if not url.startswith(("http://", "https://")) or not urlsplit(url).netloc:
         raise ValueError(f"{name} {url!r} must start with http:// or https:// and name a "
-                         "host, e.g. http://127.0.0.1:8080")
+                         "host: http://host:port, e.g. http://127.0.0.1:8080")
     return url.rstrip("/")
 
 

@@ -54,9 +54,9 @@ def no_slot_busy(client: LlamaCppClient, within: float) -> bool:
 
 
 def test_streamed_chat_equals_non_streamed(client: LlamaCppClient) -> None:
-    text, end = collect(client.generate_stream(MESSAGES, **SAMPLING))
-    gen = client.generate([ChatMessage(role=str(m["role"]), content=m["content"])  # type: ignore[arg-type]
-                           for m in MESSAGES], **SAMPLING)
+    text, end = collect(client.stream_chat(MESSAGES, **SAMPLING))
+    gen = client.chat([ChatMessage(role=str(m["role"]), content=m["content"])  # type: ignore[arg-type]
+                       for m in MESSAGES], **SAMPLING)
     assert text == gen.content
     assert end.finish_reason == gen.finish_reason
     assert end.finish_reason in ("stop", "length")
@@ -71,16 +71,16 @@ def test_streamed_chat_equals_non_streamed(client: LlamaCppClient) -> None:
 
 def test_streamed_completion_equals_non_streamed(client: LlamaCppClient) -> None:
     prompt = "The capital of France is"
-    text, end = collect(client.complete_stream(prompt, **SAMPLING))
-    gen = client.complete(prompt, **SAMPLING)
+    text, end = collect(client.stream_completion(prompt, **SAMPLING))
+    gen = client.completion(prompt, **SAMPLING)
     assert text == gen.content
     assert end.finish_reason == gen.finish_reason
     assert end.usage is not None and gen.usage is not None
     assert end.usage.completion_tokens == gen.usage.completion_tokens >= 1
 
 
-def test_non_streamed_generate(client: LlamaCppClient) -> None:
-    gen = client.generate(MESSAGES, **SAMPLING)
+def test_non_streamed_chat(client: LlamaCppClient) -> None:
+    gen = client.chat(MESSAGES, **SAMPLING)
     assert isinstance(gen.content, str)
     assert gen.tool_calls is None
     assert gen.finish_reason in ("stop", "length")
@@ -90,8 +90,8 @@ def test_non_streamed_generate(client: LlamaCppClient) -> None:
 
 
 def test_cancel_frees_the_slot(client: LlamaCppClient) -> None:
-    stream = client.generate_stream(MESSAGES, temperature=0.0, seed=42, max_tokens=2000,
-                                    ignore_eos=True)  # would run ~30 s if not cancelled
+    stream = client.stream_chat(MESSAGES, temperature=0.0, seed=42, max_tokens=2000,
+                                ignore_eos=True)  # would run ~30 s if not cancelled
     seen = 0
     busy_during_stream = False
     canceller: threading.Thread | None = None
@@ -113,14 +113,14 @@ def test_cancel_frees_the_slot(client: LlamaCppClient) -> None:
 
 def test_context_overflow_is_http_error(client: LlamaCppClient) -> None:
     words = " ".join(f"word{i}" for i in range(3000))
-    stream = client.generate_stream([{"role": "user", "content": words}], max_tokens=8)
+    stream = client.stream_chat([{"role": "user", "content": words}], max_tokens=8)
     with pytest.raises(BackendHTTPError) as info, stream:
         stream.open()
     assert info.value.status == 400
     assert info.value.error_type == "exceed_context_size_error"
     assert "context" in info.value.message
     with pytest.raises(BackendHTTPError) as again:
-        client.generate([{"role": "user", "content": words}], max_tokens=8)
+        client.chat([{"role": "user", "content": words}], max_tokens=8)
     assert again.value.error_type == "exceed_context_size_error"
 
 
