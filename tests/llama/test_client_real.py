@@ -8,6 +8,7 @@ check structure and counts, never words.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -15,10 +16,12 @@ from typing import Any
 
 import pytest
 
+from bridge.config.settings import DeploymentConfig
 from bridge.llama.client import LlamaCppClient, TextDelta, Timeouts
 from bridge.protocol.errors import BackendHTTPError, StreamCancelled
 from bridge.protocol.messages import ChatMessage
 from tests.support.llama_client import collect
+from tests.support.tap import Exchange, HttpTap
 from tests.support.waiting import poll_until
 
 pytestmark = [pytest.mark.llama, pytest.mark.timeout(180)]
@@ -135,3 +138,42 @@ def test_health_props_slots_models(client: LlamaCppClient) -> None:
     assert len(client.slots()) == 2
     models = client.models()
     assert len(models) == 1 and models[0].endswith(".gguf")
+
+
+COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def _counts(usage: dict[str, Any]) -> dict[str, Any]:
+    """The token counts of a ``usage`` object (llama-server adds ``prompt_tokens_details``)."""
+    return {key: usage[key] for key in COUNTS}
+
+
+def _last_usage(stream: Exchange) -> Any:
+    """The counts of the last event that carried ``usage``, in a recorded SSE response."""
+    usages = [json.loads(line[5:])["usage"] for line in stream.response.decode().splitlines()
+              if line.startswith("data: {") and '"usage"' in line]
+    return _counts(usages[-1])
+
+
+def test_text_api_gives_what_llama_server_sent(real_llama: str) -> None:
+    """The original script's API against llama-server: the text of each call is what the
+    server sent for that very request (recorded on the wire), debug_info its usage."""
+    streamed: dict[str, Any] = {}
+    once: dict[str, Any] = {}
+    with HttpTap(real_llama) as tap, \
+            LlamaCppClient(DeploymentConfig(server_url=tap.url)) as client:
+        chunks = list(client.generate_stream(MESSAGES, debug_info=streamed, **SAMPLING))
+        answer = client.generate(MESSAGES, debug_info=once, **SAMPLING)
+        stream_x, once_x = tap.generations()
+    assert chunks and all(isinstance(c, str) and c for c in chunks)
+    assert "".join(chunks) == stream_x.sse_text()
+    assert streamed["usage"] == _last_usage(stream_x)
+    assert streamed["timings"]["predicted_n"] == streamed["usage"]["completion_tokens"]
+    assert streamed["backend"] == tap.url and streamed["error"] is None
+    assert streamed["finish_reason"] in ("stop", "length")
+    assert 0 < streamed["ttft_s"] <= streamed["elapsed_s"]
+    reply = json.loads(once_x.response)
+    assert answer == reply["choices"][0]["message"]["content"]
+    assert once["usage"] == _counts(reply["usage"]) and once["finish_reason"] in ("stop", "length")
+    for x in (stream_x, once_x):
+        assert "debug_info" not in x.json()
