@@ -45,7 +45,7 @@ from bridge.mqtt.paho_client import (
     unreachable,
 )
 from bridge.protocol.messages import ReplyMessage
-from bridge.protocol.topics import Topics
+from bridge.protocol.topics import Topics, is_valid_id
 
 __all__ = ["AsyncBridgeClient"]
 
@@ -254,7 +254,8 @@ class AsyncBridgeClient:
             ReplyTimeout: nothing arrived for ``idle_timeout`` seconds.
             SequenceError: a ``seq`` was skipped (messages were lost).
             ConnectionError: the connection was lost or the client closed.
-            ValueError: this client is reading another request with the same id.
+            ValueError: the request's id is invalid, or this client is reading another
+                request with the same id.
         """
         async with aclosing(self._deliveries(request, idle_timeout)) as deliveries:
             async for delivery in deliveries:
@@ -294,6 +295,9 @@ class AsyncBridgeClient:
                                   text_request(request) if isinstance(request, str) else request)
         request_id = message.request_id
         assert request_id is not None  # a JSON request always has one
+        if not is_valid_id(request_id):  # its replies could not come to P/reply/{client}/+
+            raise ValueError(f"invalid request id {request_id!r}: use 1 to 64 of "
+                             "[A-Za-z0-9_.-]")
         if request_id in self._inboxes:
             raise ValueError(f"request id {request_id!r} is already being read by this client")
         self._connected()
