@@ -129,7 +129,7 @@ async def test_ten_concurrent_asks_on_one_connection(mosquitto: MosquittoProcess
 
                 async def one(i: int) -> list[Any]:
                     return [m async for m in dev.ask(
-                        {"id": f"c{i}", "prompt": f"Story number {i}:", "max_tokens": 12},
+                        {"id": f"c{i}", "prompt": f"Story number {i}:", "max_tokens": 8},
                         idle_timeout=REPLY_TIMEOUT)]
 
                 answers = await asyncio.wait_for(
@@ -155,22 +155,27 @@ async def test_a_restarted_bridge_answers_the_resend(mosquitto: MosquittoProcess
     """The bridge is killed (SIGKILL: nothing is cleaned up, no error is sent) while it
     streams; the client hears nothing, resends the same request with the same id, and the
     bridge started again answers it from the start. The text the client gives out is the
-    answer's, once."""
+    answer's, once.
+
+    The first bridge sends every token at once, the second coalesces them (``flush_ms``),
+    so the new answer is cut into other chunks than the first: the client cannot take its
+    messages for copies, it must see the answer start again and skip the text it gave.
+    """
     broker = mosquitto.info("5")
     request = {"id": "r1", "messages": [user("Describe a lighthouse.")], "temperature": 0,
-               "seed": SEED, "max_tokens": 64}
+               "seed": SEED, "max_tokens": 40}
     env = {**os.environ, "BRIDGE_HEARTBEAT_S": "0.5"}
 
-    def start_bridge() -> RunningBridge:
+    def start_bridge(flush_ms: int) -> RunningBridge:
         bridge = RunningBridge("--mqtt-host", broker.host, "--mqtt-port", str(broker.port),
                                "--mqtt-protocol", "5", "--llama-url", llama_server,
-                               "--bridge-id", "restarting",
+                               "--bridge-id", "restarting", "--flush-ms", str(flush_ms),
                                "--sessions-db", str(tmp_path / "sessions.db"), env=env)
         bridge.wait_ready()
         return bridge
 
     recorder = Recorder(broker.host, broker.port)
-    first = await asyncio.to_thread(start_bridge)
+    first = await asyncio.to_thread(start_bridge, 0)
     second: RunningBridge | None = None
     try:
         with BridgeClient(_settings(broker), client="dev-ref") as sync_dev:
@@ -184,13 +189,14 @@ async def test_a_restarted_bridge_answers_the_resend(mosquitto: MosquittoProcess
             async def read() -> None:
                 async for text in dev.stream_text(request, idle_timeout=REPLY_TIMEOUT):
                     pieces.append(text)
-                    streaming.set()
+                    if len(pieces) == 2:
+                        streaming.set()
 
             reader = asyncio.create_task(read())
             await asyncio.wait_for(streaming.wait(), REPLY_TIMEOUT)
-            first.stop(signal.SIGKILL)
+            await asyncio.to_thread(first.stop, signal.SIGKILL)
             cut = "".join(pieces)
-            second = await asyncio.to_thread(start_bridge)
+            second = await asyncio.to_thread(start_bridge, 1000)
             await asyncio.wait_for(reader, REPLY_TIMEOUT)
             resends = dev.resends
     finally:
@@ -199,10 +205,15 @@ async def test_a_restarted_bridge_answers_the_resend(mosquitto: MosquittoProcess
                 bridge.stop()
         recorder.close()
     sent = _requests_of(recorder, "llm/request/dev-r")
-    starts = [r for r in recorder.on_topic("llm/reply/dev-r/r1")
-              if decode_reply(r.payload).type == "start"]
+    replies = [decode_reply(r.payload) for r in recorder.on_topic("llm/reply/dev-r/r1")]
     assert resends >= 1 and len(sent) == 1 + resends and len(set(sent)) == 1  # same id, bytes
-    assert len(starts) >= 2, "the answer did not start again after the restart"
+    assert sum(m.type == "start" for m in replies) >= 2, "the answer did not start again"
+    cuts: dict[int, set[str | None]] = {}
+    for m in replies:
+        if m.type == "chunk":
+            cuts.setdefault(m.seq, set()).add(m.text)
+    assert any(len(texts) > 1 for texts in cuts.values()), \
+        "the new answer was cut as the first one: its start again was not tested"
     assert cut and cut != reference, "the bridge was killed after the answer had ended"
     assert "".join(pieces) == reference
 

@@ -133,9 +133,12 @@ def test_without_an_id_the_first_request_seen_is_followed() -> None:
     clock = FakeClock()
     ex = Exchange(NS, request_message(TOPICS, "kitchen", "Hi"), now=clock())
     assert ex.request_id is None
-    got = _feed(ex, [_answer("gen1", "x")[0], _answer("gen2", "y")[0], *_answer("gen1", "x")[1:]],
-                clock())
-    assert ex.request_id == "gen1" and [m.id for m in got] == ["gen1"] * 3  # type: ignore[attr-defined]
+    first, other = _answer("gen1", "x"), _answer("gen2", "y")
+    got = ex.on_message(TOPIC, first[0], clock()).messages
+    got += ex.on_message(TOPICS.reply("kitchen", "gen2"), other[0], clock()).messages
+    for payload in first[1:]:
+        got += ex.on_message(TOPIC, payload, clock()).messages
+    assert ex.request_id == "gen1" and [m.id for m in got] == ["gen1"] * 3
 
 
 # --------------------------------------------------------------------------- silence
