@@ -5,7 +5,9 @@ The public API; everything else is private to the package.
 
 from bridge.config.settings import DeploymentConfig, LlamaSettings, MqttSettings, load_config
 from bridge.llama.client import LlamaCppClient
+from bridge.mqtt.async_device import AsyncBridgeClient
 from bridge.mqtt.device import BridgeClient
+from bridge.mqtt.exchange import ReplyTimeout, SequenceError
 from bridge.protocol.errors import (
     BackendError,
     BackendHTTPError,
@@ -26,6 +28,7 @@ from bridge.service.bridge import Bridge
 from bridge.version import __version__
 
 __all__ = [
+    "AsyncBridgeClient",
     "BackendError",
     "BackendHTTPError",
     "BackendProtocolError",
@@ -44,7 +47,9 @@ __all__ = [
     "LlamaCppClient",
     "LlamaSettings",
     "MqttSettings",
+    "ReplyTimeout",
     "RequestRejected",
+    "SequenceError",
     "StreamCancelled",
     "Topics",
     "__version__",

@@ -13,6 +13,7 @@ import inspect
 import bridge
 
 PUBLIC = [
+    "AsyncBridgeClient",
     "BackendError",
     "BackendHTTPError",
     "BackendProtocolError",
@@ -31,7 +32,9 @@ PUBLIC = [
     "LlamaCppClient",
     "LlamaSettings",
     "MqttSettings",
+    "ReplyTimeout",
     "RequestRejected",
+    "SequenceError",
     "StreamCancelled",
     "Topics",
     "__version__",

@@ -215,13 +215,29 @@ def test_sessions_example_remembers_the_name(readme_bridge: int,
 
 
 def test_python_example_prints_the_stream(readme_bridge: int) -> None:
-    code = code_block("python", "BridgeClient").replace("port=1883", f"port={readme_bridge}")
+    code = code_block("python", "with BridgeClient(").replace("port=1883",
+                                                             f"port={readme_bridge}")
     assert f"port={readme_bridge}" in code
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=ANSWER_TIMEOUT)
     assert done.returncode == 0, done.stderr
     kinds = [line.split(" ", 1)[0] for line in done.stdout.splitlines()]
     assert kinds[0] == "start" and kinds[-1] == "done" and "chunk" in kinds, done.stdout
+
+
+def test_async_client_example_streams_asks_at_once_and_cancels(readme_bridge: int) -> None:
+    code = code_block("python", "AsyncBridgeClient").replace("port=1883",
+                                                             f"port={readme_bridge}")
+    assert f"port={readme_bridge}" in code
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=ANSWER_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    *streamed, france, italy, cancelled = done.stdout.splitlines()
+    assert "".join(streamed).strip(), done.stdout  # the sky answer (maybe several lines)
+    assert not any(marker in done.stdout for marker in TEMPLATE_MARKERS)
+    assert france.startswith("done: The capital of France is"), done.stdout
+    assert italy.startswith("done: The capital of Italy is"), done.stdout
+    assert cancelled == "long: cancelled", done.stdout
 
 
 def test_by_hand_ask_and_status(readme_bridge: int) -> None:

@@ -3,34 +3,52 @@
 Used by ``llamacpp-mqtt-bridge ask``, the tests and the benchmarks; it is also the
 reference for how a device should read replies: subscribe to the reply topic
 *before* publishing the request, drop messages whose ``seq`` was already seen
-(QoS 1 may deliver twice), and stop at the terminal message.
+(QoS 1 may deliver twice), stop at the terminal message, and resend the request with
+the same id when the bridge falls silent. The protocol logic is
+:class:`~bridge.mqtt.exchange.Exchange`, shared with the asyncio client.
 """
 
 from __future__ import annotations
 
-import json
 import queue
-import secrets
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from bridge.config.settings import MqttSettings
-from bridge.mqtt.paho_client import broker_host, new_client
-from bridge.protocol.messages import TERMINAL_TYPES, decode_reply
+from bridge.mqtt.exchange import (
+    IDLE_TIMEOUT_S,
+    MAX_RESENDS,
+    RESEND_AFTER_S,
+    Exchange,
+    Publish,
+    ReplyTimeout,
+    SequenceError,
+    cancel_message,
+    new_client_name,
+    request_message,
+)
+from bridge.mqtt.paho_client import (
+    DEVICE_KEEPALIVE_S,
+    broker_host,
+    device_v5,
+    new_client,
+    refused,
+    unreachable,
+)
+from bridge.protocol.messages import ReplyMessage
 from bridge.protocol.topics import Topics
 
-ReplyMessage = Any  # one of bridge.protocol.messages's reply models
+__all__ = ["BridgeClient", "ReplyTimeout", "SequenceError"]
 
-
-class ReplyTimeout(TimeoutError):
-    """No reply message arrived within the idle timeout."""
-
-
-class SequenceError(Exception):
-    """A reply message arrived out of order (a gap in ``seq``)."""
+INBOX_SIZE = 100_000
+"""Messages received and not yet read, at most (beyond it they are dropped and counted)."""
+REMEMBERED_REQUESTS = 256
+"""Requests sent and kept for a resend until their replies are read, at most."""
 
 
 class BridgeClient:
@@ -40,18 +58,25 @@ class BridgeClient:
         mqtt_settings: broker address, credentials, TLS and protocol.
         prefix: topic prefix of the bridge.
         client: this device's name (``{client}`` topic level and MQTT client id).
+        resend_after_s: while reading replies, resend the request (same id) after this
+            much silence; the bridge sends a heartbeat every ``heartbeat_s`` (5 s).
+        max_resends: resends in a row without an answer in between, at most.
     """
 
     def __init__(self, mqtt_settings: MqttSettings, *, prefix: str = "llm",
-                 client: str | None = None) -> None:
+                 client: str | None = None, resend_after_s: float = RESEND_AFTER_S,
+                 max_resends: int = MAX_RESENDS) -> None:
         self.settings = mqtt_settings
         self.topics = Topics(prefix)
-        self.client_name = client or f"dev-{secrets.token_hex(4)}"
+        self.client_name = client or new_client_name()
+        self.resend_after_s = resend_after_s
+        self.max_resends = max_resends
         # Without TCP_NODELAY (set by new_client) a request waits up to 40 ms for the
         # broker's delayed ACK of this device's previous packet (docs/performance.md).
-        self._mqtt = new_client(mqtt_settings, self.client_name,
-                                v5=mqtt_settings.protocol == "5")
-        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100_000)
+        self._mqtt = new_client(mqtt_settings, self.client_name, v5=device_v5(mqtt_settings))
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=INBOX_SIZE)
+        self._sent: OrderedDict[str, Publish] = OrderedDict()  # for resends
+        self.resends = 0  # requests published again after silence
         self._connected = threading.Event()
         self._subacks: dict[int, threading.Event] = {}
         self._sub_lock = threading.Lock()
@@ -70,17 +95,15 @@ class BridgeClient:
         Raises:
             ConnectionError: refused or unreachable within ``timeout``.
         """
-        host = broker_host(self.settings)
         try:
-            self._mqtt.connect(host, self.settings.port, keepalive=30)
+            self._mqtt.connect(broker_host(self.settings), self.settings.port,
+                               keepalive=DEVICE_KEEPALIVE_S)
         except OSError as exc:
-            raise ConnectionError(f"cannot reach MQTT broker at {host}:{self.settings.port}: "
-                                  f"{exc}; is the bridge (or its broker) running?") from exc
+            raise unreachable(self.settings, exc) from exc
         self._mqtt.loop_start()
         if not self._connected.wait(timeout) or self._connect_error:
             self._mqtt.loop_stop()
-            raise ConnectionError(f"MQTT broker {host}:{self.settings.port} did not accept us: "
-                                  f"{self._connect_error or 'timeout'}")
+            raise refused(self.settings, self._connect_error or "timeout")
         return self
 
     def close(self) -> None:
@@ -117,61 +140,61 @@ class BridgeClient:
         Returns:
             the request id (for plain text: the id the caller must learn from the reply).
         """
-        if isinstance(request, dict):
-            request = dict(request)
-            request.setdefault("id", request_id or secrets.token_hex(6))
-            request_id = str(request["id"])
-            payload = json.dumps(request).encode()
-        else:
-            payload = request.encode() if isinstance(request, str) else request
+        message = request_message(self.topics, self.client_name, request, request_id)
+        request_id = message.request_id or request_id
         if subscribe:
             target = self.topics.reply(self.client_name, request_id) if request_id else \
                 self.topics.reply_namespace(self.client_name) + "+"
             self.subscribe(target)
-        info = self._mqtt.publish(self.topics.request(self.client_name), payload, qos=1)
-        info.wait_for_publish(10.0)
+        if message.request_id is not None:
+            self._sent[message.request_id] = message
+            while len(self._sent) > REMEMBERED_REQUESTS:
+                self._sent.popitem(last=False)
+        self._publish(message)
         return request_id or ""
 
     def cancel(self, request_id: str) -> None:
-        self._mqtt.publish(self.topics.cancel(self.client_name),
-                           json.dumps({"id": request_id}), qos=1).wait_for_publish(10.0)
+        """Ask the bridge to stop ``request_id`` (its answer ends ``done`` ``cancelled``)."""
+        self._publish(cancel_message(self.topics, self.client_name, request_id))
+
+    def _publish(self, message: Publish) -> None:
+        self._mqtt.publish(message.topic, message.payload, qos=1).wait_for_publish(10.0)
 
     def replies(self, request_id: str | None = None, *,
-                idle_timeout: float = 60.0) -> Iterator[ReplyMessage]:
+                idle_timeout: float = IDLE_TIMEOUT_S) -> Iterator[ReplyMessage]:
         """Yield reply messages in ``seq`` order until the terminal one.
+
+        A JSON request sent by this client is resent (same id) after ``resend_after_s``
+        of silence. If the bridge then answers it anew (it had lost it), the messages
+        start again with ``start`` (``seq`` 0): what came before is to be discarded.
 
         Args:
             request_id: only messages of this request (None: the first request seen).
-            idle_timeout: give up when nothing arrives for this long.
+            idle_timeout: give up when nothing arrives for this long, resends included.
         Raises:
             ReplyTimeout: nothing arrived for ``idle_timeout`` seconds.
             SequenceError: a ``seq`` was skipped (a message was lost).
         """
-        expected = 0
-        namespace = self.topics.reply_namespace(self.client_name)
+        exchange = Exchange(self.topics.reply_namespace(self.client_name),
+                            self._sent.get(request_id) if request_id else None,
+                            request_id=request_id, now=time.monotonic(),
+                            resend_after_s=self.resend_after_s, max_resends=self.max_resends,
+                            idle_timeout_s=idle_timeout)
         while True:
             try:
-                topic, payload = self._inbox.get(timeout=idle_timeout)
+                topic, payload = self._inbox.get(
+                    timeout=max(0.0, exchange.deadline() - time.monotonic()))
             except queue.Empty:
-                raise ReplyTimeout(f"no reply for {idle_timeout} s (request {request_id}); "
-                                   "is the bridge running? see `llamacpp-mqtt-bridge status`"
-                                   ) from None
-            if not topic.startswith(namespace):
-                continue  # amqtt delivers retained messages of other topics too freely
-            try:
-                msg = decode_reply(payload)
-            except ValueError:
-                self.undecodable += 1
+                if (resend := exchange.on_silence(time.monotonic())) is not None:
+                    self.resends += 1
+                    self._publish(resend)
                 continue
-            if request_id is None:
-                request_id = msg.id
-            if msg.id != request_id or msg.seq < expected:
-                continue  # another request's message, or a QoS 1 duplicate
-            if msg.seq > expected:
-                raise SequenceError(f"expected seq {expected}, got {msg.seq}: messages were lost")
-            expected += 1
-            yield msg
-            if msg.type in TERMINAL_TYPES:
+            delivery = exchange.on_message(topic, payload, time.monotonic())
+            self.undecodable += delivery.undecodable
+            yield from delivery.messages
+            if delivery.finished:
+                if exchange.request_id is not None:
+                    self._sent.pop(exchange.request_id, None)
                 return
 
     def next_message(self, timeout: float) -> tuple[str, bytes] | None:

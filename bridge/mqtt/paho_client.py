@@ -1,8 +1,10 @@
 """A paho client set up from :class:`~bridge.config.settings.MqttSettings`.
 
-The one place that turns ``[mqtt]`` into a paho ``Client``: callback API, protocol
-version, credentials, TLS and TCP_NODELAY. The bridge's link and the device client
-both build theirs here, so a broker that admits one admits the other.
+The one place that turns ``[mqtt]`` into a connection: callback API, protocol version,
+credentials, TLS and TCP_NODELAY. The bridge's link and the device client build their
+paho client here (:func:`new_client`), and the asyncio device client (on aiomqtt) takes
+the same parts (:func:`credentials`, :func:`tls_context`, :data:`NO_DELAY`), so a broker
+that admits one admits the others.
 """
 
 from __future__ import annotations
@@ -19,11 +21,64 @@ from bridge.config.settings import MqttSettings
 
 DEFAULT_HOST = "127.0.0.1"
 """Where a client connects when ``[mqtt] host`` is unset (the local broker listens there)."""
+DEVICE_KEEPALIVE_S = 30
+"""MQTT keepalive of the device clients (seconds)."""
+NO_DELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+"""``setsockopt`` arguments that turn Nagle's algorithm off (see :func:`no_delay`)."""
 
 
 def broker_host(settings: MqttSettings) -> str:
     """The host to connect to: the configured one, else the local broker's."""
     return settings.host or DEFAULT_HOST
+
+
+def device_v5(settings: MqttSettings) -> bool:
+    """Whether a device client speaks MQTT 5: only when ``protocol`` says ``5``.
+
+    ``auto`` means 3.1.1 for a device, which every broker speaks; the bridge's own link
+    tries 5 first and falls back.
+    """
+    return settings.protocol == "5"
+
+
+def credentials(settings: MqttSettings) -> tuple[str | None, str | None]:
+    """``(username, password)`` of ``settings``; ``(None, None)`` without a username."""
+    if not settings.username:
+        return None, None
+    secret = settings.password.get_secret_value() if settings.password else None
+    return settings.username, secret
+
+
+def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
+    """The TLS context of ``settings``, or None without ``tls``.
+
+    The broker's certificate and host name are verified, against ``ca_file`` or else the
+    system's CAs; ``cert_file``/``key_file`` are this client's certificate, if the broker
+    wants one.
+    """
+    if not settings.tls:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
+    if settings.cert_file:
+        context.load_cert_chain(str(settings.cert_file),
+                                str(settings.key_file) if settings.key_file else None)
+    if settings.ca_file:
+        context.load_verify_locations(str(settings.ca_file))
+    else:
+        context.load_default_certs()
+    return context
+
+
+def unreachable(settings: MqttSettings, exc: object) -> ConnectionError:
+    """What a device client raises when it cannot reach the broker."""
+    return ConnectionError(f"cannot reach MQTT broker at {broker_host(settings)}:"
+                           f"{settings.port}: {exc}; is the bridge (or its broker) running?")
+
+
+def refused(settings: MqttSettings, why: object) -> ConnectionError:
+    """What a device client raises when the broker does not accept its connection."""
+    return ConnectionError(f"MQTT broker {broker_host(settings)}:{settings.port} did not "
+                           f"accept us: {why}")
 
 
 def no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -34,7 +89,7 @@ def no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     of a request followed by its ``start`` cost 40 ms, as did a chunk after a chunk.
     """
     with contextlib.suppress(OSError, AttributeError):  # not TCP (e.g. a unix socket)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(*NO_DELAY)
 
 
 def new_client(settings: MqttSettings, client_id: str, *, v5: bool,
@@ -52,15 +107,10 @@ def new_client(settings: MqttSettings, client_id: str, *, v5: bool,
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
                          clean_session=clean_session)
-    if settings.username:
-        secret = settings.password.get_secret_value() if settings.password else None
-        client.username_pw_set(settings.username, secret)
-    if settings.tls:
-        client.tls_set(
-            ca_certs=str(settings.ca_file) if settings.ca_file else None,
-            certfile=str(settings.cert_file) if settings.cert_file else None,
-            keyfile=str(settings.key_file) if settings.key_file else None,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
-        )
+    username, password = credentials(settings)
+    if username is not None:
+        client.username_pw_set(username, password)
+    if (context := tls_context(settings)) is not None:
+        client.tls_set_context(context)
     client.on_socket_open = no_delay
     return client
