@@ -30,10 +30,11 @@ import urllib3.exceptions
 from bridge.llama.body import Messages, message_dicts, request_body
 from bridge.llama.calls import MAX_SMALL_BYTES, ServerCalls
 from bridge.llama.events import Kind
+from bridge.llama.failures import bad_answer_error
 from bridge.llama.http import CallInfo, CancelToken, make_session, read_bounded
+from bridge.llama.probes import health_of, models_of, props_of, slots_of, tokens_of
 from bridge.llama.stream import Stream
 from bridge.llama.types import (
-    PROPS_MODEL_KEYS,
     Delta,
     Generation,
     Health,
@@ -46,7 +47,6 @@ from bridge.llama.types import (
     ToolCallDelta,
 )
 from bridge.protocol import safe_json
-from bridge.protocol.errors import BackendProtocolError
 from bridge.protocol.messages import json_text
 
 __all__ = [
@@ -192,14 +192,7 @@ class LlamaCppClient(ServerCalls):
                 data = None
         finally:
             resp.close()
-        status = str(resp.status_code)
-        if isinstance(data, dict):
-            err = data.get("error")
-            if isinstance(data.get("status"), str):
-                status = data["status"]
-            elif isinstance(err, dict) and isinstance(err.get("message"), str):
-                status = err["message"]
-        return Health(ok=resp.status_code == 200, status=status, http_status=resp.status_code)
+        return health_of(resp.status_code, data)
 
     def props(self) -> Props:
         """``GET /props``: slot count, model, context size, template capabilities.
@@ -207,20 +200,7 @@ class LlamaCppClient(ServerCalls):
         Returns:
             The parsed properties (``raw`` holds the whole object).
         """
-        raw = self._get_json("/props")
-        if not isinstance(raw, dict):
-            raise BackendProtocolError(f"{self._url('/props')} did not return a JSON object")
-        settings = raw.get("default_generation_settings")
-        n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
-        caps = raw.get("chat_template_caps")
-        return Props(
-            # Servers too old to report it run one slot unless --parallel was given.
-            total_slots=int(raw.get("total_slots") or 1),
-            model=next((raw[k] for k in PROPS_MODEL_KEYS if raw.get(k)), None),
-            n_ctx=n_ctx if isinstance(n_ctx, int) else None,
-            chat_template_caps=caps if isinstance(caps, dict) else {},
-            raw=raw,
-        )
+        return props_of(self._get_json("/props"), self._url("/props"))
 
     def slots(self) -> list[dict[str, Any]]:
         """``GET /slots`` (needs ``--slots`` on newer servers; 501 otherwise).
@@ -228,10 +208,7 @@ class LlamaCppClient(ServerCalls):
         Returns:
             One dict per slot (``id``, ``is_processing``, ``n_ctx``...).
         """
-        data = self._get_json("/slots")
-        if not isinstance(data, list):
-            raise BackendProtocolError(f"{self._url('/slots')} did not return a JSON list")
-        return [s for s in data if isinstance(s, dict)]
+        return slots_of(self._get_json("/slots"), self._url("/slots"))
 
     def models(self) -> list[str]:
         """``GET /v1/models``.
@@ -239,9 +216,7 @@ class LlamaCppClient(ServerCalls):
         Returns:
             The model ids the server offers.
         """
-        data = self._get_json("/v1/models")
-        entries = data.get("data") if isinstance(data, dict) else None
-        return [str(m["id"]) for m in entries or () if isinstance(m, dict) and "id" in m]
+        return models_of(self._get_json("/v1/models"))
 
     def tokenize(self, text: str) -> list[int]:
         """``POST /tokenize``: the token ids of ``text`` (no BOS or other special tokens added).
@@ -259,18 +234,11 @@ class LlamaCppClient(ServerCalls):
         try:
             data = safe_json.loads(read_bounded(resp, MAX_SMALL_BYTES))
         except (ValueError, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise BackendProtocolError(f"bad answer from {info.url}: {exc}") from exc
+            raise bad_answer_error(info, exc) from exc
         finally:
             info.token.detach()
             resp.close()
-        tokens = data.get("tokens") if isinstance(data, dict) else None
-        if not isinstance(tokens, list):
-            raise BackendProtocolError(f"{info.url} did not return {{\"tokens\": [...]}}")
-        try:
-            # With "with_pieces" the server sends {"id", "piece"} objects; plain ids otherwise.
-            return [int(t["id"]) if isinstance(t, dict) else int(t) for t in tokens]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BackendProtocolError(f"{info.url} returned malformed tokens: {exc}") from exc
+        return tokens_of(data, info.url)
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` is for this server's model (see :meth:`tokenize`)."""
