@@ -4,6 +4,7 @@ The public API; everything else is private to the package.
 """
 
 from bridge.config.settings import DeploymentConfig, LlamaSettings, MqttSettings, load_config
+from bridge.llama.async_client import AsyncLlamaCppClient
 from bridge.llama.client import LlamaCppClient
 from bridge.mqtt.device import BridgeClient
 from bridge.protocol.errors import (
@@ -26,6 +27,7 @@ from bridge.service.bridge import Bridge
 from bridge.version import __version__
 
 __all__ = [
+    "AsyncLlamaCppClient",
     "BackendError",
     "BackendHTTPError",
     "BackendProtocolError",

@@ -13,6 +13,7 @@ import inspect
 import bridge
 
 PUBLIC = [
+    "AsyncLlamaCppClient",
     "BackendError",
     "BackendHTTPError",
     "BackendProtocolError",

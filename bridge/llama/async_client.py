@@ -24,6 +24,7 @@ import httpx
 from bridge.config.settings import DeploymentConfig
 from bridge.llama.async_http import AsyncCancel, AsyncServerCalls, make_async_client, read_bounded
 from bridge.llama.async_stream import AsyncStream
+from bridge.llama.async_text import AsyncTextCalls, AsyncTextStream, ToolChoice, Tools
 from bridge.llama.body import Messages, message_dicts, request_body
 from bridge.llama.calls import MAX_SMALL_BYTES
 from bridge.llama.events import Kind
@@ -33,14 +34,17 @@ from bridge.llama.types import Generation, Health, Props, RetryPolicy, Timeouts
 from bridge.protocol import safe_json
 from bridge.protocol.messages import json_text
 
-__all__ = ["AsyncLlamaCppClient", "AsyncStream"]
-
-Tools = list[dict[str, Any]] | None
-ToolChoice = str | dict[str, Any] | None
+__all__ = ["AsyncLlamaCppClient", "AsyncStream", "AsyncTextStream"]
 
 
-class AsyncLlamaCppClient(AsyncServerCalls):
+class AsyncLlamaCppClient(AsyncServerCalls, AsyncTextCalls):
     """Talks to one llama-server from asyncio.
+
+    Text level (:class:`~bridge.llama.async_text.AsyncTextCalls`): ``generate_stream``,
+    ``generate``, ``complete_stream``, ``complete``. Typed level: :meth:`stream_chat`,
+    :meth:`stream_completion` (deltas), :meth:`chat`, :meth:`completion`
+    (:class:`~bridge.llama.types.Generation`). Server state: :meth:`health`,
+    :meth:`props`, :meth:`slots`, :meth:`models`, :meth:`tokenize`.
 
     Args:
         config_or_url: the server's base URL (``http://127.0.0.1:8080``; a trailing
