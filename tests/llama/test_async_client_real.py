@@ -79,6 +79,18 @@ async def test_streamed_completion_equals_llama_servers_own_answer(
     assert end.usage.completion_tokens == own.usage.completion_tokens >= 1
 
 
+async def test_text_level_streams_the_same_text_as_it_returns(
+        client: AsyncLlamaCppClient) -> None:
+    info: dict[str, Any] = {}
+    async with client.generate_stream(MESSAGES, debug_info=info, **SAMPLING) as chunks:
+        streamed = "".join([chunk async for chunk in chunks])
+    whole = await client.generate(MESSAGES, **SAMPLING)
+    assert streamed == whole
+    assert info["finish_reason"] in ("stop", "length")
+    assert info["usage"]["completion_tokens"] <= 16
+    assert info["backend"] == client.base_url
+
+
 @pytest.mark.parametrize("how", ["close", "cancel"])
 async def test_stopping_a_stream_frees_the_slot(client: AsyncLlamaCppClient,
                                                 sync_client: LlamaCppClient,
