@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import suppress
 from types import TracebackType
 
 import httpx
@@ -61,6 +60,7 @@ class AsyncStream:
         self._chunks: AsyncIterator[bytes] | None = None
         self._pending: Iterator[Delta] | None = None
         self._closed = False
+        self._waiting = False  # a task waits for the server (open or _read)
         token = info.token
         self._decoder = StreamDecoder(kind, info.url, idle,
                                       cancelled=lambda: token.cancelled,
@@ -139,7 +139,11 @@ class AsyncStream:
         if self._closed:
             raise RuntimeError(f"stream to {self.url} is closed; start a new one")
         try:
-            self._response = await self._opener(self._cancel)
+            self._waiting = True
+            try:
+                self._response = await self._opener(self._cancel)
+            finally:
+                self._waiting = False
             check_event_stream(self._response.headers.get("Content-Type", ""), self.url)
             body_timeout(self._response)
             self._chunks = self._response.aiter_raw()
@@ -156,9 +160,13 @@ class AsyncStream:
     async def aclose(self) -> None:
         """Release the connection (closing it unless the answer was read to the end).
 
-        Call it from the task that reads the stream (or leave ``async with``); other
-        tasks use :meth:`cancel`.
+        While another task waits for the server in this stream (opening it, reading it),
+        this is :meth:`cancel`: that task then closes the connection as it gets
+        ``StreamCancelled``.
         """
+        if self._waiting:
+            self.cancel()
+            return
         self._closed = True
         self._pending = None
         chunks, self._chunks = self._chunks, None
@@ -166,8 +174,7 @@ class AsyncStream:
         try:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
-                with suppress(RuntimeError):  # a read in progress: closing the response ends it
-                    await aclose()
+                await aclose()
         finally:
             if response is not None:
                 await response.aclose()
@@ -210,11 +217,14 @@ class AsyncStream:
         decoder = self._decoder
         budget = decoder.budget()
         before = time.monotonic()
+        self._waiting = True
         try:
             async with self._cancel.interruptible(budget, decoder.idle_error):
                 chunk = await anext(self._chunks, b"")
         except httpx.TransportError as exc:
             raise self._read_error(exc) from exc
+        finally:
+            self._waiting = False
         decoder.blocked(time.monotonic() - before)
         if self.cancelled:
             raise cancelled_error(self._info)

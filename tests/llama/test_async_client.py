@@ -258,6 +258,24 @@ async def test_closing_the_stream_mid_answer_closes_the_connection() -> None:
             assert await closed_by_client(server)
 
 
+async def test_closing_the_stream_from_another_task_cancels_the_reader() -> None:
+    script = [SSEHeaders(), Send(event(chat_chunk("a"))), Stall(10)]
+    with ScriptedSSEServer(script) as server:
+        async with make_async_client(server.url, idle=10.0) as client:
+            stream = client.stream_chat(MESSAGES)
+            assert await anext(stream) == TextDelta("a")
+
+            async def close_when_stalled() -> None:
+                assert await reached(server, "stall_started")
+                await stream.aclose()
+
+            closer = asyncio.create_task(close_when_stalled())
+            with pytest.raises(StreamCancelled):
+                await anext(stream)
+            await closer
+            assert await closed_by_client(server)
+
+
 async def test_cancelling_the_task_mid_stream_closes_the_connection() -> None:
     script = [SSEHeaders(), Send(event(chat_chunk("a"))), Stall(10)]
     with ScriptedSSEServer(script) as server:
