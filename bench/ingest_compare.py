@@ -6,7 +6,7 @@ Evidence for the design change proposed in docs/performance.md: both sides read
 paced SSE streams from :mod:`bench.fake_llama` (each token in its own TCP segment,
 as from a real model) with the bridge's own parsing code (the chunked decoder,
 :class:`bridge.llama.sse.SSEParser`, the OpenAI chunk accumulator) and only count the
-text deltas -- no MQTT. The thread side is ``LlamaCppClient.generate_stream`` in
+text deltas -- no MQTT. The thread side is ``LlamaCppClient.stream_chat`` in
 one thread per stream, exactly as the bridge's workers use it; the asyncio side
 is a sketch (a protocol per connection, no timeouts, no retries), so it shows what
 the event loop saves, not a finished design. Each side runs ``--seconds`` with
@@ -119,7 +119,7 @@ def _thread_side(url: str, n: int, rate: float, tokens: int,
 
     def one() -> None:
         while time.monotonic() < end:
-            with client.generate_stream(**_body(rate, tokens)) as stream:  # type: ignore[arg-type]
+            with client.stream_chat(**_body(rate, tokens)) as stream:  # type: ignore[arg-type]
                 for delta in stream:
                     if isinstance(delta, TextDelta):
                         with lock:

@@ -7,7 +7,7 @@ Sections (docs/performance.md explains each and records a run):
 
 1. **latency** -- real llama.cpp (Gemma 3 270M, :class:`bridge.llama.embedded.EmbeddedLlama`)
    behind Mosquitto: time to first token and total time seen by an MQTT device
-   through the bridge vs. a direct HTTP SSE client (``LlamaCppClient.generate_stream``),
+   through the bridge vs. a direct HTTP SSE client (``LlamaCppClient.stream_chat``),
    same prompt and seed, runs interleaved (ABBA), paired differences and ratios.
 2. **limit** -- one plain paho publisher through the same broker, same QoS and
    payload size, a subscriber counting (:mod:`bench.rawpub`).
@@ -299,8 +299,8 @@ def section_latency(ctx: Ctx) -> dict[str, Any]:
             t = time.perf_counter()
             first = end = None
             text = []
-            with direct.generate_stream(messages, temperature=0, seed=SEED,
-                                        max_tokens=plan.latency_tokens) as s:
+            with direct.stream_chat(messages, temperature=0, seed=SEED,
+                                    max_tokens=plan.latency_tokens) as s:
                 for d in s:
                     if isinstance(d, TextDelta):
                         if first is None:

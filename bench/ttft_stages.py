@@ -108,8 +108,8 @@ def _direct_ttft(client: Any, prompt: str, max_tokens: int) -> tuple[float, floa
     t = time.perf_counter()
     first: float | None = None
     prompt_ms = None
-    with client.generate_stream([{"role": "user", "content": prompt}], temperature=0,
-                                seed=SEED, max_tokens=max_tokens) as stream:
+    with client.stream_chat([{"role": "user", "content": prompt}], temperature=0,
+                            seed=SEED, max_tokens=max_tokens) as stream:
         for delta in stream:
             if isinstance(delta, TextDelta) and first is None:
                 first = time.perf_counter()

@@ -4,10 +4,19 @@ The bridge is ``llamacpp-mqtt-bridge run`` on embedded defaults (real llama.cpp 
 packaged Gemma 3 270M). The only change to a pasted command is the broker port: the
 tests use a free one, not 1883 (``-p PORT`` for the Mosquitto tools, ``--mqtt-port``
 for the command line, ``port=`` in Python).
+
+The ``LlamaCppClient`` examples talk to a llama-server as the README starts one
+(``python -m bridge.llama.embedded --port 8080``: the packaged model with its quick-start
+chat template, which ends answers after a sentence or two): the bridge's own embedded
+llama.cpp, behind a tap that records what it sends. The only change to a pasted example
+is its URL, ``http://localhost:8080``, which becomes the tap's. The examples sample
+without a seed, so their text differs from run to run: each is compared with what
+llama-server sent for that very request, as the tap recorded it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -20,13 +29,16 @@ import pytest
 from bridge import BridgeClient, MqttSettings
 from bridge.config.settings import DeploymentConfig
 from tests.support.cli_proc import ROOT, Line, RunningBridge, SubWatcher, cli
+from tests.support.fake_llama import FakeLlama, answer_with
 from tests.support.processes import free_port
 from tests.support.prompts import TEMPLATE_MARKERS
+from tests.support.tap import Exchange, HttpTap
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 # A slow, shared CI machine makes a few tokens a second: bounds for the answers to end.
 ANSWER_TIMEOUT = 300.0
 TERMINAL = ("done", "reply", "error")
+README_LLAMA_URL = "http://localhost:8080"  # the llama-server URL of the Python examples
 
 
 def code_block(lang: str, containing: str) -> str:
@@ -41,6 +53,25 @@ def code_block(lang: str, containing: str) -> str:
 def on_port(script: str, port: int) -> str:
     """A shell block with the Mosquitto tools pointed at ``port``."""
     return re.sub(r"\b(mosquitto_pub|mosquitto_sub)\b", rf"\1 -p {port}", script)
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=ANSWER_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def on_llama(code: str, url: str) -> str:
+    """A Python example pointed at the llama-server ``url`` instead of localhost:8080."""
+    assert README_LLAMA_URL in code
+    return code.replace(README_LLAMA_URL, url)
+
+
+def sse_events(exchange: Exchange) -> list[dict[str, Any]]:
+    """The JSON events of a recorded streamed answer."""
+    return [json.loads(line[6:]) for line in exchange.response.decode().splitlines()
+            if line.startswith("data: {")]
 
 
 def run_shell(script: str) -> None:
@@ -72,17 +103,31 @@ def check_answer(messages: list[dict[str, Any]]) -> None:
 
 
 @pytest.fixture(scope="module")
-def readme_bridge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """``llamacpp-mqtt-bridge run`` as the README starts it; yields the broker port."""
+def readme_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, RunningBridge]]:
+    """``llamacpp-mqtt-bridge run`` as the README starts it: the broker port and the bridge."""
     port = free_port()
     db = tmp_path_factory.mktemp("readme") / "sessions.db"
     bridge = RunningBridge("--mqtt-port", str(port), "--sessions-db", str(db),
                            "--bridge-id", "readme")
     try:
         bridge.wait_ready()
-        yield port
+        yield port, bridge
     finally:
         bridge.stop()
+
+
+@pytest.fixture(scope="module")
+def readme_bridge(readme_run: tuple[int, RunningBridge]) -> int:
+    """The broker port of the README's bridge."""
+    return readme_run[0]
+
+
+@pytest.fixture(scope="module")
+def readme_llama(readme_run: tuple[int, RunningBridge]) -> str:
+    """The URL of the README bridge's embedded llama.cpp, from its ready line."""
+    found = re.search(r"ready: .* llama\.cpp at (http://\S+?)\. ", readme_run[1].log)
+    assert found is not None, readme_run[1].log
+    return found.group(1)
 
 
 @pytest.fixture
@@ -217,3 +262,55 @@ def test_profile_example_is_a_valid_config() -> None:
     profile = tomllib.loads(code_block("toml", "[profiles.kitchen]"))
     cfg = DeploymentConfig(**profile)
     assert cfg.profiles["kitchen"].max_tokens == 96
+
+
+# ---------------------------------------------------------------------------- Python API
+
+
+def test_llama_client_snippet_prints_what_llama_server_sent(readme_llama: str) -> None:
+    code = code_block("python", "for chunk in client.generate_stream(messages):")
+    assert 'DeploymentConfig(server_url="http://localhost:8080")' in code
+    with HttpTap(readme_llama) as tap:
+        done = run_python(on_llama(code, tap.url))
+        sent = tap.generations()
+    assert len(sent) == 1 and sent[0].finished
+    assert sent[0].json()["messages"] == [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Tell me about AI."}]
+    answer = sent[0].sse_text()
+    assert answer.strip(), "llama-server sent no text"
+    assert done.stdout == answer  # every chunk printed as it came, nothing else
+    assert not any(marker in answer for marker in TEMPLATE_MARKERS)
+
+
+def test_llama_client_debug_info_example_on_llama_cpp(readme_llama: str) -> None:
+    code = code_block("python", "debug_info = {}")
+    with HttpTap(readme_llama) as tap:
+        done = run_python(on_llama(code, tap.url))
+        streamed, once = tap.generations()
+    events = sse_events(streamed)
+    finish = next(c["finish_reason"] for e in events for c in e.get("choices") or ()
+                  if c.get("finish_reason"))
+    usage = [e["usage"] for e in events if e.get("usage")][-1]
+    message = json.loads(once.response)["choices"][0]["message"]
+    assert once.json()["tools"][0]["function"]["name"] == "get_weather"
+    assert not message.get("tool_calls")  # the packaged model answers in text, as it says
+    expected = (re.escape(f"{streamed.sse_text()}\n[{finish}, {usage['completion_tokens']} "
+                          "tokens, first after ") + r"\d+\.\d\d"
+                + re.escape(f" s, from {tap.url}]\n{message['content']}\n"))
+    assert re.fullmatch(expected, done.stdout), (expected, done.stdout)
+
+
+def test_llama_client_debug_info_example_prints_tool_calls() -> None:
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    code = code_block("python", "debug_info = {}")
+    with FakeLlama(answer_with(tool_calls=lambda body: [call] if body.get("tools") else None)) \
+            as fake:
+        done = run_python(on_llama(code, fake.url))
+        bodies = fake.wait_bodies(2)
+    assert [b["stream"] for b in bodies] == [True, False] and "tools" in bodies[1]
+    assert re.fullmatch(re.escape("Hello from the fake.\n[stop, 4 tokens, first after ")
+                        + r"\d+\.\d\d" + re.escape(f" s, from {fake.url}]\n"
+                                                     'get_weather {"city": "Paris"}\n'),
+                        done.stdout), done.stdout

@@ -13,6 +13,7 @@ import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -34,6 +35,25 @@ _toml_data: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextV
 def _default_bridge_id() -> str:
     host = "".join(c if is_valid_id(c) else "-" for c in socket.gethostname())
     return (host or "bridge")[:48]
+
+
+def llama_server_url(url: str, name: str = "llama url") -> str:
+    """A llama-server base URL as the settings and the client keep it: checked, no trailing ``/``.
+
+    Args:
+        url: e.g. ``http://127.0.0.1:8080``.
+        name: what the error message calls it (the setting or argument it came from).
+
+    Returns:
+        ``url`` without its trailing ``/``.
+
+    Raises:
+        ValueError: it does not start with ``http://`` or ``https://`` or names no host.
+    """
+    if not url.startswith(("http://", "https://")) or not urlsplit(url).netloc:
+        raise ValueError(f"{name} {url!r} must start with http:// or https:// and name a "
+                         "host: http://host:port, e.g. http://127.0.0.1:8080")
+    return url.rstrip("/")
 
 
 class MqttSettings(BaseModel):
@@ -115,10 +135,7 @@ class LlamaSettings(BaseModel):
     @field_validator("urls")
     @classmethod
     def _strip_slash(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"llama url {url!r} must start with http:// or https://")
-        return [u.rstrip("/") for u in urls]
+        return [llama_server_url(url) for url in urls]
 
     @field_validator("names")
     @classmethod
@@ -150,7 +167,15 @@ class LlamaSettings(BaseModel):
 
 
 class DeploymentConfig(BaseSettings):
-    """Every setting of one bridge process, with its default."""
+    """Every setting of one bridge process, with its default.
+
+    ``server_url`` (a keyword argument, or a top-level key of the TOML file) is the
+    original deployment script's name for a single llama-server:
+    ``DeploymentConfig(server_url="http://localhost:8080")`` is
+    ``DeploymentConfig(llama={"urls": ["http://localhost:8080"]})``. It is not a setting
+    of its own: ``llama.urls`` holds the URL, and giving both with different URLs is an
+    error that says which to keep.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="BRIDGE_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -238,6 +263,42 @@ class DeploymentConfig(BaseSettings):
                                  "(requests name it in their 'profile' field)")
         return profiles
 
+    @model_validator(mode="before")
+    @classmethod
+    def _server_url(cls, data: Any) -> Any:
+        """Turn ``server_url`` into ``llama.urls = [server_url]`` (see the class doc)."""
+        if not isinstance(data, dict) or "server_url" not in data:
+            return data
+        data = dict(data)
+        given = data.pop("server_url")
+        if given is None:  # the default: the embedded llama.cpp, or llama.urls if given
+            return data
+        if not isinstance(given, str):
+            raise ValueError(f"server_url must be a URL such as http://127.0.0.1:8080, "
+                             f"not {type(given).__name__}")
+        url = llama_server_url(given, "server_url")
+        llama = data.get("llama")
+        if isinstance(llama, LlamaSettings):
+            urls: Any = llama.urls
+        elif isinstance(llama, dict):
+            urls = llama.get("urls")
+        else:
+            urls = None
+        if urls:
+            same = isinstance(urls, list) and len(urls) == 1 and isinstance(urls[0], str) \
+                and urls[0].rstrip("/") == url
+            if not same:
+                raise ValueError(
+                    f"server_url {given!r} and llama.urls {urls!r} disagree: give the "
+                    "llama-server URL once, as server_url (one server) or as llama.urls "
+                    "(several: [llama] urls, BRIDGE_LLAMA__URLS or --llama-url), not both")
+            return data
+        if isinstance(llama, LlamaSettings):
+            data["llama"] = llama.model_copy(update={"urls": [url]})
+        else:
+            data["llama"] = {**(llama if isinstance(llama, dict) else {}), "urls": [url]}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> DeploymentConfig:
         if self.chunk_bytes > self.max_chunk_bytes:
@@ -247,6 +308,12 @@ class DeploymentConfig(BaseSettings):
         if self.max_chunk_bytes > self.max_message_bytes:
             raise ValueError("max_chunk_bytes must not exceed max_message_bytes")
         return self
+
+    @property
+    def server_url(self) -> str | None:
+        """The first llama-server URL (``llama.urls[0]``); None: the bridge starts an
+        embedded llama.cpp instead."""
+        return self.llama.urls[0] if self.llama.urls else None
 
     @property
     def topics(self) -> Topics:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -29,6 +28,7 @@ from bridge.llama.body import Messages, message_dicts, request_body
 from bridge.llama.calls import MAX_SMALL_BYTES
 from bridge.llama.events import Kind
 from bridge.llama.http import CallInfo
+from bridge.llama.options import client_target
 from bridge.llama.probes import health_of, models_of, props_of, slots_of, tokens_of
 from bridge.llama.types import Generation, Health, Props, RetryPolicy, Timeouts
 from bridge.protocol import safe_json
@@ -48,9 +48,9 @@ class AsyncLlamaCppClient(AsyncServerCalls, AsyncTextCalls):
 
     Args:
         config_or_url: the server's base URL (``http://127.0.0.1:8080``; a trailing
-            ``/`` is ignored), or a :class:`~bridge.config.settings.DeploymentConfig`
-            whose ``[llama]`` settings give the URL (the first of ``urls``), the
-            timeouts, the retries and the API key.
+            ``/`` is ignored), or a :class:`~bridge.config.settings.DeploymentConfig`:
+            its first llama-server URL (``server_url``), with its ``[llama]`` timeouts,
+            retries and API key.
         timeouts: see :class:`~bridge.llama.types.Timeouts` (overrides the config's).
         retry: see :class:`~bridge.llama.types.RetryPolicy`; applies only before the
             first response byte (overrides the config's).
@@ -59,20 +59,19 @@ class AsyncLlamaCppClient(AsyncServerCalls, AsyncTextCalls):
             stream count).
 
     Raises:
-        ValueError: no http(s) URL.
+        ValueError: the URL is not an http(s) URL, or the config names no llama-server.
+        TypeError: ``config_or_url`` is neither a string nor a ``DeploymentConfig``.
     """
 
     def __init__(self, config_or_url: str | DeploymentConfig, *,
                  timeouts: Timeouts | None = None, retry: RetryPolicy | None = None,
                  api_key: str | None = None, pool_size: int = 16) -> None:
-        url, cfg_timeouts, cfg_retry, cfg_key = _settings(config_or_url)
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"llama-server URL must look like http://host:port, got {url!r}")
+        url, options = client_target(config_or_url, timeouts, retry, api_key,
+                                     "AsyncLlamaCppClient")
         if pool_size < 1:
             raise ValueError("pool_size must be >= 1")
-        super().__init__(url.rstrip("/"), timeouts or cfg_timeouts, retry or cfg_retry,
-                         make_async_client(pool_size, api_key or cfg_key))
+        super().__init__(url, options["timeouts"], options["retry"],
+                         make_async_client(pool_size, options["api_key"]))
 
     # ------------------------------------------------------------------ generation, typed
 
@@ -204,17 +203,3 @@ class AsyncLlamaCppClient(AsyncServerCalls, AsyncTextCalls):
 
         return AsyncStream(opener, CallInfo(self._url(path)), kind, self.timeouts.idle)
 
-
-def _settings(config_or_url: str | DeploymentConfig) -> tuple[str, Timeouts, RetryPolicy,
-                                                              str | None]:
-    """The URL, timeouts, retry policy and API key given by a URL or a configuration."""
-    if isinstance(config_or_url, str):
-        return config_or_url, Timeouts(), RetryPolicy(), None
-    llama = config_or_url.llama
-    if not llama.urls:
-        raise ValueError("the configuration names no llama-server: set [llama] urls")
-    key = llama.api_key.get_secret_value() if llama.api_key else None
-    return (llama.urls[0],
-            Timeouts(connect=llama.connect_timeout_s, first_byte=llama.first_byte_timeout_s,
-                     idle=llama.idle_timeout_s),
-            RetryPolicy(attempts=llama.retries), key)

@@ -1,39 +1,49 @@
 """Client for llama.cpp's ``llama-server`` over HTTP (OpenAI-compatible endpoints).
 
-The only way the bridge talks to llama.cpp. Streams answers as typed deltas with
-precise timeouts (connect / first byte / idle between data events), retries only
-what is safe to retry (failures before the first byte), maps every failure to
-:mod:`bridge.protocol.errors`, and can cancel any call from another thread by closing
-its connection, which makes llama-server free the slot. :class:`LlamaCppClient` is
-the typed API; the requests under it are :class:`~bridge.llama.calls.ServerCalls`, a
-streamed answer is a :class:`~bridge.llama.stream.Stream`, and the request body comes
-from :mod:`bridge.llama.body`.
+The only way the bridge talks to llama.cpp. Streams answers with precise timeouts
+(connect / first byte / idle between data events), retries only what is safe to retry
+(failures before the first byte), maps every failure to :mod:`bridge.protocol.errors`,
+and can cancel any call from another thread by closing its connection, which makes
+llama-server free the slot.
+
+:class:`LlamaCppClient` has two APIs over one implementation:
+
+- the typed API (:mod:`bridge.llama.typed_api`), which the bridge uses:
+  ``stream_chat`` / ``stream_completion`` return a :class:`~bridge.llama.stream.Stream`
+  of typed deltas ending in one :class:`StreamEnd`; ``chat`` / ``completion`` return a
+  :class:`Generation`;
+- the text API of the original deployment script (:mod:`bridge.llama.text_api`):
+  ``generate_stream`` / ``complete_stream`` yield ``str`` chunks, ``generate`` /
+  ``complete`` return the text (or the tool calls), and each fills an optional
+  ``debug_info`` dict.
+
+The requests under both are :class:`~bridge.llama.calls.ServerCalls`, and the request
+body comes from :mod:`bridge.llama.body`.
 
 Example::
 
-    client = LlamaCppClient("http://127.0.0.1:8080")
-    with client.generate_stream([{"role": "user", "content": "Hi"}], max_tokens=32) as s:
-        for delta in s:
-            if isinstance(delta, TextDelta):
-                print(delta.text, end="")
+    from llamacpp_mqtt_deploy import LlamaCppClient, DeploymentConfig
+
+    client = LlamaCppClient(DeploymentConfig(server_url="http://localhost:8080"))
+    for chunk in client.generate_stream([{"role": "user", "content": "Hi"}]):
+        print(chunk, end="", flush=True)
 """
 
 from __future__ import annotations
 
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
 
-import requests
 import urllib3.exceptions
 
-from bridge.llama.body import Messages, message_dicts, request_body
-from bridge.llama.calls import MAX_SMALL_BYTES, ServerCalls
-from bridge.llama.events import Kind
+from bridge.config.settings import DeploymentConfig
+from bridge.llama.calls import MAX_SMALL_BYTES
 from bridge.llama.failures import bad_answer_error
 from bridge.llama.http import CallInfo, CancelToken, make_session, read_bounded
+from bridge.llama.options import ClientOptions, client_options, client_target
 from bridge.llama.probes import health_of, models_of, props_of, slots_of, tokens_of
 from bridge.llama.stream import Stream
+from bridge.llama.text_api import TextAPI
 from bridge.llama.types import (
     Delta,
     Generation,
@@ -51,6 +61,7 @@ from bridge.protocol.messages import json_text
 
 __all__ = [
     "CancelToken",
+    "ClientOptions",
     "Delta",
     "Generation",
     "Health",
@@ -63,110 +74,39 @@ __all__ = [
     "TextDelta",
     "Timeouts",
     "ToolCallDelta",
+    "client_options",
 ]
 
 
-class LlamaCppClient(ServerCalls):
+class LlamaCppClient(TextAPI):
     """Talks to one llama-server.
 
     Args:
-        base_url: e.g. ``http://127.0.0.1:8080`` (a trailing ``/`` is ignored).
-        timeouts: see :class:`Timeouts`; defaults suit a busy single box.
+        base_url: the server's URL, e.g. ``http://127.0.0.1:8080`` (a trailing ``/`` is
+            ignored), or a :class:`~bridge.config.settings.DeploymentConfig`: its first
+            llama-server URL (``server_url``), with its ``[llama]`` timeouts, retries
+            and API key.
+        timeouts: see :class:`Timeouts`; defaults suit a busy single box. Given, it
+            replaces the config's.
         retry: see :class:`RetryPolicy`; applies only before the first response byte.
-        api_key: llama-server's ``--api-key``, sent as a bearer token.
+            Given, it replaces the config's.
+        api_key: llama-server's ``--api-key``, sent as a bearer token. Given, it
+            replaces the config's.
         pool_size: HTTP connections kept open (set it to the concurrent stream count).
 
     Raises:
-        ValueError: ``base_url`` is not an http(s) URL.
+        ValueError: the URL is not an http(s) URL, or the config names no llama-server.
+        TypeError: ``base_url`` is neither a string nor a ``DeploymentConfig``.
     """
 
-    def __init__(self, base_url: str, *, timeouts: Timeouts | None = None,
+    def __init__(self, base_url: str | DeploymentConfig, *, timeouts: Timeouts | None = None,
                  retry: RetryPolicy | None = None, api_key: str | None = None,
                  pool_size: int = 16) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"llama-server URL must look like http://host:port, got {base_url!r}")
+        url, options = client_target(base_url, timeouts, retry, api_key, "LlamaCppClient")
         if pool_size < 1:
             raise ValueError("pool_size must be >= 1")
-        super().__init__(base_url.rstrip("/"), timeouts or Timeouts(), retry or RetryPolicy(),
-                         make_session(pool_size, api_key))
-
-    # ------------------------------------------------------------------ generation
-
-    def generate_stream(self, messages: Messages, temperature: float | None = None,
-                        top_p: float | None = None, max_tokens: int | None = None,
-                        tools: list[dict[str, Any]] | None = None,
-                        tool_choice: str | dict[str, Any] | None = None, *,
-                        cancel_token: CancelToken | None = None, **sampling: Any) -> Stream:
-        """Stream a chat answer (``POST /v1/chat/completions``, ``"stream": true``).
-
-        The request is sent on the first ``next()`` (or :meth:`Stream.open`), so the
-        returned stream can be cancelled even while llama-server keeps it queued.
-
-        Args:
-            messages: OpenAI chat messages, as dicts or pydantic models.
-            temperature: sampling temperature.
-            top_p: nucleus sampling.
-            max_tokens: generation limit.
-            tools: OpenAI tool definitions.
-            tool_choice: ``"auto"``, ``"none"``, ``"required"`` or a function choice.
-            cancel_token: cancel through this token instead of :meth:`Stream.cancel`.
-            **sampling: further body fields, sent as is (``seed``, ``top_k``, ``min_p``,
-                ``stop``, ``repeat_penalty``, ``chat_template_kwargs``, ``model``...);
-                ``None`` values are left out.
-
-        Returns:
-            The stream of deltas, ending with one :class:`StreamEnd`.
-        """
-        body = request_body("messages", message_dicts(messages), True, temperature, top_p,
-                            max_tokens, tools, tool_choice, sampling)
-        return self._stream("/v1/chat/completions", body, "chat", cancel_token)
-
-    def complete_stream(self, prompt: str, temperature: float | None = None,
-                        top_p: float | None = None, max_tokens: int | None = None,
-                        tools: list[dict[str, Any]] | None = None,
-                        tool_choice: str | dict[str, Any] | None = None, *,
-                        cancel_token: CancelToken | None = None, **sampling: Any) -> Stream:
-        """Stream a plain completion (``POST /v1/completions``); arguments as
-        :meth:`generate_stream` with ``prompt`` instead of ``messages``.
-
-        Returns:
-            The stream of deltas, ending with one :class:`StreamEnd`.
-        """
-        body = request_body("prompt", prompt, True, temperature, top_p, max_tokens, tools,
-                            tool_choice, sampling)
-        return self._stream("/v1/completions", body, "completion", cancel_token)
-
-    def generate(self, messages: Messages, temperature: float | None = None,
-                 top_p: float | None = None, max_tokens: int | None = None,
-                 tools: list[dict[str, Any]] | None = None,
-                 tool_choice: str | dict[str, Any] | None = None, *,
-                 cancel_token: CancelToken | None = None, **sampling: Any) -> Generation:
-        """One non-streamed chat call; arguments as :meth:`generate_stream`.
-
-        The whole answer is the "first byte" here, so ``Timeouts.non_streamed``
-        bounds queueing + prompt + generation. Cancel it through ``cancel_token``.
-
-        Returns:
-            The answer (content and/or tool calls, finish reason, usage, timings).
-        """
-        body = request_body("messages", message_dicts(messages), False, temperature, top_p,
-                            max_tokens, tools, tool_choice, sampling)
-        return self._call("/v1/chat/completions", body, "chat", cancel_token)
-
-    def complete(self, prompt: str, temperature: float | None = None,
-                 top_p: float | None = None, max_tokens: int | None = None,
-                 tools: list[dict[str, Any]] | None = None,
-                 tool_choice: str | dict[str, Any] | None = None, *,
-                 cancel_token: CancelToken | None = None, **sampling: Any) -> Generation:
-        """One non-streamed completion (``POST /v1/completions``); see :meth:`generate`.
-
-        Returns:
-            The answer.
-        """
-        body = request_body("prompt", prompt, False, temperature, top_p, max_tokens, tools,
-                            tool_choice, sampling)
-        return self._call("/v1/completions", body, "completion", cancel_token)
+        super().__init__(url, options["timeouts"], options["retry"],
+                         make_session(pool_size, options["api_key"]))
 
     # ------------------------------------------------------------------ server state
 
@@ -254,15 +194,3 @@ class LlamaCppClient(ServerCalls):
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-
-    # ------------------------------------------------------------------ internals
-
-    def _stream(self, path: str, body: dict[str, Any], kind: Kind,
-                token: CancelToken | None) -> Stream:
-        info = CallInfo(self._url(path), token=token or CancelToken())
-        payload = json_text(body).encode()
-
-        def opener(call: CallInfo) -> requests.Response:
-            return self._post(call, payload, self.timeouts.first_byte, "first_byte")
-
-        return Stream(opener, info, kind, self.timeouts.idle)

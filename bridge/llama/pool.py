@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.config.settings import LlamaSettings
-from bridge.llama.client import LlamaCppClient, RetryPolicy, Timeouts
+from bridge.llama.client import LlamaCppClient, client_options
 from bridge.llama.types import PROPS_MODEL_KEYS
 from bridge.protocol.errors import (
     BackendError,
@@ -97,14 +97,9 @@ class BackendPool:
 
     def __init__(self, settings: LlamaSettings, urls: list[str],
                  on_change: Callable[[], None] | None = None, *, pool_size: int = 16) -> None:
-        timeouts = Timeouts(connect=settings.connect_timeout_s,
-                            first_byte=settings.first_byte_timeout_s,
-                            idle=settings.idle_timeout_s)
-        retry = RetryPolicy(attempts=settings.retries)
-        key = settings.api_key.get_secret_value() if settings.api_key else None
+        options = client_options(settings)
         self.backends = [
-            Backend(url, LlamaCppClient(url, timeouts=timeouts, retry=retry, api_key=key,
-                                        pool_size=pool_size), name=name)
+            Backend(url, LlamaCppClient(url, **options, pool_size=pool_size), name=name)
             for url, name in zip(urls, settings.backend_names(len(urls)), strict=True)
         ]
         self._interval = settings.health_interval_s

@@ -49,7 +49,7 @@ class Stream:
 
     Use as a context manager so the connection is always released::
 
-        with client.generate_stream(messages) as stream:
+        with client.stream_chat(messages) as stream:
             for delta in stream:
                 ...
 

@@ -27,9 +27,9 @@ class Timeouts:
             longer than this is considered stuck.
         request: the wait for each read of a small call (``/health``, ``/props``,
             ``/slots``, ``/v1/models``).
-        non_streamed: read timeout of a non-streamed call (:meth:`generate`,
-            :meth:`complete`), which receives no byte before the whole answer is
-            ready: queueing + prompt + the entire generation.
+        non_streamed: read timeout of a non-streamed call (``chat``, ``completion``,
+            and the text API's ``generate``, ``complete``), which receives no byte
+            before the whole answer is ready: queueing + prompt + the entire generation.
     """
 
     connect: float = 5.0

@@ -204,9 +204,9 @@ class Runner:
         req, channel = job.acc.request, job.channel
         inputs, params = self._prepare(job, backend)
         if isinstance(inputs, str):
-            stream = backend.client.complete_stream(inputs, cancel_token=job.token, **params)
+            stream = backend.client.stream_completion(inputs, cancel_token=job.token, **params)
         else:
-            stream = backend.client.generate_stream(inputs, cancel_token=job.token, **params)
+            stream = backend.client.stream_chat(inputs, cancel_token=job.token, **params)
         answer: list[str] | None = [] if req.session is not None else None
         ticker = self._ticker
 
@@ -239,10 +239,10 @@ class Runner:
         req, channel = job.acc.request, job.channel
         inputs, params = self._prepare(job, backend)
         if isinstance(inputs, str):
-            gen = backend.client.complete(inputs, cancel_token=job.token, **params)
+            gen = backend.client.completion(inputs, cancel_token=job.token, **params)
         else:
-            gen = backend.client.generate(inputs, tools=req.tools, tool_choice=req.tool_choice,
-                                          cancel_token=job.token, **params)
+            gen = backend.client.chat(inputs, tools=req.tools, tool_choice=req.tool_choice,
+                                      cancel_token=job.token, **params)
         job.usage = gen.usage or Usage()
         job.llama_prompt_ms = _prompt_ms(gen.timings)
         fields: dict[str, Any] = {"content": gen.content, "tool_calls": gen.tool_calls,

@@ -253,8 +253,8 @@ def test_real_llama_profile_answers_like_its_settings_sent_directly(
         without = ask(dev, {"messages": [user("Where is the ship?")], "temperature": 0,
                             "seed": SEED, "max_tokens": 24})
     with LlamaCppClient(llama_server) as client:
-        direct = client.generate([system(pirate["system"]), user("Where is the ship?")],
-                                 temperature=0, seed=SEED, max_tokens=24)
+        direct = client.chat([system(pirate["system"]), user("Where is the ship?")],
+                             temperature=0, seed=SEED, max_tokens=24)
     assert with_profile[-1].type == "done"
     assert text_of(with_profile) == (direct.content or "")
     assert direct.usage is not None

@@ -322,6 +322,59 @@ def test_llama_urls_lose_trailing_slash() -> None:
     assert cfg.llama.urls == ["http://a:8080", "https://b"]
 
 
+# ---------------------------------------------------------------------------- server_url
+
+
+def test_server_url_is_the_single_llama_url() -> None:
+    cfg = DeploymentConfig(server_url="http://localhost:8080/")
+    assert cfg.llama.urls == ["http://localhost:8080"]
+    assert cfg.server_url == "http://localhost:8080"
+    assert cfg == DeploymentConfig(llama={"urls": ["http://localhost:8080"]})  # type: ignore[arg-type]
+    assert "server_url" not in cfg.model_dump()  # one place holds the URL: llama.urls
+    assert DeploymentConfig().server_url is None  # the embedded llama.cpp
+    assert load_config(server_url=None).llama.urls == []
+
+
+def test_server_url_keeps_the_other_llama_settings() -> None:
+    cfg = DeploymentConfig(server_url="http://h:1", llama={"retries": 5, "names": ["gpu"]})  # type: ignore[arg-type]
+    assert (cfg.llama.urls, cfg.llama.retries, cfg.llama.names) == (["http://h:1"], 5, ["gpu"])
+    given = LlamaSettings(idle_timeout_s=9.0)
+    cfg = DeploymentConfig(server_url="http://h:1", llama=given)
+    assert (cfg.llama.urls, cfg.llama.idle_timeout_s) == (["http://h:1"], 9.0)
+    assert given.urls == []  # the caller's settings object is not changed
+
+
+def test_server_url_equal_to_llama_urls_is_fine() -> None:
+    cfg = DeploymentConfig(server_url="http://h:1/", llama={"urls": ["http://h:1"]})  # type: ignore[arg-type]
+    assert cfg.llama.urls == ["http://h:1"]
+
+
+@pytest.mark.parametrize("urls", [["http://other:1"], ["http://h:1", "http://other:1"]])
+def test_server_url_conflicting_with_llama_urls_says_what_to_change(urls: list[str]) -> None:
+    with pytest.raises(ValidationError) as info:
+        DeploymentConfig(server_url="http://h:1", llama={"urls": urls})  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "server_url 'http://h:1' and llama.urls" in message and "disagree" in message
+    assert "give the llama-server URL once" in message and "not both" in message
+
+
+@pytest.mark.parametrize("url", ["localhost:8080", "http://", 8080])
+def test_bad_server_url_is_named(url: Any) -> None:
+    with pytest.raises(ValidationError, match="server_url"):
+        DeploymentConfig(server_url=url)
+
+
+def test_server_url_in_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, 'server_url = "http://file:8080"\n[llama]\nretries = 2\n')
+    cfg = load_config(path)
+    assert (cfg.llama.urls, cfg.llama.retries) == (["http://file:8080"], 2)
+    # the same URL from another source agrees; a different one is the conflict above
+    assert load_config(path, llama={"urls": ["http://file:8080"]}).server_url == "http://file:8080"
+    monkeypatch.setenv("BRIDGE_LLAMA__URLS", '["http://env:8080"]')
+    with pytest.raises(ValidationError, match="disagree"):
+        load_config(path)
+
+
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [({"mqtt": {"port": 0}}, "port"), ({"mqtt": {"qos": 3}}, "qos"),

@@ -38,9 +38,9 @@ def run_sync(case: FaultCase, client: LlamaCppClient) -> Outcome:
     start = time.monotonic()
     try:
         if case.call == "chat":
-            text = client.generate(MESSAGES).content
+            text = client.chat(MESSAGES).content
         else:
-            text = collect(client.generate_stream(MESSAGES))[0]
+            text = collect(client.stream_chat(MESSAGES))[0]
     except BridgeError as exc:
         return Outcome(time.monotonic() - start, error=exc)
     return Outcome(time.monotonic() - start, text=text)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import pytest
 import pytest_asyncio
 
+from bridge.llama.answers import DEBUG_KEYS
 from bridge.llama.async_client import AsyncLlamaCppClient
 from bridge.llama.client import LlamaCppClient
 from bridge.llama.types import TextDelta, Timeouts
@@ -55,7 +56,7 @@ async def no_slot_busy(sync_client: LlamaCppClient, within: float) -> bool:
 async def test_streamed_chat_equals_llama_servers_own_answer(
         client: AsyncLlamaCppClient, sync_client: LlamaCppClient) -> None:
     text, end = await acollect(client.stream_chat(MESSAGES, **SAMPLING))
-    own = await asyncio.to_thread(sync_client.generate, MESSAGES, **SAMPLING)
+    own = await asyncio.to_thread(sync_client.chat, MESSAGES, **SAMPLING)
     gen = await client.chat(MESSAGES, **SAMPLING)
     assert text == own.content == gen.content
     assert end.finish_reason == own.finish_reason == gen.finish_reason
@@ -71,7 +72,7 @@ async def test_streamed_completion_equals_llama_servers_own_answer(
         client: AsyncLlamaCppClient, sync_client: LlamaCppClient) -> None:
     prompt = "The capital of France is"
     text, end = await acollect(client.stream_completion(prompt, **SAMPLING))
-    own = await asyncio.to_thread(sync_client.complete, prompt, **SAMPLING)
+    own = await asyncio.to_thread(sync_client.completion, prompt, **SAMPLING)
     gen = await client.completion(prompt, **SAMPLING)
     assert text == own.content == gen.content
     assert end.finish_reason == own.finish_reason
@@ -79,16 +80,22 @@ async def test_streamed_completion_equals_llama_servers_own_answer(
     assert end.usage.completion_tokens == own.usage.completion_tokens >= 1
 
 
-async def test_text_level_streams_the_same_text_as_it_returns(
-        client: AsyncLlamaCppClient) -> None:
+async def test_text_api_answers_as_the_blocking_clients(
+        client: AsyncLlamaCppClient, sync_client: LlamaCppClient) -> None:
     info: dict[str, Any] = {}
     async with client.generate_stream(MESSAGES, debug_info=info, **SAMPLING) as chunks:
         streamed = "".join([chunk async for chunk in chunks])
     whole = await client.generate(MESSAGES, **SAMPLING)
-    assert streamed == whole
-    assert info["finish_reason"] in ("stop", "length")
+    sync_info: dict[str, Any] = {}
+    sync_streamed = await asyncio.to_thread(
+        lambda: "".join(sync_client.generate_stream(MESSAGES, debug_info=sync_info, **SAMPLING)))
+    assert streamed == whole == sync_streamed
+    assert set(info) == set(sync_info) == set(DEBUG_KEYS)
+    assert info["finish_reason"] == sync_info["finish_reason"] in ("stop", "length")
+    assert info["usage"] == sync_info["usage"]
     assert info["usage"]["completion_tokens"] <= 16
-    assert info["backend"] == client.base_url
+    assert info["backend"] == client.base_url and info["error"] is None
+    assert info["ttft_s"] is not None and 0 < info["ttft_s"] <= info["elapsed_s"]
 
 
 @pytest.mark.parametrize("how", ["close", "cancel"])

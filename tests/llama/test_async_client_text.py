@@ -1,6 +1,6 @@
-"""AsyncLlamaCppClient's text level against a scripted SSE server: ``generate_stream``
+"""AsyncLlamaCppClient's text API against a scripted SSE server: ``generate_stream``
 yields ``str`` chunks, ``generate`` returns the text or the tool calls, ``debug_info`` is
-filled and never sent."""
+filled (the keys of :mod:`bridge.llama.answers`, as the blocking client's) and never sent."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from typing import Any
 
 import pytest
 
+from bridge.llama.answers import DEBUG_KEYS
+from bridge.protocol.errors import BackendHTTPError, BackendProtocolError
 from tests.support.fake_llama import (
     COMPLETION_PATH,
     DONE,
+    Reset,
     Respond,
     ScriptedSSEServer,
     Send,
@@ -19,6 +22,7 @@ from tests.support.fake_llama import (
     chat_chunk,
     chat_stream,
     event,
+    llama_error,
     stream_script,
 )
 from tests.support.llama_client import make_async_client
@@ -36,10 +40,13 @@ async def test_generate_stream_yields_text_and_fills_debug_info() -> None:
     assert chunks == ["Hel", "lo", " \u00e9"]
     assert body["temperature"] == 0.0 and body["top_p"] == 0.9 and body["max_tokens"] == 3
     assert "debug_info" not in body
+    assert set(info) == set(DEBUG_KEYS)
     assert info["finish_reason"] == "length"
-    assert info["usage"] == {"prompt_tokens": 3, "completion_tokens": 3}
+    assert info["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
     assert info["timings"] == {"predicted_n": 3}
     assert info["backend"] == server.url
+    assert info["error"] is None and info["tool_calls"] is None
+    assert info["ttft_s"] is not None and 0 <= info["ttft_s"] <= info["elapsed_s"]
 
 
 async def test_generate_stream_collects_streamed_tool_calls_in_debug_info() -> None:
@@ -73,7 +80,8 @@ async def test_generate_returns_text_or_tool_calls() -> None:
     with ScriptedSSEServer([[Respond(200, text)], [Respond(200, tools)]]) as server:
         async with make_async_client(server.url) as client:
             assert await client.generate(MESSAGES, max_tokens=8, debug_info=info) == "Hi there"
-            assert info["usage"] == {"prompt_tokens": 4, "completion_tokens": 2}
+            assert info["usage"] == {"prompt_tokens": 4, "completion_tokens": 2,
+                                     "total_tokens": 6}
             assert info["finish_reason"] == "stop" and info["backend"] == server.url
             assert await client.generate(MESSAGES, tools=[{"type": "function"}]) == tool_calls
         assert "debug_info" not in server.connection(0).json()
@@ -104,4 +112,32 @@ async def test_leaving_async_with_mid_answer_closes_the_connection() -> None:
                     assert chunk == "a"
                     break
             assert server.connection(0).client_closed.wait(5)
-    assert info == {}  # the answer never ended
+    # The answer never ended: no finish reason, what was generated until then.
+    assert info["finish_reason"] is None and info["error"] is None
+    assert info["usage"] == {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1}
+
+
+async def test_a_failed_stream_names_its_error_in_debug_info() -> None:
+    script = [SSEHeaders(), Send(event(chat_chunk("a"))), Reset()]
+    info: dict[str, Any] = {}
+    with ScriptedSSEServer(script) as server:
+        async with make_async_client(server.url) as client:
+            got: list[str] = []
+            with pytest.raises(BackendProtocolError):
+                async with client.generate_stream(MESSAGES, debug_info=info) as chunks:
+                    async for chunk in chunks:
+                        got.append(chunk)
+    assert got == ["a"]
+    assert info["error"].startswith("BackendProtocolError: ")
+    assert info["finish_reason"] is None
+    assert info["usage"]["completion_tokens"] == 1
+
+
+async def test_a_failed_call_names_its_error_in_debug_info() -> None:
+    info: dict[str, Any] = {}
+    with ScriptedSSEServer([llama_error(400, "bad", "invalid_request_error")]) as server:
+        async with make_async_client(server.url) as client:
+            with pytest.raises(BackendHTTPError):
+                await client.generate(MESSAGES, debug_info=info)
+    assert info["error"].startswith("BackendHTTPError: ")
+    assert info["backend"] == server.url and info["usage"] is None

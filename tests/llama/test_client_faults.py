@@ -74,7 +74,7 @@ def elapsed_since(start: float) -> float:
 def test_well_formed_stream_yields_text_usage_and_timings(clients: list[LlamaCppClient]) -> None:
     with ScriptedSSEServer(chat_stream(["Hel", "lo", " \u00e9"], finish="length")) as server:
         client = serve(clients, server)
-        stream = client.generate_stream(
+        stream = client.stream_chat(
             [ChatMessage(role="user", content="hi")], temperature=0.0, max_tokens=3,
             seed=42, top_k=None, chat_template_kwargs={"enable_thinking": False})
         text, end = collect(stream)
@@ -102,7 +102,7 @@ def test_reasoning_and_tool_call_fragments(clients: list[LlamaCppClient]) -> Non
               Send(event(chat_chunk(finish="tool_calls"))), Send(DONE)]
     with ScriptedSSEServer(script) as server:
         client = serve(clients, server)
-        with client.generate_stream(MESSAGES, tools=[{"type": "function"}]) as stream:
+        with client.stream_chat(MESSAGES, tools=[{"type": "function"}]) as stream:
             deltas = list(stream)
     assert deltas == [ReasoningDelta("thinking"),
                       ToolCallDelta(0, "call_1", "get_weather", '{"ci'),
@@ -121,7 +121,7 @@ def test_completion_stream_uses_v1_completions(clients: list[LlamaCppClient]) ->
               Send(DONE)]
     with ScriptedSSEServer(script) as server:
         client = serve(clients, server)
-        text, end = collect(client.complete_stream("Tell", max_tokens=2))
+        text, end = collect(client.stream_completion("Tell", max_tokens=2))
         conn = server.connection(0)
     assert text == "Once upon"
     assert end.finish_reason == "length"
@@ -134,7 +134,7 @@ def test_eof_after_finish_reason_without_done_completes(clients: list[LlamaCppCl
     script = [SSEHeaders(), Send(event(chat_chunk("a"))),
               Send(event(chat_chunk(finish="stop")))]  # then a proper end of body, no [DONE]
     with ScriptedSSEServer(script) as server:
-        text, end = collect(serve(clients, server).generate_stream(MESSAGES))
+        text, end = collect(serve(clients, server).stream_chat(MESSAGES))
     assert (text, end.finish_reason, end.usage) == ("a", "stop", None)
 
 
@@ -143,7 +143,7 @@ def test_close_delimited_body_after_finish_reason_completes(
     script = [SSEHeaders(chunked=False), Send(event(chat_chunk("a"))),
               Send(event(chat_chunk(finish="stop"))), Close()]
     with ScriptedSSEServer(script) as server:
-        text, end = collect(serve(clients, server).generate_stream(MESSAGES))
+        text, end = collect(serve(clients, server).stream_chat(MESSAGES))
     assert (text, end.finish_reason) == ("a", "stop")
 
 
@@ -154,7 +154,7 @@ def test_multibyte_utf8_split_across_network_writes(clients: list[LlamaCppClient
     script = [SSEHeaders(), *(Send(raw[i:i + 1]) for i in range(len(raw))),
               Send(event(chat_chunk(finish="stop"))), Send(DONE)]
     with ScriptedSSEServer(script) as server:
-        got, _ = collect(serve(clients, server).generate_stream(MESSAGES))
+        got, _ = collect(serve(clients, server).stream_chat(MESSAGES))
     assert got == text
 
 
@@ -163,7 +163,7 @@ def test_crlf_line_endings(clients: list[LlamaCppClient]) -> None:
               Send(b":\r\n\r\n"), Send(event(chat_chunk("y"), eol=b"\r\n")),
               Send(event(chat_chunk(finish="stop"), eol=b"\r\n")), Send(b"data: [DONE]\r\n\r\n")]
     with ScriptedSSEServer(script) as server:
-        got, end = collect(serve(clients, server).generate_stream(MESSAGES))
+        got, end = collect(serve(clients, server).stream_chat(MESSAGES))
     assert (got, end.finish_reason) == ("xy", "stop")
 
 
@@ -171,7 +171,7 @@ def test_a_running_stream_holds_no_8_kib_read_buffer(clients: list[LlamaCppClien
     """http.client's reader for the status line and headers lives as long as the
     response; at its default 8 KiB it was the largest allocation per running stream."""
     with ScriptedSSEServer(chat_stream(["a", "b"])) as server:
-        stream = serve(clients, server).generate_stream(MESSAGES)
+        stream = serve(clients, server).stream_chat(MESSAGES)
         with stream:
             stream.open()
             reader = stream._response.raw._fp.fp  # type: ignore[union-attr]
@@ -183,7 +183,7 @@ def test_a_running_stream_holds_no_8_kib_read_buffer(clients: list[LlamaCppClien
 
 def test_slow_first_byte_within_timeout_works(clients: list[LlamaCppClient]) -> None:
     with ScriptedSSEServer([Pause(0.4), *chat_stream(["ok"])]) as server:
-        stream = serve(clients, server, first_byte=3.0).generate_stream(MESSAGES)
+        stream = serve(clients, server, first_byte=3.0).stream_chat(MESSAGES)
         got, _ = collect(stream)
     assert got == "ok"
     assert stream.first_byte_at is not None
@@ -198,7 +198,7 @@ def test_pings_interleaved_with_data_succeed(clients: list[LlamaCppClient]) -> N
                    Send(event(chat_chunk(str(i))))]
     script += [Send(event(chat_chunk(finish="stop"))), Send(DONE)]
     with ScriptedSSEServer(script) as server:
-        stream = serve(clients, server, idle=0.5).generate_stream(MESSAGES)
+        stream = serve(clients, server, idle=0.5).stream_chat(MESSAGES)
         got, _ = collect(stream)
     assert got == "012345"
     assert stream.pings == 12
@@ -206,7 +206,7 @@ def test_pings_interleaved_with_data_succeed(clients: list[LlamaCppClient]) -> N
 
 def test_slow_consumer_does_not_use_up_the_idle_budget(clients: list[LlamaCppClient]) -> None:
     with ScriptedSSEServer(chat_stream(["a", "b", "c"])) as server:
-        stream = serve(clients, server, idle=0.3).generate_stream(MESSAGES)
+        stream = serve(clients, server, idle=0.3).stream_chat(MESSAGES)
         got: list[str] = []
         with stream:
             for delta in stream:
@@ -226,7 +226,7 @@ def test_stall_before_first_byte_is_first_byte_timeout(clients: list[LlamaCppCli
         client = serve(clients, server, first_byte=0.4, attempts=3)
         start = time.monotonic()
         with pytest.raises(FirstByteTimeout, match=r"first_byte=0\.4 s") as info:
-            collect(client.generate_stream(MESSAGES))
+            collect(client.stream_chat(MESSAGES))
         took = elapsed_since(start)
         assert server.connection(0).client_closed.wait(CLOSE_SEEN_S)
         assert len(server.connections) == 1  # the server may be working on it: never retried
@@ -237,7 +237,7 @@ def test_stall_before_first_byte_is_first_byte_timeout(clients: list[LlamaCppCli
 def test_stall_mid_stream_is_idle_timeout_and_closes(clients: list[LlamaCppClient]) -> None:
     script = [SSEHeaders(), Send(event(chat_chunk("partial"))), Stall(10)]
     with ScriptedSSEServer(script) as server:
-        stream = serve(clients, server, idle=0.4, attempts=3).generate_stream(MESSAGES)
+        stream = serve(clients, server, idle=0.4, attempts=3).stream_chat(MESSAGES)
         assert next(stream) == TextDelta("partial")
         start = time.monotonic()
         with pytest.raises(IdleTimeout, match=r"idle=0\.4 s"):
@@ -252,7 +252,7 @@ def test_only_pings_for_longer_than_idle_is_idle_timeout(clients: list[LlamaCppC
     script: list[Action] = [SSEHeaders(), Send(event(chat_chunk("a")))]
     script += [Send(PING), Pause(0.05)] * 100  # pings for ~5 s, never data
     with ScriptedSSEServer(script) as server:
-        stream = serve(clients, server, idle=0.4).generate_stream(MESSAGES)
+        stream = serve(clients, server, idle=0.4).stream_chat(MESSAGES)
         assert next(stream) == TextDelta("a")
         start = time.monotonic()
         with pytest.raises(IdleTimeout, match="keep-alive ping"):
@@ -269,7 +269,7 @@ def test_only_pings_for_longer_than_idle_is_idle_timeout(clients: list[LlamaCppC
 def test_reset_mid_stream_is_protocol_error_not_retried(clients: list[LlamaCppClient]) -> None:
     script = [SSEHeaders(), Send(event(chat_chunk("half"))), Reset()]
     with ScriptedSSEServer(script) as server:
-        stream = serve(clients, server, attempts=3).generate_stream(MESSAGES)
+        stream = serve(clients, server, attempts=3).stream_chat(MESSAGES)
         with pytest.raises(BackendProtocolError, match="broke mid-stream"):
             collect(stream)
         assert len(server.connections) == 1
@@ -281,7 +281,7 @@ def test_graceful_close_mid_chunked_body_is_protocol_error(
     script = [SSEHeaders(), Send(event(chat_chunk("half"))), Close()]
     with ScriptedSSEServer(script) as server:
         with pytest.raises(BackendProtocolError):
-            collect(serve(clients, server, attempts=3).generate_stream(MESSAGES))
+            collect(serve(clients, server, attempts=3).stream_chat(MESSAGES))
         assert len(server.connections) == 1
 
 
@@ -290,7 +290,7 @@ def test_eof_without_finish_reason_is_cut_off(clients: list[LlamaCppClient]) -> 
     script = [SSEHeaders(), Send(event(chat_chunk("half")))]
     with ScriptedSSEServer(script) as server:
         with pytest.raises(BackendProtocolError, match="cut off"):
-            collect(serve(clients, server, attempts=3).generate_stream(MESSAGES))
+            collect(serve(clients, server, attempts=3).stream_chat(MESSAGES))
         assert len(server.connections) == 1
 
 
@@ -299,7 +299,7 @@ def test_malformed_json_event_is_protocol_error(clients: list[LlamaCppClient]) -
               Stall(10)]
     with ScriptedSSEServer(script) as server:
         with pytest.raises(BackendProtocolError, match="malformed JSON"):
-            collect(serve(clients, server).generate_stream(MESSAGES))
+            collect(serve(clients, server).stream_chat(MESSAGES))
         # the server stalls after the bad event: only the client can end the connection
         assert server.connection(0).client_closed.wait(CLOSE_SEEN_S)
 
@@ -309,7 +309,7 @@ def test_in_band_error_event_is_stream_error(clients: list[LlamaCppClient]) -> N
     script = [SSEHeaders(), Send(event(chat_chunk("a"))), Send(event(error)), Stall(10)]
     with ScriptedSSEServer(script) as server:
         with pytest.raises(BackendStreamError, match="slot crashed") as info:
-            collect(serve(clients, server).generate_stream(MESSAGES))
+            collect(serve(clients, server).stream_chat(MESSAGES))
         assert server.connection(0).client_closed.wait(CLOSE_SEEN_S)
     assert info.value.error_type == "server_error"
     assert info.value.status == 0
@@ -320,14 +320,14 @@ def test_legacy_error_line_is_stream_error(clients: list[LlamaCppClient]) -> Non
     script = [SSEHeaders(), Send(legacy)]
     with (ScriptedSSEServer(script) as server,
           pytest.raises(BackendStreamError, match="bad grammar") as info):
-        collect(serve(clients, server).generate_stream(MESSAGES))
+        collect(serve(clients, server).stream_chat(MESSAGES))
     assert info.value.error_type == "invalid_request_error"
 
 
 def test_non_event_stream_answer_is_protocol_error(clients: list[LlamaCppClient]) -> None:
     with ScriptedSSEServer([Respond(200, {"choices": []})]) as server:
         with pytest.raises(BackendProtocolError, match="not an event stream"):
-            collect(serve(clients, server).generate_stream(MESSAGES))
+            collect(serve(clients, server).stream_chat(MESSAGES))
         assert server.connection(0).client_closed.wait(CLOSE_SEEN_S)
 
 
@@ -367,7 +367,7 @@ def test_deeply_nested_json_is_protocol_error(clients: list[LlamaCppClient],
     unraisable exceptions) fail with RecursionError itself."""
     script = [SSEHeaders(), Send(b"data: " + nested + b"\n\n")]
     with ScriptedSSEServer(script) as server:
-        stream = serve(clients, server).generate_stream(MESSAGES)
+        stream = serve(clients, server).stream_chat(MESSAGES)
         with (python_runs_during_every_allocation() as errors,
               pytest.raises(BackendProtocolError, match="malformed JSON")):
             collect(stream)
@@ -380,7 +380,7 @@ def test_deeply_nested_json_body_is_protocol_error(clients: list[LlamaCppClient]
         client = serve(clients, server)
         with (python_runs_during_every_allocation() as errors,
               pytest.raises(BackendProtocolError, match="malformed JSON")):
-            client.generate(MESSAGES)
+            client.chat(MESSAGES)
     assert errors == []
 
 
@@ -390,7 +390,7 @@ def test_deeply_nested_json_body_is_protocol_error(clients: list[LlamaCppClient]
 def test_4xx_llama_error_is_http_error_not_retried(clients: list[LlamaCppClient]) -> None:
     msg = "request (3024 tokens) exceeds the available context size (2048 tokens)"
     with ScriptedSSEServer([llama_error(400, msg, "exceed_context_size_error")]) as server:
-        stream = serve(clients, server, attempts=3).generate_stream(MESSAGES)
+        stream = serve(clients, server, attempts=3).stream_chat(MESSAGES)
         with pytest.raises(BackendHTTPError, match="exceeds the available context") as info:
             stream.open()
         assert len(server.connections) == 1
@@ -404,7 +404,7 @@ def test_non_json_5xx_body_is_tolerated(clients: list[LlamaCppClient]) -> None:
     page = Respond(502, "<html>Bad Gateway</html>", content_type="text/html")
     with ScriptedSSEServer([page]) as server:
         with pytest.raises(BackendHTTPError, match="Bad Gateway") as info:
-            collect(serve(clients, server, attempts=3).generate_stream(MESSAGES))
+            collect(serve(clients, server, attempts=3).stream_chat(MESSAGES))
         assert len(server.connections) == 1
     assert (info.value.status, info.value.error_type) == (502, None)
 
@@ -412,7 +412,7 @@ def test_non_json_5xx_body_is_tolerated(clients: list[LlamaCppClient]) -> None:
 def test_503_loading_then_success_is_retried(clients: list[LlamaCppClient]) -> None:
     loading = llama_error(503, "Loading model", "unavailable_error")
     with ScriptedSSEServer([[loading], [loading], chat_stream(["fine"])]) as server:
-        stream = serve(clients, server, attempts=3).generate_stream(MESSAGES)
+        stream = serve(clients, server, attempts=3).stream_chat(MESSAGES)
         got, _ = collect(stream)
         assert len(server.connections) == 3
     assert got == "fine"
@@ -423,7 +423,7 @@ def test_503_every_time_gives_up_after_the_attempts(clients: list[LlamaCppClient
     loading = llama_error(503, "Loading model", "unavailable_error")
     with ScriptedSSEServer([loading]) as server:
         with pytest.raises(BackendHTTPError, match="Loading model") as info:
-            collect(serve(clients, server, attempts=3).generate_stream(MESSAGES))
+            collect(serve(clients, server, attempts=3).stream_chat(MESSAGES))
         assert len(server.connections) == 3
     assert info.value.status == 503
 
@@ -436,7 +436,7 @@ def test_connection_refused_is_unavailable_after_n_attempts(
         url = f"http://127.0.0.1:{holder.getsockname()[1]}"
         client = make_client(url, attempts=3)
         clients.append(client)
-        stream = client.generate_stream(MESSAGES)
+        stream = client.stream_chat(MESSAGES)
         start = time.monotonic()
         with pytest.raises(BackendUnavailable, match="attempt 3/3") as info:
             collect(stream)
@@ -463,7 +463,7 @@ def test_connect_timeout_when_nobody_accepts(clients: list[LlamaCppClient]) -> N
             clients.append(client)
             start = time.monotonic()
             with pytest.raises(ConnectTimeout, match=r"connect=0\.3 s"):
-                collect(client.generate_stream(MESSAGES))
+                collect(client.stream_chat(MESSAGES))
             assert 0.5 <= elapsed_since(start) < 3.0  # two attempts of 0.3 s
         finally:
             for filler in fillers:
@@ -493,7 +493,7 @@ def cancel_when(server: ScriptedSSEServer, flag: str,
 def test_cancel_mid_stream_from_another_thread(clients: list[LlamaCppClient]) -> None:
     script = [SSEHeaders(), Send(event(chat_chunk("a"))), Stall(10)]
     with ScriptedSSEServer(script) as server:
-        stream = serve(clients, server, idle=10.0).generate_stream(MESSAGES)
+        stream = serve(clients, server, idle=10.0).stream_chat(MESSAGES)
         assert next(stream) == TextDelta("a")
         thread, when = cancel_when(server, "stall_started", stream)
         with pytest.raises(StreamCancelled):
@@ -509,7 +509,7 @@ def test_cancel_mid_stream_from_another_thread(clients: list[LlamaCppClient]) ->
 
 def test_cancel_while_queued_before_headers(clients: list[LlamaCppClient]) -> None:
     with ScriptedSSEServer([Stall(10)]) as server:
-        stream = serve(clients, server, first_byte=10.0).generate_stream(MESSAGES)
+        stream = serve(clients, server, first_byte=10.0).stream_chat(MESSAGES)
         thread, when = cancel_when(server, "request_read", stream)
         with pytest.raises(StreamCancelled):
             stream.open()
@@ -522,7 +522,7 @@ def test_cancel_while_queued_before_headers(clients: list[LlamaCppClient]) -> No
 
 def test_cancel_before_open_never_connects(clients: list[LlamaCppClient]) -> None:
     with ScriptedSSEServer(chat_stream(["x"])) as server:
-        stream = serve(clients, server).generate_stream(MESSAGES)
+        stream = serve(clients, server).stream_chat(MESSAGES)
         stream.cancel()
         with pytest.raises(StreamCancelled):
             next(stream)
@@ -532,7 +532,7 @@ def test_cancel_before_open_never_connects(clients: list[LlamaCppClient]) -> Non
 def test_cancel_interrupts_retry_backoff(clients: list[LlamaCppClient]) -> None:
     loading = llama_error(503, "Loading model", "unavailable_error")
     with ScriptedSSEServer([loading]) as server:
-        stream = serve(clients, server, attempts=3, backoff=10.0).generate_stream(MESSAGES)
+        stream = serve(clients, server, attempts=3, backoff=10.0).stream_chat(MESSAGES)
         # The first 503 was read and its connection closed: the client is now backing off.
         thread, when = cancel_when(server, "finished", stream)
         with pytest.raises(StreamCancelled, match="retry"):
@@ -555,10 +555,10 @@ CHAT_ANSWER = {
 }
 
 
-def test_generate_non_streamed(clients: list[LlamaCppClient]) -> None:
+def test_chat_non_streamed(clients: list[LlamaCppClient]) -> None:
     with ScriptedSSEServer([Respond(200, CHAT_ANSWER)]) as server:
-        gen = serve(clients, server).generate(MESSAGES, tools=[{"type": "function"}],
-                                              tool_choice="auto")
+        gen = serve(clients, server).chat(MESSAGES, tools=[{"type": "function"}],
+                                          tool_choice="auto")
         body = server.connection(0).json()
     assert gen.content is None
     assert gen.tool_calls == CHAT_ANSWER["choices"][0]["message"]["tool_calls"]  # type: ignore[index]
@@ -571,32 +571,32 @@ def test_generate_non_streamed(clients: list[LlamaCppClient]) -> None:
     assert body["tool_choice"] == "auto"
 
 
-def test_complete_non_streamed(clients: list[LlamaCppClient]) -> None:
+def test_completion_non_streamed(clients: list[LlamaCppClient]) -> None:
     answer = {"choices": [{"text": "there", "index": 0, "finish_reason": "stop"}]}
     with ScriptedSSEServer([Respond(200, answer)]) as server:
-        gen = serve(clients, server).complete("hi", max_tokens=4)
+        gen = serve(clients, server).completion("hi", max_tokens=4)
         assert server.connection(0).request_line.startswith("POST /v1/completions ")
     assert (gen.content, gen.finish_reason, gen.usage) == ("there", "stop", None)
 
 
-def test_generate_http_error(clients: list[LlamaCppClient]) -> None:
+def test_chat_http_error(clients: list[LlamaCppClient]) -> None:
     with ScriptedSSEServer([llama_error(400, "bad", "invalid_request_error")]) as server:
         with pytest.raises(BackendHTTPError) as info:
-            serve(clients, server, attempts=3).generate(MESSAGES)
+            serve(clients, server, attempts=3).chat(MESSAGES)
         assert len(server.connections) == 1
     assert info.value.error_type == "invalid_request_error"
 
 
-def test_generate_stall_is_first_byte_timeout_on_non_streamed_limit(
+def test_chat_stall_is_first_byte_timeout_on_non_streamed_limit(
         clients: list[LlamaCppClient]) -> None:
     with ScriptedSSEServer([Stall(10)]) as server:
         client = serve(clients, server, first_byte=5.0, non_streamed=0.4)
         with pytest.raises(FirstByteTimeout, match=r"non_streamed=0\.4 s"):
-            client.generate(MESSAGES)
+            client.chat(MESSAGES)
         assert server.connection(0).client_closed.wait(CLOSE_SEEN_S)
 
 
-def test_generate_cancelled_through_token(clients: list[LlamaCppClient]) -> None:
+def test_chat_cancelled_through_token(clients: list[LlamaCppClient]) -> None:
     token = CancelToken()
     with ScriptedSSEServer([Stall(10)]) as server:
         client = serve(clients, server, non_streamed=10.0)
@@ -608,7 +608,7 @@ def test_generate_cancelled_through_token(clients: list[LlamaCppClient]) -> None
         thread = threading.Thread(target=cancel_later)
         thread.start()
         with pytest.raises(StreamCancelled):
-            client.generate(MESSAGES, cancel_token=token)
+            client.chat(MESSAGES, cancel_token=token)
         thread.join(5)
         assert server.connection(0).client_closed.wait(CLOSE_SEEN_S)
 

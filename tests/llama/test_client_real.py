@@ -8,6 +8,7 @@ check structure and counts, never words.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -15,10 +16,12 @@ from typing import Any
 
 import pytest
 
+from bridge.config.settings import DeploymentConfig
 from bridge.llama.client import LlamaCppClient, TextDelta, Timeouts
 from bridge.protocol.errors import BackendHTTPError, StreamCancelled
 from bridge.protocol.messages import ChatMessage
 from tests.support.llama_client import collect
+from tests.support.tap import Exchange, HttpTap
 from tests.support.waiting import poll_until
 
 pytestmark = [pytest.mark.llama, pytest.mark.timeout(180)]
@@ -54,9 +57,9 @@ def no_slot_busy(client: LlamaCppClient, within: float) -> bool:
 
 
 def test_streamed_chat_equals_non_streamed(client: LlamaCppClient) -> None:
-    text, end = collect(client.generate_stream(MESSAGES, **SAMPLING))
-    gen = client.generate([ChatMessage(role=str(m["role"]), content=m["content"])  # type: ignore[arg-type]
-                           for m in MESSAGES], **SAMPLING)
+    text, end = collect(client.stream_chat(MESSAGES, **SAMPLING))
+    gen = client.chat([ChatMessage(role=str(m["role"]), content=m["content"])  # type: ignore[arg-type]
+                       for m in MESSAGES], **SAMPLING)
     assert text == gen.content
     assert end.finish_reason == gen.finish_reason
     assert end.finish_reason in ("stop", "length")
@@ -71,16 +74,16 @@ def test_streamed_chat_equals_non_streamed(client: LlamaCppClient) -> None:
 
 def test_streamed_completion_equals_non_streamed(client: LlamaCppClient) -> None:
     prompt = "The capital of France is"
-    text, end = collect(client.complete_stream(prompt, **SAMPLING))
-    gen = client.complete(prompt, **SAMPLING)
+    text, end = collect(client.stream_completion(prompt, **SAMPLING))
+    gen = client.completion(prompt, **SAMPLING)
     assert text == gen.content
     assert end.finish_reason == gen.finish_reason
     assert end.usage is not None and gen.usage is not None
     assert end.usage.completion_tokens == gen.usage.completion_tokens >= 1
 
 
-def test_non_streamed_generate(client: LlamaCppClient) -> None:
-    gen = client.generate(MESSAGES, **SAMPLING)
+def test_non_streamed_chat(client: LlamaCppClient) -> None:
+    gen = client.chat(MESSAGES, **SAMPLING)
     assert isinstance(gen.content, str)
     assert gen.tool_calls is None
     assert gen.finish_reason in ("stop", "length")
@@ -90,8 +93,8 @@ def test_non_streamed_generate(client: LlamaCppClient) -> None:
 
 
 def test_cancel_frees_the_slot(client: LlamaCppClient) -> None:
-    stream = client.generate_stream(MESSAGES, temperature=0.0, seed=42, max_tokens=2000,
-                                    ignore_eos=True)  # would run ~30 s if not cancelled
+    stream = client.stream_chat(MESSAGES, temperature=0.0, seed=42, max_tokens=2000,
+                                ignore_eos=True)  # would run ~30 s if not cancelled
     seen = 0
     busy_during_stream = False
     canceller: threading.Thread | None = None
@@ -113,14 +116,14 @@ def test_cancel_frees_the_slot(client: LlamaCppClient) -> None:
 
 def test_context_overflow_is_http_error(client: LlamaCppClient) -> None:
     words = " ".join(f"word{i}" for i in range(3000))
-    stream = client.generate_stream([{"role": "user", "content": words}], max_tokens=8)
+    stream = client.stream_chat([{"role": "user", "content": words}], max_tokens=8)
     with pytest.raises(BackendHTTPError) as info, stream:
         stream.open()
     assert info.value.status == 400
     assert info.value.error_type == "exceed_context_size_error"
     assert "context" in info.value.message
     with pytest.raises(BackendHTTPError) as again:
-        client.generate([{"role": "user", "content": words}], max_tokens=8)
+        client.chat([{"role": "user", "content": words}], max_tokens=8)
     assert again.value.error_type == "exceed_context_size_error"
 
 
@@ -135,3 +138,42 @@ def test_health_props_slots_models(client: LlamaCppClient) -> None:
     assert len(client.slots()) == 2
     models = client.models()
     assert len(models) == 1 and models[0].endswith(".gguf")
+
+
+COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def _counts(usage: dict[str, Any]) -> dict[str, Any]:
+    """The token counts of a ``usage`` object (llama-server adds ``prompt_tokens_details``)."""
+    return {key: usage[key] for key in COUNTS}
+
+
+def _last_usage(stream: Exchange) -> Any:
+    """The counts of the last event that carried ``usage``, in a recorded SSE response."""
+    usages = [json.loads(line[5:])["usage"] for line in stream.response.decode().splitlines()
+              if line.startswith("data: {") and '"usage"' in line]
+    return _counts(usages[-1])
+
+
+def test_text_api_gives_what_llama_server_sent(real_llama: str) -> None:
+    """The original script's API against llama-server: the text of each call is what the
+    server sent for that very request (recorded on the wire), debug_info its usage."""
+    streamed: dict[str, Any] = {}
+    once: dict[str, Any] = {}
+    with HttpTap(real_llama) as tap, \
+            LlamaCppClient(DeploymentConfig(server_url=tap.url)) as client:
+        chunks = list(client.generate_stream(MESSAGES, debug_info=streamed, **SAMPLING))
+        answer = client.generate(MESSAGES, debug_info=once, **SAMPLING)
+        stream_x, once_x = tap.generations()
+    assert chunks and all(isinstance(c, str) and c for c in chunks)
+    assert "".join(chunks) == stream_x.sse_text()
+    assert streamed["usage"] == _last_usage(stream_x)
+    assert streamed["timings"]["predicted_n"] == streamed["usage"]["completion_tokens"]
+    assert streamed["backend"] == tap.url and streamed["error"] is None
+    assert streamed["finish_reason"] in ("stop", "length")
+    assert 0 < streamed["ttft_s"] <= streamed["elapsed_s"]
+    reply = json.loads(once_x.response)
+    assert answer == reply["choices"][0]["message"]["content"]
+    assert once["usage"] == _counts(reply["usage"]) and once["finish_reason"] in ("stop", "length")
+    for x in (stream_x, once_x):
+        assert "debug_info" not in x.json()

@@ -66,7 +66,7 @@ def pump(stream: Stream, relay: Relay) -> tuple[str, StreamEnd, list[str]]:
 
 def test_stream_is_read_by_the_relay_thread(clients: list[LlamaCppClient], relay: Relay) -> None:
     with ScriptedSSEServer(chat_stream(["Hel", "lo", " wor", "ld"])) as server:
-        text, end, threads = pump(serve(clients, server).generate_stream(MESSAGES), relay)
+        text, end, threads = pump(serve(clients, server).stream_chat(MESSAGES), relay)
     assert text == "Hello world"
     assert end.finish_reason == "stop"
     assert end.usage is not None and end.usage.completion_tokens == 4
@@ -82,7 +82,7 @@ def test_body_read_together_with_the_headers_is_not_lost(clients: list[LlamaCppC
     body = (event(chat_chunk("all")), event(chat_chunk(" at once")),
             event(chat_chunk(finish="stop")), event(usage_chunk()), DONE)
     with ScriptedSSEServer([SSEHeaders(with_body=body), Stall(10)]) as server:
-        text, end, _ = pump(serve(clients, server, idle=5.0).generate_stream(MESSAGES), relay)
+        text, end, _ = pump(serve(clients, server, idle=5.0).stream_chat(MESSAGES), relay)
     assert text == "all at once"
     assert end.finish_reason == "stop"
 
@@ -105,7 +105,7 @@ def test_many_streams_at_once_each_get_their_own_text(clients: list[LlamaCppClie
         def one(i: int) -> None:
             # The i-th connection plays script i: connect in order, then read together.
             try:
-                text, end, _ = pump(client.generate_stream(MESSAGES), relay)
+                text, end, _ = pump(client.stream_chat(MESSAGES), relay)
                 results[i] = (text, end)
             except BaseException as exc:  # reported below
                 errors.append(exc)
@@ -141,7 +141,7 @@ def test_pings_do_not_count_as_data_and_slow_deltas_do_not_use_up_idle(
             time.sleep(0.4)
 
     with ScriptedSSEServer(script) as server:
-        stream = serve(clients, server, idle=0.35).generate_stream(MESSAGES)
+        stream = serve(clients, server, idle=0.35).stream_chat(MESSAGES)
         with stream:
             end = stream.pump(slow, relay)
     assert seen == ["0", "1", "2", "3"]
@@ -153,7 +153,7 @@ def test_stall_mid_stream_is_idle_timeout_and_closes(clients: list[LlamaCppClien
                                                      relay: Relay) -> None:
     script = [SSEHeaders(), Send(event(chat_chunk("partial"))), Stall(10)]
     with ScriptedSSEServer(script) as server:
-        stream = serve(clients, server, idle=0.4).generate_stream(MESSAGES)
+        stream = serve(clients, server, idle=0.4).stream_chat(MESSAGES)
         start = time.monotonic()
         with pytest.raises(IdleTimeout, match=r"idle=0\.4 s"):
             pump(stream, relay)
@@ -167,7 +167,7 @@ def test_only_pings_is_idle_timeout(clients: list[LlamaCppClient], relay: Relay)
     script: list[Action] = [SSEHeaders(), Send(event(chat_chunk("a")))]
     script += [Send(PING), Pause(0.05)] * 100
     with ScriptedSSEServer(script) as server:
-        stream = serve(clients, server, idle=0.4).generate_stream(MESSAGES)
+        stream = serve(clients, server, idle=0.4).stream_chat(MESSAGES)
         with pytest.raises(IdleTimeout, match="keep-alive ping"):
             pump(stream, relay)
         assert server.connection(0).client_closed.wait(CLOSE_SEEN_S)
@@ -183,7 +183,7 @@ def test_connection_lost_mid_stream_is_protocol_error(clients: list[LlamaCppClie
     script = [SSEHeaders(), Send(event(chat_chunk("half"))), ending]
     with ScriptedSSEServer(script) as server:
         with pytest.raises(BackendProtocolError, match=match):
-            pump(serve(clients, server, attempts=3).generate_stream(MESSAGES), relay)
+            pump(serve(clients, server, attempts=3).stream_chat(MESSAGES), relay)
         assert len(server.connections) == 1  # never retried once the answer started
 
 
@@ -191,7 +191,7 @@ def test_body_ending_without_finish_reason_is_cut_off(clients: list[LlamaCppClie
                                                       relay: Relay) -> None:
     script = [SSEHeaders(), Send(event(chat_chunk("half")))]
     with ScriptedSSEServer(script) as server, pytest.raises(BackendProtocolError, match="cut off"):
-        pump(serve(clients, server).generate_stream(MESSAGES), relay)
+        pump(serve(clients, server).stream_chat(MESSAGES), relay)
 
 
 def test_malformed_event_is_protocol_error_and_closes(clients: list[LlamaCppClient],
@@ -200,7 +200,7 @@ def test_malformed_event_is_protocol_error_and_closes(clients: list[LlamaCppClie
               Stall(10)]
     with ScriptedSSEServer(script) as server:
         with pytest.raises(BackendProtocolError, match="malformed JSON"):
-            pump(serve(clients, server).generate_stream(MESSAGES), relay)
+            pump(serve(clients, server).stream_chat(MESSAGES), relay)
         assert server.connection(0).client_closed.wait(CLOSE_SEEN_S)
 
 
@@ -209,7 +209,7 @@ def test_close_delimited_body_is_read_by_the_worker(clients: list[LlamaCppClient
     script = [SSEHeaders(chunked=False), Send(event(chat_chunk("plain"))),
               Send(event(chat_chunk(finish="stop")))]
     with ScriptedSSEServer(script) as server:
-        text, end, threads = pump(serve(clients, server).generate_stream(MESSAGES), relay)
+        text, end, threads = pump(serve(clients, server).stream_chat(MESSAGES), relay)
     assert (text, end.finish_reason) == ("plain", "stop")
     assert threads == [threading.current_thread().name]
     assert relay.relayed == 0
@@ -219,7 +219,7 @@ def test_cancel_mid_stream_ends_the_wait_and_closes(clients: list[LlamaCppClient
                                                     relay: Relay) -> None:
     script = [SSEHeaders(), Send(event(chat_chunk("a"))), Stall(10)]
     with ScriptedSSEServer(script) as server:
-        stream = serve(clients, server, idle=10.0).generate_stream(MESSAGES)
+        stream = serve(clients, server, idle=10.0).stream_chat(MESSAGES)
         got = threading.Event()
 
         def on_delta(delta: Delta) -> None:
@@ -244,7 +244,7 @@ def test_error_in_on_delta_reaches_the_worker_and_closes(clients: list[LlamaCppC
 
     script = [SSEHeaders(), Send(event(chat_chunk("a"))), Stall(10)]
     with ScriptedSSEServer(script) as server:
-        stream = serve(clients, server, idle=10.0).generate_stream(MESSAGES)
+        stream = serve(clients, server, idle=10.0).stream_chat(MESSAGES)
         with stream, pytest.raises(Boom):
             stream.pump(on_delta, relay)
         assert server.connection(0).client_closed.wait(CLOSE_SEEN_S)
@@ -257,7 +257,7 @@ def test_stopping_the_relay_cancels_the_streams_it_reads(clients: list[LlamaCppC
     script = [SSEHeaders(), Send(event(chat_chunk("a"))), Stall(10)]
     errors: list[BaseException] = []
     with ScriptedSSEServer(script) as server:
-        stream = serve(clients, server, idle=10.0).generate_stream(MESSAGES)
+        stream = serve(clients, server, idle=10.0).stream_chat(MESSAGES)
 
         def worker() -> None:
             try:
@@ -277,4 +277,4 @@ def test_stopping_the_relay_cancels_the_streams_it_reads(clients: list[LlamaCppC
     # A stopped relay takes nothing.
     with (ScriptedSSEServer(chat_stream(["x"])) as server,
           pytest.raises(StreamCancelled)):
-        pump(serve(clients, server).generate_stream(MESSAGES), relay)
+        pump(serve(clients, server).stream_chat(MESSAGES), relay)

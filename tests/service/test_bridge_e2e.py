@@ -45,7 +45,7 @@ from tests.support.waiting import poll_until
 
 def _direct(llama_url: str, messages: list[dict[str, str]], max_tokens: int) -> str:
     with LlamaCppClient(llama_url) as client:
-        gen = client.generate(messages, temperature=0, seed=SEED, max_tokens=max_tokens)
+        gen = client.chat(messages, temperature=0, seed=SEED, max_tokens=max_tokens)
     return gen.content or ""
 
 

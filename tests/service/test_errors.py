@@ -122,9 +122,9 @@ def test_http_error_is_retryable_only_where_a_retry_can_succeed(
         client = _client(clients, server.url)
         with pytest.raises(BackendHTTPError) as info:
             if streamed:
-                client.generate_stream(MESSAGES).open()
+                client.stream_chat(MESSAGES).open()
             else:
-                client.generate(MESSAGES)
+                client.chat(MESSAGES)
         assert len(server.connections) == connections
     exc = info.value
     assert (exc.status, exc.error_type, exc.retryable) == (status, error_type, retryable)
@@ -145,7 +145,7 @@ def test_error_mid_stream_is_classified_by_its_type(
     script = [SSEHeaders(), Send(event(chat_chunk("a"))), Send(event({"error": error})),
               Stall(5)]
     with ScriptedSSEServer(script) as server:
-        stream = _client(clients, server.url).generate_stream(MESSAGES)
+        stream = _client(clients, server.url).stream_chat(MESSAGES)
         with pytest.raises(BackendHTTPError) as info, stream:
             for _ in stream:
                 pass
@@ -311,7 +311,7 @@ def test_stream_without_usage_reports_its_token_count(clients: list[LlamaCppClie
     script = [*chat_stream(texts)[:-3], Send(event(chat_chunk(finish="stop"))),
               Send(b"data: [DONE]\n\n")]
     with ScriptedSSEServer(script) as server:
-        stream: Stream = _client(clients, server.url).generate_stream(MESSAGES)
+        stream: Stream = _client(clients, server.url).stream_chat(MESSAGES)
         got: list[str] = []
         with stream:
             for delta in stream:

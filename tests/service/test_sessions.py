@@ -461,7 +461,7 @@ def test_two_requests_on_one_session_are_answered_in_order(mosquitto: MosquittoP
 
 def _direct_usage(llama_url: str, messages: list[dict[str, Any]], max_tokens: int) -> Any:
     with LlamaCppClient(llama_url) as client:
-        return client.generate(messages, temperature=0, seed=SEED, max_tokens=max_tokens)
+        return client.chat(messages, temperature=0, seed=SEED, max_tokens=max_tokens)
 
 
 def test_real_llama_remembers_a_turn_across_a_bridge_restart(
