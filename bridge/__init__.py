@@ -4,6 +4,7 @@ The public API; everything else is private to the package.
 """
 
 from bridge.config.settings import DeploymentConfig, LlamaSettings, MqttSettings, load_config
+from bridge.llama.async_client import AsyncLlamaCppClient
 from bridge.llama.client import LlamaCppClient
 from bridge.mqtt.async_device import AsyncBridgeClient
 from bridge.mqtt.device import BridgeClient
@@ -29,6 +30,7 @@ from bridge.version import __version__
 
 __all__ = [
     "AsyncBridgeClient",
+    "AsyncLlamaCppClient",
     "BackendError",
     "BackendHTTPError",
     "BackendProtocolError",

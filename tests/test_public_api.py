@@ -14,6 +14,7 @@ import bridge
 
 PUBLIC = [
     "AsyncBridgeClient",
+    "AsyncLlamaCppClient",
     "BackendError",
     "BackendHTTPError",
     "BackendProtocolError",

@@ -240,6 +240,23 @@ def test_async_client_example_streams_asks_at_once_and_cancels(readme_bridge: in
     assert cancelled == "long: cancelled", done.stdout
 
 
+def test_async_llama_client_example_streams_an_answer(llama_server: str) -> None:
+    """The asyncio client's example against the real llama.cpp server; the only change is
+    the server's URL."""
+    code = code_block("python", "AsyncLlamaCppClient(")
+    assert code.count("http://localhost:8080") == 1
+    done = subprocess.run([sys.executable, "-c", code.replace("http://localhost:8080",
+                                                              llama_server)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=ANSWER_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "ok", done.stdout  # health()
+    assert "".join(lines[1:-1]).strip(), done.stdout  # the streamed answer
+    finish, usage = lines[-1].split(" ", 1)
+    assert finish in ("stop", "length"), done.stdout
+    assert "'completion_tokens': " in usage, done.stdout
+
+
 def test_by_hand_ask_and_status(readme_bridge: int) -> None:
     block = code_block("sh", "llamacpp-mqtt-bridge ask")
     for line in block.splitlines():

@@ -16,11 +16,18 @@ import requests
 import urllib3.exceptions
 
 from bridge.llama.events import Kind, parse_generation
-from bridge.llama.failures import cancelled_error, http_error, map_request_error
+from bridge.llama.failures import (
+    bad_answer_error,
+    body_broken_error,
+    body_stalled_error,
+    cancelled_error,
+    http_error,
+    map_request_error,
+)
 from bridge.llama.http import CallInfo, CancelToken, bound, read_bounded, with_retries
 from bridge.llama.types import Generation, RetryPolicy, Timeouts
 from bridge.protocol import safe_json
-from bridge.protocol.errors import BackendProtocolError, IdleTimeout
+from bridge.protocol.errors import BackendProtocolError
 from bridge.protocol.messages import json_text
 
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
@@ -68,10 +75,8 @@ class ServerCalls:
             if info.token.cancelled:
                 raise cancelled_error(info) from exc
             if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
-                raise IdleTimeout(f"answer from llama-server at {info.url} stalled for "
-                                  f"non_streamed={limit:g} s mid-body") from exc
-            raise BackendProtocolError(f"connection to llama-server at {info.url} broke "
-                                       f"while reading the answer: {exc}") from exc
+                raise body_stalled_error(info, limit) from exc
+            raise body_broken_error(info, exc) from exc
         finally:
             info.token.detach()  # before the connection can go back to the pool
             resp.close()
@@ -126,7 +131,7 @@ class ServerCalls:
         try:
             return safe_json.loads(read_bounded(resp, MAX_SMALL_BYTES))
         except (ValueError, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise BackendProtocolError(f"bad answer from {info.url}: {exc}") from exc
+            raise bad_answer_error(info, exc) from exc
         finally:
             resp.close()
 

@@ -32,17 +32,19 @@ Example::
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any, TypedDict
+from typing import Any
 
 import urllib3.exceptions
 
-from bridge.config.settings import DeploymentConfig, LlamaSettings, llama_server_url
+from bridge.config.settings import DeploymentConfig
 from bridge.llama.calls import MAX_SMALL_BYTES
+from bridge.llama.failures import bad_answer_error
 from bridge.llama.http import CallInfo, CancelToken, make_session, read_bounded
+from bridge.llama.options import ClientOptions, client_options, client_target
+from bridge.llama.probes import health_of, models_of, props_of, slots_of, tokens_of
 from bridge.llama.stream import Stream
 from bridge.llama.text_api import TextAPI
 from bridge.llama.types import (
-    PROPS_MODEL_KEYS,
     Delta,
     Generation,
     Health,
@@ -55,7 +57,6 @@ from bridge.llama.types import (
     ToolCallDelta,
 )
 from bridge.protocol import safe_json
-from bridge.protocol.errors import BackendProtocolError
 from bridge.protocol.messages import json_text
 
 __all__ = [
@@ -75,33 +76,6 @@ __all__ = [
     "ToolCallDelta",
     "client_options",
 ]
-
-
-class ClientOptions(TypedDict):
-    """The keyword arguments of :class:`LlamaCppClient` that ``[llama]`` settings give."""
-
-    timeouts: Timeouts
-    retry: RetryPolicy
-    api_key: str | None
-
-
-def client_options(settings: LlamaSettings) -> ClientOptions:
-    """How a client of these ``[llama]`` settings talks to its server.
-
-    Args:
-        settings: the ``[llama]`` configuration.
-
-    Returns:
-        Its timeouts (connect, first byte, idle; the others at their defaults), its
-        retries before the first byte, and its API key.
-    """
-    return ClientOptions(
-        timeouts=Timeouts(connect=settings.connect_timeout_s,
-                          first_byte=settings.first_byte_timeout_s,
-                          idle=settings.idle_timeout_s),
-        retry=RetryPolicy(attempts=settings.retries),
-        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
-    )
 
 
 class LlamaCppClient(TextAPI):
@@ -128,24 +102,11 @@ class LlamaCppClient(TextAPI):
     def __init__(self, base_url: str | DeploymentConfig, *, timeouts: Timeouts | None = None,
                  retry: RetryPolicy | None = None, api_key: str | None = None,
                  pool_size: int = 16) -> None:
-        if isinstance(base_url, DeploymentConfig):
-            if base_url.server_url is None:
-                raise ValueError("this DeploymentConfig names no llama-server: give it "
-                                 "server_url='http://host:port' (or llama.urls)")
-            options = client_options(base_url.llama)
-            url = base_url.server_url
-            timeouts = timeouts or options["timeouts"]
-            retry = retry or options["retry"]
-            api_key = options["api_key"] if api_key is None else api_key
-        elif isinstance(base_url, str):
-            url = llama_server_url(base_url, "llama-server URL")
-        else:
-            raise TypeError("LlamaCppClient takes a llama-server URL (str) or a "
-                            f"DeploymentConfig, not {type(base_url).__name__}")
+        url, options = client_target(base_url, timeouts, retry, api_key, "LlamaCppClient")
         if pool_size < 1:
             raise ValueError("pool_size must be >= 1")
-        super().__init__(url, timeouts or Timeouts(), retry or RetryPolicy(),
-                         make_session(pool_size, api_key))
+        super().__init__(url, options["timeouts"], options["retry"],
+                         make_session(pool_size, options["api_key"]))
 
     # ------------------------------------------------------------------ server state
 
@@ -171,14 +132,7 @@ class LlamaCppClient(TextAPI):
                 data = None
         finally:
             resp.close()
-        status = str(resp.status_code)
-        if isinstance(data, dict):
-            err = data.get("error")
-            if isinstance(data.get("status"), str):
-                status = data["status"]
-            elif isinstance(err, dict) and isinstance(err.get("message"), str):
-                status = err["message"]
-        return Health(ok=resp.status_code == 200, status=status, http_status=resp.status_code)
+        return health_of(resp.status_code, data)
 
     def props(self) -> Props:
         """``GET /props``: slot count, model, context size, template capabilities.
@@ -186,20 +140,7 @@ class LlamaCppClient(TextAPI):
         Returns:
             The parsed properties (``raw`` holds the whole object).
         """
-        raw = self._get_json("/props")
-        if not isinstance(raw, dict):
-            raise BackendProtocolError(f"{self._url('/props')} did not return a JSON object")
-        settings = raw.get("default_generation_settings")
-        n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
-        caps = raw.get("chat_template_caps")
-        return Props(
-            # Servers too old to report it run one slot unless --parallel was given.
-            total_slots=int(raw.get("total_slots") or 1),
-            model=next((raw[k] for k in PROPS_MODEL_KEYS if raw.get(k)), None),
-            n_ctx=n_ctx if isinstance(n_ctx, int) else None,
-            chat_template_caps=caps if isinstance(caps, dict) else {},
-            raw=raw,
-        )
+        return props_of(self._get_json("/props"), self._url("/props"))
 
     def slots(self) -> list[dict[str, Any]]:
         """``GET /slots`` (needs ``--slots`` on newer servers; 501 otherwise).
@@ -207,10 +148,7 @@ class LlamaCppClient(TextAPI):
         Returns:
             One dict per slot (``id``, ``is_processing``, ``n_ctx``...).
         """
-        data = self._get_json("/slots")
-        if not isinstance(data, list):
-            raise BackendProtocolError(f"{self._url('/slots')} did not return a JSON list")
-        return [s for s in data if isinstance(s, dict)]
+        return slots_of(self._get_json("/slots"), self._url("/slots"))
 
     def models(self) -> list[str]:
         """``GET /v1/models``.
@@ -218,9 +156,7 @@ class LlamaCppClient(TextAPI):
         Returns:
             The model ids the server offers.
         """
-        data = self._get_json("/v1/models")
-        entries = data.get("data") if isinstance(data, dict) else None
-        return [str(m["id"]) for m in entries or () if isinstance(m, dict) and "id" in m]
+        return models_of(self._get_json("/v1/models"))
 
     def tokenize(self, text: str) -> list[int]:
         """``POST /tokenize``: the token ids of ``text`` (no BOS or other special tokens added).
@@ -238,18 +174,11 @@ class LlamaCppClient(TextAPI):
         try:
             data = safe_json.loads(read_bounded(resp, MAX_SMALL_BYTES))
         except (ValueError, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise BackendProtocolError(f"bad answer from {info.url}: {exc}") from exc
+            raise bad_answer_error(info, exc) from exc
         finally:
             info.token.detach()
             resp.close()
-        tokens = data.get("tokens") if isinstance(data, dict) else None
-        if not isinstance(tokens, list):
-            raise BackendProtocolError(f"{info.url} did not return {{\"tokens\": [...]}}")
-        try:
-            # With "with_pieces" the server sends {"id", "piece"} objects; plain ids otherwise.
-            return [int(t["id"]) if isinstance(t, dict) else int(t) for t in tokens]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BackendProtocolError(f"{info.url} returned malformed tokens: {exc}") from exc
+        return tokens_of(data, info.url)
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` is for this server's model (see :meth:`tokenize`)."""

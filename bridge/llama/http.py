@@ -25,18 +25,14 @@ from typing import Any, TypeVar
 
 import requests
 from requests.adapters import HTTPAdapter
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.response import HTTPResponse
 
+from bridge.llama.retry import retrying_args
 from bridge.llama.types import RetryPolicy
-from bridge.protocol.errors import (
-    BackendHTTPError,
-    BackendStreamError,
-    BackendUnavailable,
-    StreamCancelled,
-)
+from bridge.protocol.errors import StreamCancelled
 
 T = TypeVar("T")
 
@@ -266,17 +262,6 @@ def read_bounded(resp: requests.Response, limit: int, *, truncate: bool = False)
     return b"".join(parts)[:limit]
 
 
-def _retryable(exc: BaseException) -> bool:
-    # Only failures where llama-server has certainly not started an answer we read, and
-    # of the HTTP errors only "still loading" (503, unavailable_error), which passes in
-    # seconds; what a device may retry later is BackendHTTPError.retryable.
-    if isinstance(exc, StreamCancelled | BackendStreamError):
-        return False
-    if isinstance(exc, BackendHTTPError):
-        return exc.status == 503
-    return isinstance(exc, BackendUnavailable)
-
-
 def with_retries(attempt: Callable[[], T], policy: RetryPolicy, token: CancelToken,
                  url: str) -> T:
     """Run ``attempt`` under the retry policy; backoff sleeps end early on cancel.
@@ -294,12 +279,4 @@ def with_retries(attempt: Callable[[], T], policy: RetryPolicy, token: CancelTok
         if token.wait(seconds):
             raise StreamCancelled(f"request to {url} was cancelled while waiting to retry")
 
-    retrying = Retrying(
-        stop=stop_after_attempt(policy.attempts),
-        wait=wait_exponential_jitter(multiplier=policy.initial_backoff,
-                                     max=policy.max_backoff, jitter=policy.jitter),
-        retry=retry_if_exception(_retryable),
-        sleep=sleep,
-        reraise=True,
-    )
-    return retrying(attempt)
+    return Retrying(sleep=sleep, **retrying_args(policy))(attempt)

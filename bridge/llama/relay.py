@@ -26,14 +26,13 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import suppress
 from typing import Protocol
 
 from bridge.llama.dechunk import Dechunker
-from bridge.llama.events import EventAccumulator
-from bridge.llama.sse import SSEItem, SSEParser
+from bridge.llama.decoding import StreamDecoder
 from bridge.llama.types import Delta, StreamEnd
 from bridge.protocol.errors import BridgeError
 
@@ -50,13 +49,10 @@ class RelayedStream(Protocol):
     """What :class:`Relay` needs of a stream whose body it reads.
 
     :class:`bridge.llama.stream.Stream` is one. The relay decodes the body with the
-    stream's own decoders and ends it with the stream's own errors, so that a worker
+    stream's own decoder and ends it with the stream's own errors, so that a worker
     cannot tell whether the relay or its own thread read the body. The ``relay_*``
     methods are this contract only, not a stream's API for its consumer.
     """
-
-    events: int
-    """Data events decoded so far: the idle timeout restarts when this grows."""
 
     @property
     def cancelled(self) -> bool:
@@ -66,15 +62,10 @@ class RelayedStream(Protocol):
     def idle(self) -> float:
         """The idle timeout in seconds: the longest wait for the next data event."""
 
-    def relay_decoders(self) -> tuple[SSEParser, EventAccumulator]:
-        """A parser for the stream's events and the accumulator of its deltas (called once)."""
-
-    def relay_deltas(self, items: list[SSEItem], acc: EventAccumulator) -> Iterator[Delta]:
-        """The deltas in parsed SSE ``items``, in order, up to the stream's end (``acc.done``).
-
-        Counts :attr:`events`, and raises the cancel error if the stream is cancelled
-        while the relay's ``on_delta`` holds a delta.
-        """
+    def relay_decoder(self) -> StreamDecoder:
+        """The stream's decoder: its ``events`` restart the idle timeout when they grow,
+        and its ``deltas`` raise the cancel error if the stream is cancelled while the
+        relay's ``on_delta`` holds a delta."""
 
     def relay_cancelled_error(self) -> BridgeError:
         """The error a cancelled stream ends with (also when the relay stops)."""
@@ -89,8 +80,7 @@ class RelayedStream(Protocol):
 class _Relayed:
     """One stream being read by the relay."""
 
-    __slots__ = ("acc", "dechunker", "fd", "future", "last", "on_delta", "parser", "sock",
-                 "stream")
+    __slots__ = ("dechunker", "decoder", "fd", "future", "last", "on_delta", "sock", "stream")
 
     def __init__(self, stream: RelayedStream, sock: socket.socket, dechunker: Dechunker,
                  on_delta: Callable[[Delta], None]) -> None:
@@ -98,7 +88,7 @@ class _Relayed:
         self.sock = sock
         self.fd = -1  # while registered with the selector
         self.dechunker = dechunker
-        self.parser, self.acc = stream.relay_decoders()
+        self.decoder = stream.relay_decoder()
         self.on_delta = on_delta
         self.future: Future[StreamEnd] = Future()
         self.last = time.monotonic()  # the last data event, for the idle timeout
@@ -240,27 +230,27 @@ class Relay:
 
     def _feed(self, item: _Relayed, data: bytes) -> None:
         """Bytes read from ``item``'s socket (b"" at EOF): decode them, pass the deltas on."""
-        stream, acc = item.stream, item.acc
+        stream, decoder = item.stream, item.decoder
         if stream.cancelled:
             self._end(item, exc=stream.relay_cancelled_error())
             return
         try:
             if data:
                 body = item.dechunker.decode(data)
-                items = item.parser.feed(body) if body else []
+                items = decoder.parser.feed(body) if body else []
                 if item.dechunker.done:
-                    items += item.parser.finish()
+                    items += decoder.parser.finish()
             elif not item.dechunker.done:  # EOF before the last chunk: cut off
                 raise stream.relay_read_error(http.client.IncompleteRead(b""))
             else:
-                items = item.parser.finish()
-            seen = stream.events
-            for delta in stream.relay_deltas(items, acc):
+                items = decoder.parser.finish()
+            seen = decoder.events
+            for delta in decoder.deltas(items):
                 item.on_delta(delta)
-            if acc.done or not data or item.dechunker.done:
+            if decoder.ended or not data or item.dechunker.done:
                 # A stream that reported its finish_reason is complete without [DONE].
-                self._end(item, result=acc.end())
-            elif stream.events != seen:
+                self._end(item, result=decoder.acc.end())
+            elif decoder.events != seen:
                 item.last = time.monotonic()  # after on_delta: publishing is not idling
         except Exception as exc:
             self._end(item, exc=exc)

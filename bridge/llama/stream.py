@@ -23,15 +23,16 @@ import requests
 import urllib3.exceptions
 
 from bridge.llama.dechunk import Dechunker
-from bridge.llama.events import EventAccumulator, Kind
+from bridge.llama.decoding import StreamDecoder, check_event_stream
+from bridge.llama.events import Kind
 from bridge.llama.failures import cancelled_error
 from bridge.llama.http import CallInfo
-from bridge.llama.sse import DEFAULT_MAX_EVENT_BYTES, SSEComment, SSEItem, SSEParser
+from bridge.llama.sse import DEFAULT_MAX_EVENT_BYTES
 from bridge.llama.types import (
     Delta,
     StreamEnd,
 )
-from bridge.protocol.errors import BackendProtocolError, BridgeError, IdleTimeout
+from bridge.protocol.errors import BackendProtocolError, BridgeError
 from bridge.protocol.messages import Usage
 
 if TYPE_CHECKING:
@@ -69,22 +70,14 @@ class Stream:
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self._opener = opener
         self._info = info
-        self._kind = kind
-        self._idle = idle
-        self._max_event_bytes = max_event_bytes
         self._response: requests.Response | None = None
         self._gen: Iterator[Delta] | None = None
         self._closed = False
-        self.pings = 0
-        """Keep-alive comment frames received (for diagnostics)."""
-        self.events = 0
-        """Data events received (the idle timeout restarts with each)."""
-        self.first_delta_at: float | None = None
-        """``time.monotonic()`` of the first text/reasoning/tool delta."""
-        self.token_events = 0
-        """Data events that carried generated text, reasoning or a tool call and were
-        handed on: one per token as llama-server streams (see :meth:`usage_so_far`)."""
-        self._acc: EventAccumulator | None = None
+        token = info.token
+        self._decoder = StreamDecoder(kind, info.url, idle,
+                                      cancelled=lambda: token.cancelled,
+                                      cancelled_error=self.relay_cancelled_error,
+                                      max_event_bytes=max_event_bytes)
 
     # ------------------------------------------------------------------ public API
 
@@ -197,88 +190,59 @@ class Stream:
     @property
     def idle(self) -> float:
         """The idle timeout in seconds."""
-        return self._idle
+        return self._decoder.idle
+
+    @property
+    def pings(self) -> int:
+        """Keep-alive comment frames received (for diagnostics)."""
+        return self._decoder.pings
+
+    @property
+    def events(self) -> int:
+        """Data events received (the idle timeout restarts with each)."""
+        return self._decoder.events
+
+    @property
+    def first_delta_at(self) -> float | None:
+        """``time.monotonic()`` of the first text/reasoning/tool delta."""
+        return self._decoder.first_delta_at
+
+    @property
+    def token_events(self) -> int:
+        """Data events that carried generated text, reasoning or a tool call and were
+        handed on: one per token as llama-server streams (see :meth:`usage_so_far`)."""
+        return self._decoder.token_events
 
     def usage_so_far(self) -> Usage:
-        """The usage of what was generated until now, also for a stream that never ended.
+        """The usage of what was generated until now, also for a stream that never ended
+        (see :meth:`bridge.llama.decoding.StreamDecoder.usage_so_far`)."""
+        return self._decoder.usage_so_far()
 
-        llama-server reports usage only in the stream's last event, which a cancelled (or
-        broken) stream never gets. Then ``completion_tokens`` is :attr:`token_events` --
-        llama-server streams one event per generated token -- and ``prompt_tokens`` what
-        its timings said (``prompt_n``), else 0.
-        """
-        acc = self._acc
-        if acc is not None and acc.usage is not None:
-            return acc.usage
-        prompt = (acc.timings or {}).get("prompt_n") if acc is not None else None
-        return Usage(prompt_tokens=prompt if type(prompt) is int and prompt >= 0 else 0,
-                     completion_tokens=self.token_events)
+    # ------------------------------------------------------------------ RelayedStream
+    # The relay's view of this stream (bridge.llama.relay.RelayedStream): the same
+    # decoder and errors as below, so a relayed body ends exactly as one iterated here.
 
-    # ------------------------------------------------------------------ decoding
+    def relay_decoder(self) -> StreamDecoder:
+        """This stream's decoder (the relay feeds it the body)."""
+        return self._decoder
 
-    def _decoders(self) -> tuple[SSEParser, EventAccumulator]:
-        """A parser for this stream's events and the accumulator of its deltas."""
-        self._acc = EventAccumulator(self._kind, self.url)
-        return SSEParser(self._max_event_bytes), self._acc
+    def relay_cancelled_error(self) -> BridgeError:
+        """The error a cancelled stream ends with."""
+        return cancelled_error(self._info)
 
-    def _deltas(self, items: list[SSEItem], acc: EventAccumulator) -> Iterator[Delta]:
-        """The deltas in parsed SSE ``items``, in order, up to the stream's end (``acc.done``).
+    def relay_idle_error(self) -> BridgeError:
+        """The error a stream ends with after :attr:`idle` seconds without a data event."""
+        return self._decoder.idle_error()
 
-        Counts keep-alive pings and data events, notes the first delta, and raises
-        ``StreamCancelled`` if the stream is cancelled while the consumer holds a delta.
-        """
-        for item in items:
-            if isinstance(item, SSEComment):
-                self.pings += 1
-                continue
-            self.events += 1
-            counted = False
-            for delta in acc.event(item.data, item.event):
-                if self.cancelled:
-                    raise cancelled_error(self._info)
-                if self.first_delta_at is None:
-                    self.first_delta_at = time.monotonic()
-                if not counted:  # before the consumer sees it: a cancel may follow at once
-                    counted = True
-                    self.token_events += 1
-                yield delta
-            if acc.done:
-                return
-
-    def _idle_error(self) -> IdleTimeout:
-        what = (f"only {self.pings} keep-alive ping(s)" if self.pings else "nothing")
-        return IdleTimeout(
-            f"llama-server at {self.url} sent no data for idle={self._idle:g} s mid-stream "
-            f"({what} since the last event); the server may be stuck or overloaded: check "
-            "its log and /slots, or raise the idle timeout"
-        )
-
-    def _read_error(self, exc: Exception) -> BridgeError:
+    def relay_read_error(self, exc: Exception) -> BridgeError:
+        """The error a stream ends with when reading its connection raised ``exc``."""
         if self.cancelled:
             return cancelled_error(self._info)
         if isinstance(exc, BridgeError):  # bad chunked framing, from Dechunker
             return exc
         if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):
-            return self._idle_error()
-        return BackendProtocolError(
-            f"connection to llama-server at {self.url} broke mid-stream ({exc}); not retried "
-            "because part of the answer was already received: check the server's log "
-            "(crash, restart, out of memory?)"
-        )
-
-    # ------------------------------------------------------------------ RelayedStream
-    # The relay's view of this stream (bridge.llama.relay.RelayedStream): the same
-    # decoding and errors as above, so a relayed body ends exactly as one iterated here.
-    # Aliases, not wrappers: relay_deltas runs once per socket read.
-
-    relay_decoders = _decoders
-    relay_deltas = _deltas
-    relay_idle_error = _idle_error
-    relay_read_error = _read_error
-
-    def relay_cancelled_error(self) -> BridgeError:
-        """The error a cancelled stream ends with."""
-        return cancelled_error(self._info)
+            return self._decoder.idle_error()
+        return self._decoder.broken_error(exc)
 
     # ------------------------------------------------------------------ internals
 
@@ -303,13 +267,7 @@ class Stream:
 
     def _check_content_type(self) -> None:
         assert self._response is not None
-        content_type = self._response.headers.get("Content-Type", "")
-        if "text/event-stream" not in content_type:
-            raise BackendProtocolError(
-                f"llama-server at {self.url} answered a streamed request with "
-                f"Content-Type {content_type!r}, not an event stream: is this URL a "
-                "llama-server (or a proxy that buffers/rewrites responses)?"
-            )
+        check_event_stream(self._response.headers.get("Content-Type", ""), self.url)
 
     def _run(self) -> Iterator[Delta]:
         self.open()
@@ -318,14 +276,11 @@ class Stream:
         raw = self._response.raw
         # One read returns everything the socket holds, not one HTTP chunk (= one event).
         read: Callable[[int], bytes] = Dechunker.attach(raw) or raw.read1
-        parser, acc = self._decoders()
+        decoder = self._decoder
         token = self._info.token
-        waited = 0.0  # seconds blocked on the socket since the last data event
         timeout_set = None  # (socket, timeout) last set: settimeout costs two syscalls
         while True:
-            remaining = self._idle - waited
-            if remaining <= 0:
-                raise self._idle_error()
+            remaining = decoder.budget()
             sock = token.sock
             if sock is not None and timeout_set != (sock, remaining):
                 # Each read may wait only for what is left of the idle budget. (A socket
@@ -337,19 +292,10 @@ class Stream:
             try:
                 chunk = read(READ_SIZE)
             except Exception as exc:
-                raise self._read_error(exc) from exc
-            waited += time.monotonic() - before
+                raise self.relay_read_error(exc) from exc
+            decoder.blocked(time.monotonic() - before)
             if token.cancelled:
                 raise cancelled_error(self._info)
-            seen = self.events
-            yield from self._deltas(parser.feed(chunk) if chunk else parser.finish(), acc)
-            if acc.done:
-                yield acc.end()
-                return
-            if self.events != seen:
-                waited = 0.0
-            if not chunk:
-                # EOF: a stream that reported its finish_reason is complete even
-                # without [DONE] (the native /completion endpoint never sends one).
-                yield acc.end()
+            yield from decoder.feed(chunk)
+            if decoder.ended or not chunk:
                 return
