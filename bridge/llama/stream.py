@@ -74,9 +74,11 @@ class Stream:
         self._gen: Iterator[Delta] | None = None
         self._closed = False
         token = info.token
+        # Closures over the call, not the stream: no reference cycle keeps a finished
+        # stream (and its response) alive until the garbage collector runs.
         self._decoder = StreamDecoder(kind, info.url, idle,
                                       cancelled=lambda: token.cancelled,
-                                      cancelled_error=self.relay_cancelled_error,
+                                      cancelled_error=lambda: cancelled_error(info),
                                       max_event_bytes=max_event_bytes)
 
     # ------------------------------------------------------------------ public API
