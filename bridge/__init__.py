@@ -8,7 +8,6 @@ from bridge.llama.async_client import AsyncLlamaCppClient
 from bridge.llama.client import LlamaCppClient
 from bridge.mqtt.async_device import AsyncBridgeClient
 from bridge.mqtt.device import BridgeClient
-from bridge.mqtt.exchange import ReplyTimeout, SequenceError
 from bridge.protocol.errors import (
     BackendError,
     BackendHTTPError,
@@ -20,7 +19,9 @@ from bridge.protocol.errors import (
     ConnectTimeout,
     FirstByteTimeout,
     IdleTimeout,
+    ReplyTimeout,
     RequestRejected,
+    SequenceError,
     StreamCancelled,
 )
 from bridge.protocol.messages import BridgeRequest, ErrorCode, decode_reply, encode

@@ -293,7 +293,8 @@ def reload_profiles(bridge: Bridge, running: DeploymentConfig,
 
 def ask(cfg: DeploymentConfig, args: argparse.Namespace) -> int:
     """Publish one prompt, print the answer as it streams, then a summary line."""
-    from bridge.mqtt.device import BridgeClient, ReplyTimeout, SequenceError
+    from bridge.mqtt.device import BridgeClient
+    from bridge.protocol.errors import ReplyTimeout, SequenceError
 
     request: dict[str, Any] = {"messages": [{"role": "user", "content": args.prompt}]}
     for key in ("max_tokens", "temperature", "seed", "chunk_bytes", "session", "profile"):

@@ -3,8 +3,9 @@ streams; no I/O)."""
 
 from __future__ import annotations
 
-from bridge.mqtt.exchange import AnswerChanged, Delivery
+from bridge.mqtt.exchange import Delivery
 from bridge.protocol.errors import (
+    AnswerChanged,
     BackendHTTPError,
     BackendTimeout,
     BackendUnavailable,

@@ -26,8 +26,6 @@ from bridge.mqtt.exchange import (
     RESEND_AFTER_S,
     Exchange,
     Publish,
-    ReplyTimeout,
-    SequenceError,
     cancel_message,
     new_client_name,
     request_message,
@@ -40,6 +38,7 @@ from bridge.mqtt.paho_client import (
     refused,
     unreachable,
 )
+from bridge.protocol.errors import ReplyTimeout, SequenceError
 from bridge.protocol.messages import ReplyMessage
 from bridge.protocol.topics import Topics
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.config.settings import DeploymentConfig
+from bridge.protocol.errors import ReplyTimeout, SequenceError
 from bridge.protocol.messages import TERMINAL_TYPES, ReplyMessage, decode_reply
 from bridge.protocol.topics import Topics
 
@@ -40,19 +41,6 @@ MAX_RESENDS = 3
 """Resends in a row without an answer in between, at most."""
 IDLE_TIMEOUT_S = 60.0
 """Silence after which a device gives up (:class:`ReplyTimeout`), resends included."""
-
-
-class ReplyTimeout(TimeoutError):
-    """No reply message arrived within the idle timeout."""
-
-
-class SequenceError(Exception):
-    """A reply message arrived out of order (a gap in ``seq``)."""
-
-
-class AnswerChanged(SequenceError):
-    """The bridge answered a resend anew, and the new text differs from the text already
-    given out (the request did not fix ``temperature: 0`` and a ``seed``)."""
 
 
 def new_request_id() -> str:

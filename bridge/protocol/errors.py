@@ -17,6 +17,13 @@ typed ``error`` reply without a lookup table scattered across modules::
         │   └── BackendStreamError   ``data: {"error": ...}`` arrived mid-stream
         ├── BackendProtocolError malformed events, stream cut without a finish
         └── StreamCancelled      the stream was cancelled by its owner
+    └── SessionStoreError        the session database could not be used (internal)
+
+A device client's own failures, seen on the device side of the protocol::
+
+    ReplyTimeout (TimeoutError)  no reply message within the idle timeout
+    SequenceError                a gap in ``seq``: reply messages were lost
+    └── AnswerChanged            a resend was answered anew with a different text
 
 Whether a device may retry (``retryable``) is decided per class; for llama-server's own
 errors (:class:`BackendHTTPError`) by :func:`backend_retryable` from one table,
@@ -165,6 +172,26 @@ class StreamCancelled(BackendError):
     """The stream was cancelled (by :meth:`Stream.cancel`); the connection is closed."""
 
     retryable = False
+
+
+class SessionStoreError(BridgeError):
+    """The session database could not be used (the request gets an ``internal`` error)."""
+
+    code = ErrorCode.internal
+    retryable = True
+
+
+class ReplyTimeout(TimeoutError):
+    """No reply message arrived within the idle timeout (device side)."""
+
+
+class SequenceError(Exception):
+    """A reply message arrived out of order: a gap in ``seq`` (device side)."""
+
+
+class AnswerChanged(SequenceError):
+    """The bridge answered a resend anew, and the new text differs from the text already
+    given out (the request did not fix ``temperature: 0`` and a ``seed``)."""
 
 
 # --------------------------------------------------------------------------- llama-server's errors

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bridge.protocol.errors import BridgeError
-from bridge.protocol.messages import ErrorCode, json_text
+from bridge.protocol.errors import SessionStoreError
+from bridge.protocol.messages import json_text
 
 if TYPE_CHECKING:
     from bridge.config.settings import DeploymentConfig
@@ -43,13 +43,6 @@ Turn = list[Message]
 
 BUSY_TIMEOUT_MS = 5000
 SCHEMA_VERSION = 1
-
-
-class SessionStoreError(BridgeError):
-    """The session database could not be used (the request gets an ``internal`` error)."""
-
-    code = ErrorCode.internal
-    retryable = True
 
 
 @dataclass(frozen=True, slots=True)

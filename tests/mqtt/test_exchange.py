@@ -11,21 +11,21 @@ from pydantic import BaseModel
 
 from bridge.mqtt.answer import AnswerText, error_of
 from bridge.mqtt.exchange import (
-    AnswerChanged,
     Exchange,
     Publish,
-    ReplyTimeout,
-    SequenceError,
     cancel_message,
     request_message,
     text_request,
 )
 from bridge.protocol.errors import (
+    AnswerChanged,
     BackendHTTPError,
     BackendTimeout,
     BackendUnavailable,
     BridgeError,
+    ReplyTimeout,
     RequestRejected,
+    SequenceError,
 )
 from bridge.protocol.messages import (
     ChunkMsg,

@@ -21,10 +21,10 @@ import pytest
 
 from bridge.config.settings import load_config
 from bridge.llama.client import LlamaCppClient
-from bridge.protocol.errors import BackendHTTPError
+from bridge.protocol.errors import BackendHTTPError, SessionStoreError
 from bridge.protocol.messages import TERMINAL_TYPES
 from bridge.service.scheduler import FairQueue, WorkerPool
-from bridge.service.session_store import SessionLimits, SessionStore, SessionStoreError
+from bridge.service.session_store import SessionLimits, SessionStore
 from bridge.service.sessions import PER_MESSAGE_TOKENS, PROMPT_TOKENS, fit_history
 from tests.support.bridge_proc import running_bridge
 from tests.support.clock import FakeClock
