@@ -132,6 +132,7 @@ class AsyncBridgeClient:
         self._reader: asyncio.Task[None] | None = None
         self._inboxes: dict[str, _Inbox] = {}
         self._lost: ConnectionError | None = None
+        self._lost_event = asyncio.Event()  # set with _lost: ends waits on a PUBACK
         self.dropped = 0  # messages dropped because their request's reader fell behind
         self.undecodable = 0  # payloads on a reply topic that were not reply messages
         self.unrouted = 0  # messages of no request being read (finished or abandoned)
@@ -179,6 +180,7 @@ class AsyncBridgeClient:
                 raise refused(self.settings, exc) from exc
             raise
         self._mqtt, self._stack, self._lost = client, stack, None
+        self._lost_event = asyncio.Event()
         self._reader = asyncio.create_task(self._dispatch(client),
                                            name=f"bridge-replies-{self.client_name}")
         return self
@@ -217,6 +219,7 @@ class AsyncBridgeClient:
 
     def _fail(self, error: ConnectionError) -> None:
         self._lost = error
+        self._lost_event.set()
         for inbox in self._inboxes.values():
             inbox.fail(error)
 
@@ -228,11 +231,28 @@ class AsyncBridgeClient:
         return self._mqtt
 
     async def _publish(self, message: Publish) -> None:
+        # aiomqtt waits for the PUBACK until its timeout even when the connection is gone,
+        # so the wait also ends when the reader task sees the connection lost.
+        publish = asyncio.ensure_future(self._connected().publish(
+            message.topic, message.payload, qos=1, timeout=self.timeout))
+        publish.add_done_callback(_retrieve)
+        lost = asyncio.ensure_future(self._lost_event.wait())
         try:
-            await self._connected().publish(message.topic, message.payload, qos=1,
-                                             timeout=self.timeout)
-        except aiomqtt.MqttError as exc:
-            raise ConnectionError(f"publishing on {message.topic} failed: {exc}") from exc
+            await asyncio.wait({publish, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not publish.done():
+                publish.cancel()
+        error: BaseException | None = None
+        if publish.done() and not publish.cancelled():  # else abandoned: the connection is lost
+            error = publish.exception()
+            if error is None:
+                return
+            if not isinstance(error, aiomqtt.MqttError):
+                raise error
+        if self._lost is not None:
+            raise self._lost
+        raise ConnectionError(f"publishing on {message.topic} failed: {error}") from error
 
     # ------------------------------------------------------------------ requests
 
@@ -323,3 +343,9 @@ class AsyncBridgeClient:
                     return
         finally:
             self._inboxes.pop(request_id, None)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Take a finished publish's exception, so that an abandoned one is not logged."""
+    if not future.cancelled():
+        future.exception()

@@ -344,3 +344,17 @@ async def test_close_and_a_lost_broker_end_every_wait(mosquitto: MosquittoProces
     nobody = MqttSettings(host=broker.host, port=free_port())
     with pytest.raises(ConnectionError, match="cannot reach"):
         await AsyncBridgeClient(nobody).connect()
+
+
+@pytest.mark.asyncio
+async def test_a_broker_lost_while_a_puback_is_awaited_ends_that_wait_at_once(
+        mosquitto: MosquittoProcess) -> None:
+    """aiomqtt would wait for the PUBACK until its own timeout (60 s here); the client ends
+    the wait when its reader sees the connection lost."""
+    broker = mosquitto.info("5")
+    async with AsyncBridgeClient(_settings(broker), client="frozen", timeout=60.0) as dev:
+        await asyncio.to_thread(mosquitto.pause)  # takes the PUBLISH, sends no PUBACK
+        waiting = asyncio.create_task(anext(dev.ask({"id": "w", "prompt": "x"})))
+        await asyncio.to_thread(mosquitto.kill)
+        with pytest.raises(ConnectionError, match="lost the connection"):
+            await asyncio.wait_for(waiting, LOOPBACK_TIMEOUT)  # well under the 60 s
