@@ -24,12 +24,12 @@ from bridge.llama.events import Kind
 from bridge.llama.failures import cancelled_error
 from bridge.llama.http import CallInfo
 from bridge.llama.sse import DEFAULT_MAX_EVENT_BYTES
+from bridge.llama.stream_facts import StreamFacts
 from bridge.llama.types import Delta, StreamEnd
 from bridge.protocol.errors import BridgeError
-from bridge.protocol.messages import Usage
 
 
-class AsyncStream:
+class AsyncStream(StreamFacts):
     """Async iterable of :data:`~bridge.llama.types.Delta` for one streamed request; ends
     with one :class:`~bridge.llama.types.StreamEnd`.
 
@@ -70,59 +70,9 @@ class AsyncStream:
     # ------------------------------------------------------------------ what happened
 
     @property
-    def url(self) -> str:
-        """The URL this stream requests."""
-        return self._info.url
-
-    @property
-    def attempts(self) -> int:
-        """Connection attempts made so far (retries before the first byte included)."""
-        return self._info.attempts
-
-    @property
-    def started_at(self) -> float:
-        """``time.monotonic()`` when the stream object was created."""
-        return self._info.started_at
-
-    @property
-    def first_byte_at(self) -> float | None:
-        """``time.monotonic()`` when llama-server's response headers arrived."""
-        return self._info.first_byte_at
-
-    @property
     def cancelled(self) -> bool:
         """True once :meth:`cancel` was called."""
         return self._cancel.cancelled
-
-    @property
-    def idle(self) -> float:
-        """The idle timeout in seconds."""
-        return self._decoder.idle
-
-    @property
-    def pings(self) -> int:
-        """Keep-alive comment frames received (for diagnostics)."""
-        return self._decoder.pings
-
-    @property
-    def events(self) -> int:
-        """Data events received (the idle timeout restarts with each)."""
-        return self._decoder.events
-
-    @property
-    def first_delta_at(self) -> float | None:
-        """``time.monotonic()`` of the first text/reasoning/tool delta."""
-        return self._decoder.first_delta_at
-
-    @property
-    def token_events(self) -> int:
-        """Data events that carried a delta: one per generated token."""
-        return self._decoder.token_events
-
-    def usage_so_far(self) -> Usage:
-        """The usage of what was generated until now, also for a stream that never ended
-        (see :meth:`bridge.llama.decoding.StreamDecoder.usage_so_far`)."""
-        return self._decoder.usage_so_far()
 
     # ------------------------------------------------------------------ control
 

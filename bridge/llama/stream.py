@@ -28,12 +28,12 @@ from bridge.llama.events import Kind
 from bridge.llama.failures import cancelled_error
 from bridge.llama.http import CallInfo
 from bridge.llama.sse import DEFAULT_MAX_EVENT_BYTES
+from bridge.llama.stream_facts import StreamFacts
 from bridge.llama.types import (
     Delta,
     StreamEnd,
 )
 from bridge.protocol.errors import BackendProtocolError, BridgeError
-from bridge.protocol.messages import Usage
 
 if TYPE_CHECKING:
     from bridge.llama.relay import Relay
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 READ_SIZE = 8 * 1024
 
 
-class Stream:
+class Stream(StreamFacts):
     """Iterable of :data:`Delta` for one streamed request; ends with one :class:`StreamEnd`.
 
     Use as a context manager so the connection is always released::
@@ -82,26 +82,6 @@ class Stream:
                                       max_event_bytes=max_event_bytes)
 
     # ------------------------------------------------------------------ public API
-
-    @property
-    def url(self) -> str:
-        """The URL this stream requests."""
-        return self._info.url
-
-    @property
-    def attempts(self) -> int:
-        """Connection attempts made so far (retries before the first byte included)."""
-        return self._info.attempts
-
-    @property
-    def started_at(self) -> float:
-        """``time.monotonic()`` when the stream object was created."""
-        return self._info.started_at
-
-    @property
-    def first_byte_at(self) -> float | None:
-        """``time.monotonic()`` when llama-server's response headers arrived."""
-        return self._info.first_byte_at
 
     @property
     def cancelled(self) -> bool:
@@ -188,37 +168,6 @@ class Stream:
                 return delta
             on_delta(delta)
         raise BackendProtocolError(f"stream from {self.url} ended without its end")  # unreachable
-
-    @property
-    def idle(self) -> float:
-        """The idle timeout in seconds."""
-        return self._decoder.idle
-
-    @property
-    def pings(self) -> int:
-        """Keep-alive comment frames received (for diagnostics)."""
-        return self._decoder.pings
-
-    @property
-    def events(self) -> int:
-        """Data events received (the idle timeout restarts with each)."""
-        return self._decoder.events
-
-    @property
-    def first_delta_at(self) -> float | None:
-        """``time.monotonic()`` of the first text/reasoning/tool delta."""
-        return self._decoder.first_delta_at
-
-    @property
-    def token_events(self) -> int:
-        """Data events that carried generated text, reasoning or a tool call and were
-        handed on: one per token as llama-server streams (see :meth:`usage_so_far`)."""
-        return self._decoder.token_events
-
-    def usage_so_far(self) -> Usage:
-        """The usage of what was generated until now, also for a stream that never ended
-        (see :meth:`bridge.llama.decoding.StreamDecoder.usage_so_far`)."""
-        return self._decoder.usage_so_far()
 
     # ------------------------------------------------------------------ RelayedStream
     # The relay's view of this stream (bridge.llama.relay.RelayedStream): the same
