@@ -25,6 +25,7 @@ from pydantic_settings import (
 
 from bridge.config.profiles import Profile
 from bridge.protocol.chunks import MIN_CHUNK_BYTES
+from bridge.protocol.packet import MAX_PACKET, MIN_DEVICE_PACKET
 from bridge.protocol.topics import ID_PATTERN, ID_RULE, Topics, is_valid_id
 
 # The TOML file chosen for the load in progress (pydantic-settings builds sources per class).
@@ -166,6 +167,19 @@ class LlamaSettings(BaseModel):
         return [f"backend-{i}" for i in range(1, count + 1)]
 
 
+class DeviceSettings(BaseModel):
+    """What the bridge assumes of the devices that ask it (``[device]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_packet: int | None = Field(
+        None, ge=MIN_DEVICE_PACKET, le=MAX_PACKET,
+        description="Largest MQTT PUBLISH packet (header, topic, properties and payload) a "
+                    "device can receive, for requests that give no max_packet of their own: "
+                    "every reply message is made to fit it (docs/devices.md). Unset: only "
+                    "max_message_bytes and the broker's limit bound a message.")
+
+
 class DeploymentConfig(BaseSettings):
     """Every setting of one bridge process, with its default.
 
@@ -246,6 +260,7 @@ class DeploymentConfig(BaseSettings):
     )
 
     mqtt: MqttSettings = Field(default_factory=MqttSettings)  # type: ignore[arg-type]
+    device: DeviceSettings = Field(default_factory=DeviceSettings)
     llama: LlamaSettings = Field(default_factory=LlamaSettings)  # type: ignore[arg-type]
 
     @field_validator("prefix")

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from bridge.protocol.chunks import MIN_CHUNK_BYTES
+from bridge.protocol.packet import MAX_PACKET
 from bridge.protocol.topics import ID_PATTERN
 
 
@@ -129,6 +130,7 @@ class BridgeRequest(Sampling, _RequestHead):
     tool_choice: str | dict[str, Any] | None = None
     stream: bool = True
     chunk_bytes: int | None = None
+    max_packet: Annotated[int, Field(ge=1, le=MAX_PACKET)] | None = None
     think: bool | None = None
     reasoning: bool = False
 

@@ -7,6 +7,14 @@ Packet Size), not a payload. The bridge therefore bounds *payload plus topic* by
 
 from __future__ import annotations
 
+MAX_PACKET = 268_435_460
+"""The largest MQTT packet there is: a 1-byte header, a 4-byte Remaining Length and
+268,435,455 bytes (MQTT 3.1.1 and 5, *Remaining Length*)."""
+
+MIN_DEVICE_PACKET = 64
+"""Smallest ``[device] max_packet`` a configuration may set; whether a request can be served
+within its ``max_packet`` depends on its reply topic and is decided at intake."""
+
 PACKET_OVERHEAD = 5 + 2 + 2 + 400
 """Fixed header + topic length + packet id + a generous allowance for MQTT 5 properties
 (content type, Correlation Data up to 256 bytes): what a broker's packet limit must
