@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from bridge.config.settings import load_config
@@ -30,6 +32,16 @@ def running_bridge(host: str, port: int, llama_urls: list[str], *, protocol: str
     overrides.setdefault("bridge_id", f"test-bridge-{next(_ids)}")
     overrides.setdefault("max_tokens_cap", 48)
     overrides.setdefault("dedupe_ttl_s", 60)
+    with tempfile.TemporaryDirectory(prefix="bridge-sessions-") as scratch:
+        # Sessions in a folder of this bridge's own, not in the working directory, where
+        # one test's conversations would meet the next test's.
+        overrides.setdefault("sessions_db", Path(scratch) / "sessions.db")
+        yield from _run(host, port, llama_urls, protocol, mqtt, llama, overrides)
+
+
+def _run(host: str, port: int, llama_urls: list[str], protocol: str,
+         mqtt: dict[str, Any] | None, llama: dict[str, Any] | None,
+         overrides: dict[str, Any]) -> Iterator[Bridge]:
     cfg = load_config(mqtt={"host": host, "port": port, "protocol": protocol,
                             "reconnect_min_s": 1, "reconnect_max_s": 2, **(mqtt or {})},
                       llama={**(llama or {}), "urls": llama_urls}, **overrides)
