@@ -196,7 +196,9 @@ async def test_a_restarted_bridge_answers_the_resend(mosquitto: MosquittoProcess
             await asyncio.wait_for(streaming.wait(), REPLY_TIMEOUT)
             await asyncio.to_thread(first.stop, signal.SIGKILL)
             cut = "".join(pieces)
-            second = await asyncio.to_thread(start_bridge, 1000)
+            # Coalesced for 5 s: even on a loaded machine (a token a second) the new
+            # answer is cut into other chunks than the first, one token each.
+            second = await asyncio.to_thread(start_bridge, 5000)
             await asyncio.wait_for(reader, REPLY_TIMEOUT)
             resends = dev.resends
     finally:
