@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-bytes", type=int, metavar="BYTES",
                    help="largest chunk message in bytes (default: the bridge's chunk_bytes, "
                         f"{cfg['chunk_bytes'].default} unless configured)")
+    g.add_argument("--max-packet", type=int, metavar="BYTES",
+                   help="largest MQTT packet the device can receive, header and topic "
+                        "included: every reply message is made to fit it, as for a "
+                        "microcontroller (default: the bridge's [device] max_packet, none "
+                        "unless configured)")
     g.add_argument("--session", metavar="NAME",
                    help="keep the conversation on the bridge under this name; sessions "
                         "belong to a device, so give --client too (default: none)")
@@ -297,7 +302,8 @@ def ask(cfg: DeploymentConfig, args: argparse.Namespace) -> int:
     from bridge.protocol.errors import ReplyTimeout, SequenceError
 
     request: dict[str, Any] = {"messages": [{"role": "user", "content": args.prompt}]}
-    for key in ("max_tokens", "temperature", "seed", "chunk_bytes", "session", "profile"):
+    for key in ("max_tokens", "temperature", "seed", "chunk_bytes", "max_packet", "session",
+                "profile"):
         if getattr(args, key) is not None:
             request[key] = getattr(args, key)
     client = BridgeClient(cfg.mqtt, prefix=cfg.prefix,
@@ -312,7 +318,8 @@ def ask(cfg: DeploymentConfig, args: argparse.Namespace) -> int:
     try:
         for msg in client.ask(request, idle_timeout=args.timeout):
             if args.json:
-                print(msg.model_dump_json(exclude_none=True), flush=True)
+                # what arrived, not the defaults of fields a small max_packet left out
+                print(msg.model_dump_json(exclude_none=True, exclude_unset=True), flush=True)
             if msg.type == "chunk" and msg.text is not None:
                 first = first or time.monotonic()
                 if not args.json:
@@ -327,7 +334,10 @@ def ask(cfg: DeploymentConfig, args: argparse.Namespace) -> int:
                 total = time.monotonic() - t0
                 ttft = f"{(first - t0) * 1000:.0f} ms" if first else "-"
                 tps = msg.timings.tokens_per_s
-                print(f"\n[{msg.finish_reason}] {msg.usage.completion_tokens} tokens, "
+                # A small max_packet may have left the counts out: say so, do not print 0.
+                tokens = f"{msg.usage.completion_tokens} tokens" \
+                    if "completion_tokens" in msg.usage.model_fields_set else "tokens not sent"
+                print(f"\n[{msg.finish_reason}] {tokens}, "
                       f"first token {ttft}, total {total:.2f} s"
                       + (f", {tps:.1f} tokens/s" if tps else ""), file=sys.stderr)
         return EXIT_OK

@@ -7,6 +7,7 @@ broker itself is tested in ``tests/mqtt/test_local_broker.py``.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -61,6 +62,23 @@ def test_ask_reports_errors_with_exit_codes(embedded_bridge: tuple[RunningBridge
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1, bad
     assert "error [bad_request]" in bad.stderr and "max_tokens" in bad.stderr, bad.stderr
+
+
+def test_ask_max_packet_is_sent_and_a_too_small_one_names_the_minimum(
+        embedded_bridge: tuple[RunningBridge, int]) -> None:
+    _, port = embedded_bridge
+    small = subprocess.run(_cli("ask", "Say hi.", "--mqtt-port", str(port), "--client", "tiny",
+                                "--max-packet", "200", "--max-tokens", "8", "--json"),
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert small.returncode == 0, small.stderr
+    messages = [json.loads(line) for line in small.stdout.splitlines()]
+    done = messages[-1]
+    assert done["type"] == "done" and "tokens_per_s" not in done.get("timings", {}), done
+    refused = subprocess.run(_cli("ask", "x", "--mqtt-port", str(port), "--client", "tiny",
+                                  "--max-packet", "166"),  # 167 needed with a 12-char id
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1, refused
+    assert "error [bad_request]" in refused.stderr and "max_packet>=" in refused.stderr
 
 
 def test_ask_without_a_bridge_says_so() -> None:

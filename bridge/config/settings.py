@@ -260,7 +260,7 @@ class DeploymentConfig(BaseSettings):
     )
 
     mqtt: MqttSettings = Field(default_factory=MqttSettings)  # type: ignore[arg-type]
-    device: DeviceSettings = Field(default_factory=DeviceSettings)
+    device: DeviceSettings = Field(default_factory=DeviceSettings)  # type: ignore[arg-type]
     llama: LlamaSettings = Field(default_factory=LlamaSettings)  # type: ignore[arg-type]
 
     @field_validator("prefix")

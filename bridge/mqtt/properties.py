@@ -13,7 +13,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-JSON_CONTENT_TYPE = "application/json"
+from bridge.protocol.packet import REPLY_CONTENT_TYPE
+
+JSON_CONTENT_TYPE = REPLY_CONTENT_TYPE
 
 
 class _PackedProperties(Properties):  # type: ignore[misc]  # paho is untyped

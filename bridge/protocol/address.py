@@ -13,11 +13,15 @@ class ReplyAddress:
         topic: ``P/reply/{client}/{id}``, or the request's MQTT 5 Response Topic.
         request_id: the request's id, in every message's ``id``.
         correlation_data: MQTT 5 Correlation Data echoed on every message (None: none).
+        max_payload: the largest payload the device takes on ``topic``, from the request's
+            ``max_packet`` (:func:`bridge.protocol.packet.packet_payload_room`); None: the
+            device set no bound.
     """
 
     topic: str
     request_id: str
     correlation_data: bytes | None = None
+    max_payload: int | None = None
 
     @property
     def stream(self) -> tuple[str, bytes | None]:

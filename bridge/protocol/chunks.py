@@ -28,9 +28,12 @@ import regex
 from bridge.protocol.topics import MAX_ID_CHARS
 
 MIN_CHUNK_BYTES = 128
-"""Smallest ``chunk_bytes`` the bridge accepts."""
+"""Smallest ``chunk_bytes`` a request or the configuration may ask for. A request's
+``max_packet`` may make its chunks smaller (bridge.protocol.fit.smallest_payload)."""
 
-_MAX_SEQ_DIGITS = 10  # sizing check: seqs below 10**10 must always leave room for text
+_MAX_SEQ_DIGITS = 10
+MAX_SEQ = 10**_MAX_SEQ_DIGITS - 1
+"""The largest ``seq`` the sizes of chunks (and of a request's smallest messages) allow for."""
 _MAX_ESCAPED_CHAR = 6  # the widest escaped code point: a control char as \u00XX
 _MAX_CTX_CHARS = 64  # cap on the carried grapheme context (a never-ending run of marks)
 
@@ -144,6 +147,13 @@ def split_to_fit(text: str, budget_bytes: int) -> tuple[str, str]:
     return text[:end], text[end:]
 
 
+def smallest_chunk_bytes(request_id: str, field: Literal["text", "reasoning"] = "text") -> int:
+    """The smallest ``chunk_bytes`` a :class:`Chunker` for this request id takes: the envelope,
+    a ``seq`` up to :data:`MAX_SEQ` and one character escaped at its widest."""
+    envelope = '{"type":"chunk","id":' + _esc(request_id) + ',"seq":,"' + field + '":""}'
+    return len(envelope.encode()) + _MAX_SEQ_DIGITS + _MAX_ESCAPED_CHAR
+
+
 class SeqCounter:
     """The ``seq`` of one request's reply messages, shared by every message type.
 
@@ -195,8 +205,9 @@ class Chunker:
         field: ``text`` for answer text, ``reasoning`` for reasoning text.
         clock: monotonic time in seconds (injectable for tests).
     Raises:
-        ValueError: ``chunk_bytes`` below :data:`MIN_CHUNK_BYTES` or too small for the
-            envelope, bad id, negative or NaN ``flush_s``, unknown ``field``.
+        ValueError: ``chunk_bytes`` too small for the envelope and one escaped character
+            (below :data:`MIN_CHUNK_BYTES` only when a device's ``max_packet`` asks for it),
+            bad id, negative or NaN ``flush_s``, unknown ``field``.
     """
 
     __slots__ = ("_base", "_clock", "_ctx", "_deadline", "_esc_len", "_flush_s", "_head",
@@ -209,19 +220,17 @@ class Chunker:
             raise ValueError(f"field must be 'text' or 'reasoning', not {field!r}")
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
             raise ValueError(f"chunk_bytes must be an int, not {chunk_bytes!r}")
-        if chunk_bytes < MIN_CHUNK_BYTES:
-            raise ValueError(f"chunk_bytes must be at least {MIN_CHUNK_BYTES}, not {chunk_bytes}")
         if not 1 <= len(request_id) <= MAX_ID_CHARS:
             raise ValueError(f"request id must be 1-{MAX_ID_CHARS} chars, got {len(request_id)}")
         if math.isnan(flush_s) or flush_s < 0:
             raise ValueError(f"flush_s must be >= 0, not {flush_s}")
+        if chunk_bytes < smallest_chunk_bytes(request_id, field):
+            raise ValueError(f"chunk_bytes={chunk_bytes} leaves no room for text after the "
+                             f"envelope of request {request_id!r}")
         self._head = '{"type":"chunk","id":' + _esc(request_id) + ',"seq":'
         self._mid = ',"' + field + '":'
         # Bytes left for the escaped text once the envelope minus the seq digits is paid.
         self._base = chunk_bytes - len((self._head + self._mid + '""}').encode())
-        if self._base - _MAX_SEQ_DIGITS < _MAX_ESCAPED_CHAR:
-            raise ValueError(f"chunk_bytes={chunk_bytes} leaves no room for text after the "
-                             f"envelope of request {request_id!r}")
         self._seq = seq
         self._flush_s = float(flush_s)
         self._clock = clock

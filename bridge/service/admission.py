@@ -19,7 +19,8 @@ from bridge.config.settings import DeploymentConfig
 from bridge.llama.pool import BackendPool
 from bridge.mqtt.link import Inbound, MqttLink, PublishError
 from bridge.protocol.address import ReplyAddress
-from bridge.protocol.messages import ErrorCode, ErrorMsg, encode
+from bridge.protocol.fit import DoesNotFit, fit, smallest_error
+from bridge.protocol.messages import ErrorCode, ErrorMsg
 from bridge.service.dedupe import ClientLimits, DedupeCache
 from bridge.service.finish import Finisher
 from bridge.service.intake import Accepted, Rejected, apply_profile, parse_cancel, parse_request
@@ -173,8 +174,12 @@ class Admission:
         self._ticker.status_changed()
         request_log.info("request id=%s client=%s outcome=error code=%s message=%r",
                          reply.request_id, client, code.value, message)
-        payload = encode(ErrorMsg(id=reply.request_id, seq=0, code=code, message=message,
-                                  retryable=retryable, retry_after_ms=retry_after_ms))
+        error = ErrorMsg(id=reply.request_id, seq=0, code=code, message=message,
+                         retryable=retryable, retry_after_ms=retry_after_ms)
+        try:
+            payload = fit(error, reply.max_payload)
+        except DoesNotFit:  # a max_packet too small for any error: the smallest there is
+            payload = smallest_error(reply.request_id, 0, code, retryable=retryable)
         self._link.publish(reply.topic, payload, correlation_data=reply.correlation_data,
                            flow_controlled=False)
 

@@ -23,8 +23,15 @@ from bridge.mqtt.link import Inbound
 from bridge.protocol import safe_json
 from bridge.protocol.address import ReplyAddress
 from bridge.protocol.chunks import MIN_CHUNK_BYTES
+from bridge.protocol.fit import smallest_payload
 from bridge.protocol.messages import BridgeRequest, ChatMessage, ErrorCode
-from bridge.protocol.packet import payload_room, topic_bytes
+from bridge.protocol.packet import (
+    MAX_PACKET,
+    packet_bytes,
+    packet_payload_room,
+    payload_room,
+    topic_bytes,
+)
 from bridge.protocol.topics import is_valid_id
 
 _MAX_ERROR_CHARS = 400
@@ -103,12 +110,16 @@ def parse_request(
     correlation = msg.correlation_data
     oversized_correlation = correlation is not None and len(correlation) > MAX_CORRELATION_BYTES
 
+    # The device's bound, as far as it is known: a request that cannot be read is answered
+    # within the deployment's default, one whose max_packet can be read within its own.
+    max_packet = config.device.max_packet
+
     def reject(code: ErrorCode, message: str, request_id: str = fallback_id) -> Rejected:
         topic = msg.response_topic if response_ok and msg.response_topic else \
             topics.reply(client, request_id)
-        return Rejected(client,
-                        ReplyAddress(topic, request_id,
-                                     None if oversized_correlation else correlation),
+        echoed = None if oversized_correlation else correlation
+        room = None if max_packet is None else packet_payload_room(max_packet, topic, echoed)
+        return Rejected(client, ReplyAddress(topic, request_id, echoed, room),
                         code, message[:_MAX_ERROR_CHARS])
 
     if oversized_correlation:
@@ -157,6 +168,9 @@ def parse_request(
 
     raw_id = data.get("id")
     request_id = raw_id if isinstance(raw_id, str) and is_valid_id(raw_id) else fallback_id
+    asked_packet = data.get("max_packet")
+    if type(asked_packet) is int and 1 <= asked_packet <= MAX_PACKET:
+        max_packet = asked_packet
     try:
         request = BridgeRequest.model_validate(data)
     except ValidationError as exc:
@@ -175,8 +189,21 @@ def parse_request(
     room = payload_room(max_payload, reply_topic)
     wanted_chunk = request.chunk_bytes or config.chunk_bytes
     chunk_bytes = max(MIN_CHUNK_BYTES, min(wanted_chunk, config.max_chunk_bytes, room))
+    device_room = None
+    if max_packet is not None:
+        least = packet_bytes(reply_topic, smallest_payload(request_id,
+                                                           reasoning=request.reasoning),
+                             correlation)
+        if max_packet < least:
+            return reject(ErrorCode.bad_request,
+                          f"max_packet>={least}: {max_packet} is too small for the replies "
+                          f"on {reply_topic!r}; raise the device's MQTT buffer or use a "
+                          "shorter client name, id or Correlation Data", request_id)
+        device_room = packet_payload_room(max_packet, reply_topic, correlation)
+        chunk_bytes = min(chunk_bytes, device_room)
     max_tokens = min(request.max_tokens or config.max_tokens_default, config.max_tokens_cap)
-    return Accepted(client, request, ReplyAddress(reply_topic, request_id, msg.correlation_data),
+    return Accepted(client, request,
+                    ReplyAddress(reply_topic, request_id, correlation, device_room),
                     msg.expires_at, msg.received_at, chunk_bytes, max_tokens)
 
 
@@ -190,17 +217,20 @@ def _room_problem(topic: str, max_payload: int) -> str | None:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line naming each offending field and what is wrong with it."""
+    """One line naming each offending field and what is wrong with it
+    (``temperature: Input should be …; unknown field 'x'``)."""
     parts: list[str] = []
     for err in exc.errors(include_url=False)[:5]:
         where = ".".join(str(p) for p in err["loc"]) or "request"
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown field '{where}'")
         else:
-            parts.append(f"field '{where}': {err['msg']}")
+            parts.append(f"{where}: {err['msg']}")
     more = exc.error_count() - len(parts)
     suffix = f" (and {more} more)" if more > 0 else ""
-    return "invalid request: " + "; ".join(parts) + suffix
+    # The field comes first: a device with a small max_packet gets the message cut to
+    # its first clause (bridge.protocol.fit), which then still names the field.
+    return "; ".join(parts) + suffix
 
 
 def apply_profile(acc: Accepted, profile: Profile, max_tokens_cap: int) -> Accepted:

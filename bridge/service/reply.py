@@ -23,6 +23,7 @@ from bridge.mqtt.link import PublishError
 from bridge.protocol.address import ReplyAddress
 from bridge.protocol.chunks import Chunker, SeqCounter
 from bridge.protocol.errors import BridgeError
+from bridge.protocol.fit import DoesNotFit, fit, smallest_error
 from bridge.protocol.messages import (
     DoneMsg,
     ErrorCode,
@@ -128,10 +129,32 @@ class ReplyChannel:
         return info
 
     def _send(self, message_type: type[Any], *, flow_controlled: bool = True,
-              **fields: Any) -> mqtt.MQTTMessageInfo:
-        return self._publish(
-            encode(message_type(id=self.address.request_id, seq=self.seq.take(), **fields)),
-            flow_controlled=flow_controlled)
+              room: int | None = None, **fields: Any) -> mqtt.MQTTMessageInfo:
+        message = message_type(id=self.address.request_id, seq=self.seq.take(), **fields)
+        return self._publish(self._fitted(message, room), flow_controlled=flow_controlled)
+
+    def _bound(self, room: int | None) -> int | None:
+        """How small a message must be made: the device's bound, or ``room`` (the broker's)
+        when that is smaller. None without a device bound: only a device that gave
+        ``max_packet`` gets messages with fields left out; for the broker's bound a
+        ``reply`` sends its content as chunks instead (see :meth:`reply_fits`)."""
+        device = self.address.max_payload
+        return device if device is None or room is None else min(room, device)
+
+    def _fitted(self, message: Any, room: int | None = None) -> bytes:
+        """``message`` brought down to the device's bound (see bridge.protocol.fit).
+
+        Intake refuses a ``max_packet`` below the smallest form of every message, so only a
+        terminal message the bridge does not size for (a backend's unknown, long
+        ``finish_reason``) can be too large: it becomes the smallest ``error``, which fits.
+        """
+        try:
+            return fit(message, self._bound(room))
+        except DoesNotFit as exc:
+            log.warning("%s of %s does not fit the device's max_packet (%s): sending the "
+                        "smallest error instead", message.type, self.address.request_id, exc)
+            return smallest_error(self.address.request_id, message.seq, ErrorCode.internal,
+                                  retryable=False)
 
     # ------------------------------------------------------------------ messages
 
@@ -250,12 +273,22 @@ class ReplyChannel:
         self._terminal(DoneMsg, flow_controlled=flow_controlled, finish_reason=finish_reason,
                        usage=usage or Usage(), timings=timings)
 
-    def reply(self, **fields: Any) -> None:
-        self._terminal(ReplyMsg, **fields)
+    def reply(self, room: int, **fields: Any) -> None:
+        """Terminal ``reply``, within ``room`` bytes (the broker's bound) and the device's."""
+        self._terminal(ReplyMsg, room=room, **fields)
 
-    def reply_size(self, **fields: Any) -> int:
-        """Encoded size of a ``reply`` with these fields, if it were sent next."""
-        return len(encode(ReplyMsg(id=self.address.request_id, seq=self.seq.next, **fields)))
+    def reply_fits(self, room: int, **fields: Any) -> bool:
+        """Whether a ``reply`` with these fields, sent next, fits ``room`` bytes and the
+        device's bound (leaving out what :data:`bridge.protocol.fit.DROP_ORDER` allows)."""
+        message = ReplyMsg(id=self.address.request_id, seq=self.seq.next, **fields)
+        bound = self._bound(room)
+        if bound is None:
+            return len(encode(message)) <= room
+        try:
+            fit(message, bound)
+        except DoesNotFit:
+            return False
+        return True
 
     def error(self, code: ErrorCode, message: str, *, retryable: bool = False,
               retry_after_ms: int | None = None, backend_type: str | None = None) -> None:
@@ -294,8 +327,9 @@ class ReplyChannel:
             self.finished = True
             self.terminal = ErrorMsg.__name__
             self.record = None
-            payload = encode(ErrorMsg(id=self.address.request_id, seq=self.seq.take(),
-                                      code=ErrorCode.internal, message=message, retryable=False))
+            payload = self._fitted(ErrorMsg(id=self.address.request_id, seq=self.seq.take(),
+                                            code=ErrorCode.internal, message=message,
+                                            retryable=False))
             # Not flow controlled: it may be sent from the intake thread (see
             # bridge.service.finish.Finisher.confirm).
             self.terminal_info = self.link.publish(topic, payload,

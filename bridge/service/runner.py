@@ -249,22 +249,22 @@ class Runner:
                                   "finish_reason": gen.finish_reason or "stop",
                                   "usage": job.usage, "timings": job.timings(job.usage)}
         room = payload_room(self._link.max_payload_bytes, channel.address.topic)
-        if gen.content and channel.reply_size(**fields) > room:
+        if gen.content and not channel.reply_fits(room, **fields):
             # Too big for one message: the text goes as chunks, then a reply without content.
             channel.chunks(gen.content)
             fields["content"] = None
-        if channel.reply_size(**fields) > room:  # tool_calls alone too big: say so, not drop
+        if not channel.reply_fits(room, **fields):  # tool_calls too big: say so, not drop
             raise RequestRejected(
                 ErrorCode.too_large,
                 f"the answer's tool_calls do not fit in one message of {room} bytes "
-                "(max_message_bytes or the broker's Maximum Packet Size, less the topic); "
-                "ask for shorter tool arguments or raise max_message_bytes")
+                "(max_message_bytes or the broker's Maximum Packet Size, less the topic) or "
+                "the request's max_packet; ask for shorter tool arguments or raise the limit")
         job.outcome = Outcome.reply
         answer: Message = {"role": "assistant", "content": gen.content or ""}
         if gen.tool_calls:
             answer["tool_calls"] = gen.tool_calls
         self._remember(job, answer)
-        channel.reply(**fields)
+        channel.reply(room, **fields)
 
     # ------------------------------------------------------------------ stopped answers
 

@@ -17,7 +17,13 @@ import pytest
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from bridge import cli
-from bridge.config.settings import DeploymentConfig, LlamaSettings, MqttSettings, load_config
+from bridge.config.settings import (
+    DeploymentConfig,
+    DeviceSettings,
+    LlamaSettings,
+    MqttSettings,
+    load_config,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "bridge.example.toml"
 
@@ -33,6 +39,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "": DeploymentConfig,
     "mqtt": MqttSettings,
     "llama": LlamaSettings,
+    "device": DeviceSettings,
 }
 
 
@@ -52,7 +59,7 @@ def write(tmp_path: Path, text: str, name: str = "bridge.toml") -> Path:
 
 def field_names(section: str) -> set[str]:
     names = set(SECTIONS[section].model_fields)
-    return names - {"mqtt", "llama"} if section == "" else names
+    return names - {"mqtt", "llama", "device"} if section == "" else names
 
 
 # ---------------------------------------------------------------------------- the example
@@ -97,7 +104,7 @@ def test_every_active_value_in_the_example_is_the_default() -> None:
         values = data if section == "" else data[section]
         current = defaults if section == "" else getattr(defaults, section)
         for key, value in values.items():
-            if section == "" and key in ("mqtt", "llama"):
+            if section == "" and key in ("mqtt", "llama", "device"):
                 continue
             cfg = load_config(**({section: {key: value}} if section else {key: value}))
             got = getattr(cfg if section == "" else getattr(cfg, section), key)
@@ -108,7 +115,7 @@ def test_every_active_value_in_the_example_is_the_default() -> None:
 def test_every_setting_appears_in_the_example() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     data = tomllib.loads(text)  # the file is valid TOML as a whole
-    assert set(data) - field_names("") <= {"mqtt", "llama"}
+    assert set(data) - field_names("") <= {"mqtt", "llama", "device"}
     documented: dict[str, set[str]] = {s: set() for s in SECTIONS}
     for line in example_key_lines(text):
         assert line.section in SECTIONS, f"line {line.lineno + 1}: unknown table [{line.section}]"

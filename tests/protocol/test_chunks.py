@@ -12,7 +12,16 @@ import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.protocol.chunks import Chunker, SeqCounter, escaped_len, split_to_fit
+from bridge.protocol.chunks import (
+    MAX_SEQ,
+    MIN_CHUNK_BYTES,
+    Chunker,
+    SeqCounter,
+    escaped_len,
+    smallest_chunk_bytes,
+    split_to_fit,
+)
+from bridge.protocol.fit import smallest_payload
 from bridge.protocol.messages import ChunkMsg, decode_reply, json_text
 from bridge.protocol.topics import ID_PATTERN
 from tests.support.clock import FakeClock
@@ -377,7 +386,7 @@ def test_seq_counter() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"chunk_bytes": 127},
+    {"chunk_bytes": smallest_chunk_bytes("r") - 1},
     {"chunk_bytes": 128, "request_id": "i" * 65},
     {"chunk_bytes": 128, "request_id": ""},
     {"chunk_bytes": 128, "request_id": "é" * 64},  # 128 bytes of id: no room left
@@ -390,6 +399,23 @@ def test_rejects_bad_settings(kwargs: dict[str, object]) -> None:
     rid = args.pop("request_id")
     with pytest.raises(ValueError):
         Chunker(rid, SeqCounter(), **args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["text", "reasoning"])
+def test_smallest_chunk_a_device_can_ask_for_holds_any_character_at_any_seq(
+        kind: Literal["text", "reasoning"]) -> None:
+    """Below MIN_CHUNK_BYTES when a device's max_packet asks for it: down to the size
+    bridge.protocol.fit.smallest_payload promises, one escaped character at a 10-digit seq."""
+    least = smallest_chunk_bytes("r" * 64, kind)
+    assert least < MIN_CHUNK_BYTES
+    assert least <= smallest_payload("r" * 64, reasoning=kind == "reasoning")
+    text = "\x01😀é\"a"
+    ch = Chunker("r" * 64, SeqCounter(MAX_SEQ - 10), chunk_bytes=least, flush_s=0.0, field=kind)
+    out = [p for c in text for p in ch.feed(c)]
+    assert all(len(p) <= least for p in out) and len(out) == len(text)
+    assert "".join(getattr(decode_reply(p), kind) for p in out) == text
+    with pytest.raises(ValueError):
+        Chunker("r" * 64, SeqCounter(), chunk_bytes=least - 1, flush_s=0.0, field=kind)
 
 
 def test_large_delta_is_linear() -> None:

@@ -143,6 +143,22 @@ def check_chunk_bytes(value: str, code: ErrorCode) -> None:
         refused({"messages": HI, "chunk_bytes": lo - 1}, code).message
 
 
+def check_max_packet(value: str, code: ErrorCode) -> None:
+    least, name_chars = numbers(value)[:2]
+    client, request_id = "c" * name_chars, "i" * name_chars
+    assert name_chars == 32
+
+    def ask(max_packet: int) -> Accepted | Rejected:
+        payload = json.dumps({"id": request_id, "messages": HI, "max_packet": max_packet})
+        msg = Inbound(f"llm/request/{client}", payload.encode(), None, None, None, 1.0)
+        return parse_request(msg, client, CFG, MAX_PAYLOAD)
+
+    assert isinstance(ask(least), Accepted)
+    result = ask(least - 1)
+    assert isinstance(result, Rejected) and result.code == code, result
+    assert result.message.startswith(f"max_packet>={least}: "), result.message
+
+
 def check_max_tokens(value: str, code: ErrorCode) -> None:
     (lo,) = numbers(value)
     accepted({"messages": HI, "max_tokens": lo})
@@ -218,6 +234,7 @@ FIXED: dict[str, Callable[[str, ErrorCode], None]] = {
     "`model`": check_model,
     "`id`, `session`, `profile`": check_names,
     "`chunk_bytes`": check_chunk_bytes,
+    "`max_packet`": check_max_packet,
     "`max_tokens`": check_max_tokens,
     "`temperature`": lambda v, c: _range("temperature", *numbers(v), c, step=0.5),
     "`top_p`": lambda v, c: _range("top_p", *numbers(v), c, step=0.5),

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from bridge.config.settings import DeploymentConfig, load_config
 from bridge.mqtt.link import Inbound
+from bridge.protocol.fit import fit, smallest_payload
 from bridge.protocol.messages import (
     BridgeRequest,
     ChatMessage,
@@ -24,6 +25,7 @@ from bridge.protocol.messages import (
     encode,
     json_text,
 )
+from bridge.protocol.packet import packet_bytes, packet_payload_room
 from bridge.protocol.topics import CLIENT_PATTERN, is_valid_id
 from bridge.service.intake import (
     Accepted,
@@ -156,7 +158,7 @@ def test_invalid_id_is_rejected_with_a_generated_id(bad_id: Any) -> None:
     rej = reject(payload)
     assert rej.code == ErrorCode.bad_request
     assert HEX16.match(rej.request_id)
-    assert "'id'" in rej.message
+    assert rej.message.startswith("id: "), rej.message
 
 
 def test_too_large() -> None:
@@ -236,7 +238,7 @@ def test_unknown_field_in_a_message_is_named() -> None:
 def test_wrong_types_are_named(payload: dict[str, Any], field: str) -> None:
     rej = reject(payload)
     assert rej.code == ErrorCode.bad_request
-    assert f"field '{field}" in rej.message, rej.message
+    assert rej.message.startswith(f"{field}: "), rej.message
 
 
 def test_model_level_error_says_what_to_send() -> None:
@@ -320,6 +322,73 @@ def test_a_full_chunk_fits_the_link_with_its_topic() -> None:
     assert acc.chunk_bytes + len(acc.reply.topic.encode()) <= 4096
 
 
+# ---------------------------------------------------------------------------- max_packet
+
+DEVICE_CFG = load_config(prefix="llm", bridge_id="t", device={"max_packet": 300})
+
+
+def test_max_packet_bounds_every_reply_and_sizes_the_chunks() -> None:
+    acc = accept({"id": "r1", "messages": HI, "max_packet": 256, "chunk_bytes": 4096},
+                 correlation_data=b"corr")
+    room = packet_payload_room(256, acc.reply.topic, b"corr")
+    assert acc.reply.max_payload == room and acc.chunk_bytes == room
+    assert packet_bytes(acc.reply.topic, room, b"corr") <= 256
+    # a bound larger than the other limits changes no chunk size, but still bounds replies
+    big = accept({"id": "r2", "messages": HI, "max_packet": 100_000})
+    assert big.chunk_bytes == 512 and big.reply.max_payload is not None
+
+
+def test_no_max_packet_no_device_bound() -> None:
+    assert accept({"messages": HI}).reply.max_payload is None
+
+
+def test_the_deployment_default_applies_unless_the_request_gives_its_own() -> None:
+    default = accept({"id": "r1", "messages": HI}, cfg=DEVICE_CFG)
+    assert default.reply.max_payload == packet_payload_room(300, default.reply.topic, None)
+    own = accept({"id": "r1", "messages": HI, "max_packet": 1000}, cfg=DEVICE_CFG)
+    assert own.reply.max_payload == packet_payload_room(1000, own.reply.topic, None)
+
+
+@pytest.mark.parametrize(("client", "request_id", "correlation"), [
+    ("d", "r", None), ("c" * 32, "i" * 32, None), ("c" * 32, "i" * 32, b"x" * 16),
+    ("c" * 64, "i" * 64, b"x" * 256)])
+def test_max_packet_below_the_topics_smallest_messages_is_refused_naming_the_minimum(
+        client: str, request_id: str, correlation: bytes | None) -> None:
+    topic = f"llm/reply/{client}/{request_id}"
+    least = packet_bytes(topic, smallest_payload(request_id), correlation)
+
+    def parse(max_packet: int) -> Accepted | Rejected:
+        msg = inbound({"id": request_id, "messages": HI, "max_packet": max_packet},
+                      correlation_data=correlation, client=client)
+        return parse_request(msg, client, CFG, MAX_PAYLOAD)
+
+    assert isinstance(parse(least), Accepted)
+    refused = parse(least - 1)
+    assert isinstance(refused, Rejected) and refused.code == ErrorCode.bad_request
+    assert refused.message.startswith(f"max_packet>={least}: "), refused.message
+    assert refused.reply.max_payload == packet_payload_room(least - 1, topic, correlation)
+    # the refusal itself fits the device: shortened, the minimum still in it
+    error = ErrorMsg(id=request_id, seq=0, code=refused.code, message=refused.message)
+    payload = fit(error, refused.reply.max_payload)
+    assert packet_bytes(topic, len(payload), correlation) <= least - 1
+    assert json.loads(payload)["message"] == f"max_packet>={least}"
+
+
+def test_a_request_that_cannot_be_read_is_refused_within_the_default_or_its_own_bound() -> None:
+    garbled = parse_request(inbound(b'{"max_packet": 300, "id": "r1"'), CLIENT, DEVICE_CFG,
+                            MAX_PAYLOAD)
+    assert isinstance(garbled, Rejected)
+    assert garbled.reply.max_payload == packet_payload_room(300, garbled.reply.topic, None)
+    invalid = parse_request(inbound({"id": "r1", "temperature": 99, "messages": HI,
+                                     "max_packet": 200}), CLIENT, DEVICE_CFG, MAX_PAYLOAD)
+    assert isinstance(invalid, Rejected) and "temperature" in invalid.message
+    assert invalid.reply.max_payload == packet_payload_room(200, "llm/reply/dev1/r1", None)
+    nonsense = parse_request(inbound({"id": "r1", "messages": HI, "max_packet": True}),
+                             CLIENT, CFG, MAX_PAYLOAD)
+    assert isinstance(nonsense, Rejected) and "max_packet" in nonsense.message
+    assert nonsense.reply.max_payload is None
+
+
 @pytest.mark.parametrize(("requested", "expected"), [(None, 256), (1, 1), (999, 999),
                                                      (1000, 1000), (10**9, 1000)])
 def test_max_tokens_is_capped_and_defaulted(requested: int | None, expected: int) -> None:
@@ -341,9 +410,7 @@ def _validation_error(data: dict[str, Any]) -> ValidationError:
 def test_describe_validation_error_names_each_field() -> None:
     text = describe_validation_error(
         _validation_error({"messages": HI, "bogus": 1, "temperature": "hot"}))
-    assert text.startswith("invalid request: ")
-    assert "unknown field 'bogus'" in text
-    assert "field 'temperature'" in text
+    assert text.startswith("temperature: ") and "; unknown field 'bogus'" in text, text
     assert "\n" not in text
 
 
@@ -358,7 +425,7 @@ def test_long_error_messages_are_cut_to_400_chars() -> None:
     data: dict[str, Any] = {"messages": HI, **{f"{'k' * 300}{i}": i for i in range(5)}}
     rej = reject(data)
     assert len(rej.message) == 400
-    assert rej.message.startswith("invalid request: unknown field 'kkk")
+    assert rej.message.startswith("unknown field 'kkk")
 
 
 @pytest.mark.parametrize("payload", [

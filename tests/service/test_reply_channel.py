@@ -174,7 +174,7 @@ def test_exactly_one_terminal_message_and_nothing_after_it() -> None:
     channel.done("stop", None, Timings())
     terminal_info = channel.terminal_info
     channel.error(ErrorCode.internal, "too late")
-    channel.reply(finish_reason="stop")
+    channel.reply(65536, finish_reason="stop")
     channel.progress(queued_ms=1)
     clock.now += 1
     channel.poll()
@@ -203,3 +203,39 @@ def test_refused_stream_ends_with_one_error_on_the_given_topic() -> None:
     assert channel.finished and channel.record is None  # a duplicate must run again
     channel.done("stop", None, Timings())
     assert len(fake.sent) == 2
+
+
+def test_with_a_device_bound_every_message_is_brought_down_to_it() -> None:
+    room = 120
+    fake = RecordingPublisher()
+    channel = ReplyChannel(fake, ReplyAddress(TOPIC, "r1", b"corr", room), chunk_bytes=room,
+                           flush_s=0.0, clock=FakeClock())
+    with channel.lock:
+        channel.start_locked("a-model-name-that-is-rather-long-" * 3, 7)
+    channel.progress(queued_ms=1234.5, prompt_progress={"total": 900, "processed": 10})
+    channel.text("héllo " * 40)
+    channel.done("length", Usage(prompt_tokens=1234, completion_tokens=56),
+                 Timings(queue_ms=1.5, ttft_ms=23.25, total_ms=4567.75, tokens_per_s=12.5))
+    assert all(len(s.payload) <= room for s in fake.sent), [len(s.payload) for s in fake.sent]
+    got = fake.messages()
+    assert "".join(m.text or "" for m in got if isinstance(m, ChunkMsg)) == "héllo " * 40
+    assert [m.seq for m in got] == list(range(len(got)))
+    done = got[-1]
+    assert isinstance(done, DoneMsg) and done.finish_reason == "length"
+    # timings went first, usage was kept: the documented order
+    assert "timings" not in done.model_fields_set and done.usage.prompt_tokens == 1234
+    # a reply's fit is judged against the device's bound as well as the broker's room
+    assert channel.reply_fits(65536, finish_reason="stop") is True
+    assert channel.reply_fits(65536, content="x" * room, finish_reason="stop") is False
+
+
+def test_a_terminal_message_that_cannot_fit_becomes_the_smallest_error() -> None:
+    """Intake sizes the bound for the finish reasons the bridge knows; an unknown, long one
+    from a backend must not leave the device without its terminal message."""
+    fake = RecordingPublisher()
+    channel = ReplyChannel(fake, ReplyAddress(TOPIC, "r1", None, 110), chunk_bytes=110,
+                           flush_s=0.0, clock=FakeClock())
+    channel.done("a-finish-reason-nobody-planned-for-" * 3, None, Timings())
+    (end,) = fake.messages()
+    assert isinstance(end, ErrorMsg) and end.code == ErrorCode.internal and end.message == ""
+    assert len(fake.sent[0].payload) <= 110 and channel.finished
