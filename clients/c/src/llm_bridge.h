@@ -18,7 +18,10 @@
  *     cfg.on_error = failed;           // the bridge's error, or a local one (timeout ...)
  *     llmb_init(&c, &cfg);
  *
- *     subscribe(llmb_reply_filter(...) result);          // once, before the first request
+ *     char filter[80];                 // P/reply/kitchen/#: subscribe once, before
+ *     llmb_reply_filter(&c, filter, sizeof filter);      // the first request
+ *     subscribe(filter, 1);
+ *
  *     llmb_request r = {0};
  *     r.id = "a1b2c3"; r.prompt = "Why is the sky blue?"; r.max_tokens = 64;
  *     long n = llmb_build_request(&c, &r, topic, sizeof topic, payload, sizeof payload);
@@ -35,7 +38,10 @@
  * later one than expected means messages were lost: on_error "gap". `done`, `reply` and
  * `error` end the request (exactly one of on_done / on_error is called). Fields a
  * message does not need (the bridge drops optional ones to fit max_packet) may be
- * missing; unknown fields and unknown message types are ignored.
+ * missing; unknown fields are ignored, and a message of an unknown type takes its seq
+ * and does nothing else (so that a newer bridge's extra messages are not taken for a gap).
+ * Reasoning chunks ("reasoning" instead of "text") are not passed on: this client does not
+ * ask for them.
  *
  * Silence: the bridge sends a `progress` heartbeat every heartbeat_s while it holds a
  * request. After 3 * heartbeat_s without any message of the request, llmb_tick() asks
