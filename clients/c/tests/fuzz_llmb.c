@@ -12,7 +12,9 @@
  *     checked the same way (no text given twice);
  *   - mutated: a valid message with bit flips, interesting bytes, insertions, deletions,
  *     duplications and truncations, fed to a client in the middle of a stream;
- *   - random: random bytes and random JSON-like token soup.
+ *   - random: random bytes and random JSON-like token soup;
+ *   - requests: a random prompt (any bytes) built into a buffer of exactly the size
+ *     needed (one byte less is refused), valid JSON, decoding back to the prompt.
  * Each payload is also run through the bare scanner (skip and decode every string).
  * Invariants checked on every callback: at most one end per request, no text after it,
  * pieces of text within LLMB_TEXT_BUF, error strings NUL-terminated within their lengths.
@@ -757,6 +759,78 @@ static void random_ticks(void)
     }
 }
 
+/* A request with a random prompt (any bytes) into a buffer of exactly the size needed:
+   valid JSON whose content decodes back to the prompt, and one byte less is refused. */
+static unsigned long requests;
+
+static void request_roundtrip(void)
+{
+    char prompt[300], topic[128], *exact;
+    static char big[4096];
+    llmb_request r;
+    llmb_json j;
+    llmb_json_str key, content;
+    size_t n = 1 + below(sizeof prompt - 1), i, got_len = 0, pos = 0;
+    long len;
+    unsigned char ch[4];
+    char decoded[sizeof prompt * 4];
+    new_request();
+    for (i = 0; i < n; i++) {
+        prompt[i] = (char)(below(4) ? 0x20 + below(0x60) : below(256));
+    }
+    memset(&r, 0, sizeof r);
+    r.id = req_id;
+    r.prompt = prompt;
+    r.prompt_len = n;
+    r.plain_completion = (int)below(2);
+    len = llmb_build_request(&cl, &r, topic, sizeof topic, big, sizeof big);
+    requests++;
+    if (len <= 0) {
+        FAIL("request: %ld", len);
+        return;
+    }
+    exact = (char *)malloc((size_t)len + 1);
+    if (!exact) {
+        fprintf(stderr, "fuzz: out of memory\n");
+        exit(2);
+    }
+    if (llmb_build_request(&cl, &r, topic, sizeof topic, exact, (size_t)len) != LLMB_ERR_SPACE
+        || llmb_build_request(&cl, &r, topic, sizeof topic, exact, (size_t)len + 1) != len) {
+        FAIL("request: exact buffer");
+    }
+    llmb_json_init(&j, exact, (size_t)len);
+    content.len = 0;
+    content.p = NULL;
+    if (llmb_json_skip(&j) != 0 || llmb_json_end(&j) != 0) {
+        FAIL("request: not JSON: %s", exact);
+    }
+    /* find the prompt: "prompt" at the top, or the content of the one message */
+    {
+        const char *at = strstr(exact, r.plain_completion ? "\"prompt\":" : "\"content\":");
+        if (!at) {
+            FAIL("request: no prompt");
+        } else {
+            llmb_json_init(&j, at, (size_t)(exact + len - at));
+            if (llmb_json_string(&j, &key) != 0 || llmb_json_peek(&j) != ':') {
+                FAIL("request: bad key");
+            } else {
+                j.pos++;
+                if (llmb_json_string(&j, &content) != 0) {
+                    FAIL("request: bad prompt string");
+                }
+            }
+        }
+    }
+    while ((i = llmb_json_next_char(&content, &pos, ch)) > 0) {
+        memcpy(decoded + got_len, ch, i);
+        got_len += i;
+    }
+    if (got_len != n || memcmp(decoded, prompt, n) != 0) {
+        FAIL("request: the prompt does not decode back");
+    }
+    free(exact);
+}
+
 int main(int argc, char **argv)
 {
     /* CASES counts the mutated and random payloads; valid ones come on top */
@@ -771,14 +845,14 @@ int main(int argc, char **argv)
         case 0: valid_stream(); streams++; break;
         case 1: restarted_stream(); restarts++; break;
         case 2: random_payload(); randoms++; break;
-        case 3: random_ticks(); break;
+        case 3: random_ticks(); request_roundtrip(); break;
         default: mutated(); mutations++; break;
         }
     }
     secs = (double)(clock() - t0) / CLOCKS_PER_SEC;
     printf("fuzz: %lu mutated or random payloads, %lu payloads in all (%lu valid streams, "
-           "%lu restarted streams, %lu mutation rounds, %lu random), seed %llu, %.1f s CPU, "
-           "%lu failures\n", hostile, cases, streams, restarts, mutations, randoms, seed, secs,
-           failures);
+           "%lu restarted streams, %lu mutation rounds, %lu random), %lu requests built, "
+           "seed %llu, %.1f s CPU, %lu failures\n", hostile, cases, streams, restarts,
+           mutations, randoms, requests, seed, secs, failures);
     return failures ? 1 : 0;
 }
