@@ -171,6 +171,7 @@ def test_linux_example_prints_the_text_python_receives(
     text = text_of(messages)
     assert text, "the model's answer was empty: nothing to compare"
     assert result.stdout.decode("utf-8") == text
+    assert b"exceeds max_packet" not in result.stderr, _output(result)  # every message fit
 
 
 def test_linux_example_reports_an_error_reply(
