@@ -369,7 +369,8 @@ class LLMBridge:
             ``(max_resends + 1) * 3 * heartbeat_s``: 60 s).
         socket_timeout_s: bound on connecting and on every read within a packet.
         keepalive: MQTT keepalive in seconds (0: none); :meth:`ask` pings while it waits.
-        ssl, ssl_params: TLS, passed to umqtt.simple.
+        ssl, ssl_params: TLS, passed to umqtt.simple when given: ``ssl=True`` and
+            ``ssl_params`` for umqtt.simple 1.3, an ``ssl.SSLContext`` for 1.4 and later.
         mqtt: an MQTTClient-like object to use instead of a new ``umqtt.simple.MQTTClient``
             (umqtt.robust, or a test double).
         clock: a millisecond clock (default ``time.ticks_ms``); differences are taken
@@ -404,8 +405,13 @@ class LLMBridge:
         self._cancel_topic = (prefix + "/cancel/" + client).encode()
         self._reply_prefix = prefix + "/reply/" + client + "/"
         if mqtt is None:
-            mqtt = MQTTClient(client.encode(), server, port, user, password, keepalive, ssl,
-                              ssl_params or {})
+            args = (client.encode(), server, port, user, password, keepalive)
+            if ssl_params:  # umqtt.simple 1.3 (and 1.7's legacy form): ssl=True + params
+                mqtt = MQTTClient(*args, ssl=ssl, ssl_params=ssl_params)
+            elif ssl:  # umqtt.simple >= 1.4: an SSLContext; 1.3: True
+                mqtt = MQTTClient(*args, ssl=ssl)
+            else:
+                mqtt = MQTTClient(*args)
         self._mqtt = mqtt
         self._mqtt.set_callback(self._on_message)  # bound once: no allocation per message
         self._tsock = None
@@ -432,7 +438,10 @@ class LLMBridge:
             net = _Net(real, self.socket_timeout_s)
             _umqtt_simple.socket = net
         try:
-            mqtt.connect(True)
+            try:  # umqtt.simple >= 1.5 takes a timeout, and sets it on its socket itself
+                mqtt.connect(True, self.socket_timeout_s)
+            except TypeError:  # older ones take none: the _Net stand-in sets it
+                mqtt.connect(True)
         finally:
             if net is not None:
                 _umqtt_simple.socket = real
@@ -510,8 +519,8 @@ class LLMBridge:
         finally:
             if sock is not None:
                 sock.setblocking(True)
-        if op is not None and sock is not None:
-            self._skip(sock)
+        if op is not None and op & 0xF0 != 0x30 and sock is not None:
+            self._skip(sock)  # umqtt.simple >= 1.4 also returns the op of a PUBLISH it handled
 
     def _skip(self, sock):
         """Read past a packet umqtt.simple returned unread (a stray ack)."""

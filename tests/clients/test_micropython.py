@@ -178,8 +178,12 @@ class FakeMQTT:
     add steps when the client publishes (a bridge answering a resend).
     """
 
-    def __init__(self, clock: FakeClock, script: list[Step]) -> None:
+    def __init__(self, clock: FakeClock, script: list[Step], *, returns_op: bool = False,
+                 sock: Any = None) -> None:
         self.clock = clock
+        self.returns_op = returns_op  # as umqtt.simple >= 1.4 does after a PUBLISH
+        self.sock = sock
+        self.connects: list[tuple[Any, ...]] = []
         self.script: deque[Step] = deque(script)
         self.published: list[tuple[bytes, bytes, int]] = []
         self.subscribed: list[tuple[bytes, int]] = []
@@ -189,7 +193,8 @@ class FakeMQTT:
     def set_callback(self, cb: Callable[[bytes, bytes], None]) -> None:
         self.cb = cb
 
-    def connect(self, clean_session: bool = True) -> int:
+    def connect(self, *args: Any) -> int:
+        self.connects.append(args)
         return 0
 
     def subscribe(self, topic: bytes, qos: int = 0) -> None:
@@ -205,7 +210,7 @@ class FakeMQTT:
     def disconnect(self) -> None:
         pass
 
-    def wait_msg(self) -> None:
+    def wait_msg(self) -> int | None:
         if not self.script:
             raise RuntimeError("the script ran out: the client waited for more")
         step = self.script.popleft()
@@ -214,6 +219,7 @@ class FakeMQTT:
             raise OSError(errno.ETIMEDOUT, "ETIMEDOUT")
         assert self.cb is not None
         self.cb(*step)
+        return 0x30 if self.returns_op else None
 
     def requests(self) -> list[dict[str, Any]]:
         return [json.loads(m) for t, m, _ in self.published if b"/request/" in t]
@@ -239,9 +245,10 @@ DONE_AT = {n: msg("done", n, finish_reason="stop", usage={"completion_tokens": 3
 class Rig:
     """A client on a :class:`FakeMQTT` with a fake clock (heartbeat 5 s: resend at 15 s)."""
 
-    def __init__(self, mod: ModuleType, script: list[Step], **kwargs: Any) -> None:
+    def __init__(self, mod: ModuleType, script: list[Step], mqtt: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         self.clock = FakeClock(now=0)
-        self.mqtt = FakeMQTT(self.clock, script)
+        self.mqtt = FakeMQTT(self.clock, script, **(mqtt or {}))
         self.client = mod.LLMBridge("dev", "broker.invalid", mqtt=self.mqtt, clock=self.clock,
                                     keepalive=0, **kwargs)
         self.pieces: list[str] = []
@@ -409,6 +416,29 @@ def test_an_exception_in_on_text_ends_the_ask(mpy: ModuleType) -> None:
     with pytest.raises(KeyError):
         rig.ask(on_text=boom)
     assert rig.mqtt.cancels() == [{"id": RID}]
+
+
+class StreamEnd:
+    """A socket under umqtt.simple whose stream must not be read by the client itself."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float | None] = []
+
+    def settimeout(self, seconds: float | None) -> None:
+        self.timeouts.append(seconds)
+
+    def read(self, n: int) -> bytes:
+        raise AssertionError("the client read the stream past umqtt.simple")
+
+
+def test_newer_umqtt_returns_the_op_of_a_publish(mpy: ModuleType) -> None:
+    sock = StreamEnd()
+    rig = Rig(mpy, [START, 15_000, msg("chunk", 1, text="a"), DONE_AT[2]],
+              mqtt={"returns_op": True, "sock": sock})
+    assert rig.ask().finish_reason == "stop" and rig.pieces == ["a"]
+    assert rig.mqtt.connects == [(True, 10)], "the timeout goes to connect() where it can"
+    # every wait for a packet's first byte is bounded, and the socket timeout comes back
+    assert sock.timeouts and None not in sock.timeouts and sock.timeouts[-1] == 10
 
 
 def test_digests_grow_for_long_answers(mpy: ModuleType) -> None:
