@@ -314,6 +314,13 @@ class _TimedSock:
         self.sock.close()
 
 
+def _close(sock):
+    try:  # noqa: SIM105 -- MicroPython has no contextlib
+        sock.close()
+    except (AttributeError, OSError):
+        pass
+
+
 def _is_timeout(exc):
     code = exc.args[0] if exc.args else None
     return code in _TIMEOUT_ERRNOS or code == "timed out"
@@ -443,6 +450,10 @@ class LLMBridge:
                 mqtt.connect(True, self.socket_timeout_s)
             except TypeError:  # older ones take none: the _Net stand-in sets it
                 mqtt.connect(True)
+        except Exception:
+            if net is not None and net.made is not None:
+                _close(net.made)  # sockets are few on a microcontroller: never leak one
+            raise
         finally:
             if net is not None:
                 _umqtt_simple.socket = real
@@ -471,6 +482,9 @@ class LLMBridge:
                 self._mqtt.disconnect()
             except Exception:  # a dead connection is closed all the same
                 pass
+            sock = getattr(self._mqtt, "sock", None)
+            if sock is not None:  # disconnect() does not close it when its write fails
+                _close(sock)
         self._tsock = None
 
     def __enter__(self):
@@ -480,7 +494,11 @@ class LLMBridge:
         self.close()
 
     def ping(self):
-        """Keep the connection alive between asks (at least every ``keepalive / 2`` s)."""
+        """Keep the connection alive between asks (at least every ``keepalive / 2`` s);
+        connects if it is not connected."""
+        if not self.connected:
+            self.connect()
+            return
         self._guard(self._mqtt.ping)
         self._last_out = self._clock()
 

@@ -34,7 +34,7 @@ from tests.support.bridge_proc import running_bridge
 from tests.support.clock import FakeClock
 from tests.support.device import Device
 from tests.support.micropython import CLIENT_FILE, REPO, UmqttMissing, load, umqtt_dir
-from tests.support.processes import MosquittoProcess
+from tests.support.processes import LOCALHOST, MosquittoProcess, free_port
 from tests.support.prompts import SEED
 from tests.support.waiting import REPLY_TIMEOUT
 
@@ -166,6 +166,34 @@ def test_no_bridge_resends_three_times_then_gives_up(mpy: ModuleType,
     assert caught.value.resends == 3
     assert sent and len(payloads) == 4 and len(set(payloads)) == 1, payloads
     assert json.loads(payloads[0])["id"] == "lonely"
+
+
+def test_broker_failures_are_oserrors_and_the_next_ask_reconnects(
+        mpy: ModuleType, mosquitto: MosquittoProcess) -> None:
+    with pytest.raises(OSError):
+        mpy.LLMBridge("mpy-nobody", LOCALHOST, free_port()).connect()
+    client = mpy.LLMBridge("mpy-fail", mosquitto.host, mosquitto.port, heartbeat_s=0.05,
+                           socket_timeout_s=0.5)
+    try:
+        client.connect()
+        mosquitto.pause()  # frozen: the request's PUBACK never comes
+        try:
+            with pytest.raises(OSError):
+                client.ask({"id": "frozen", "prompt": "p"})
+        finally:
+            mosquitto.resume()
+        assert not client.connected
+        client.connect()
+        mosquitto.kill()  # gone: the connection ends
+        with pytest.raises(OSError):
+            client.ask({"id": "killed", "prompt": "p"})
+        assert not client.connected
+        mosquitto.restart()
+        with pytest.raises(mpy.ReplyTimeout) as caught:  # connected again; no bridge here
+            client.ask({"id": "again", "prompt": "p"})
+        assert caught.value.resends == 3
+    finally:
+        client.close()
 
 
 # The client as a device runs it: compiled by mpy-cross, on MicroPython's unix port.
