@@ -598,6 +598,12 @@ class LLMBridge:
             now = self._clock()
             st.heard = st.quiet_since = now
             self._run(st)
+        except BaseException as exc:
+            if not isinstance(exc, ReplyTimeout):
+                # MemoryError, KeyboardInterrupt ... may have come in the middle of a
+                # packet: the stream cannot be trusted; the next ask connects again.
+                self.close()
+            raise
         finally:
             self._st = None
         if st.error is not None:

@@ -268,7 +268,7 @@ def test_on_micropython_itself(mpy: ModuleType, mosquitto: MosquittoProcess,
 # ------------------------------------------------------------- the protocol, scripted
 
 Silence = int  # milliseconds the fake clock moves while nothing arrives
-Step = tuple[bytes, bytes] | Silence
+Step = tuple[bytes, bytes] | Silence | BaseException  # an exception: raised by wait_msg
 
 
 class FakeMQTT:
@@ -315,6 +315,8 @@ class FakeMQTT:
         if not self.script:
             raise RuntimeError("the script ran out: the client waited for more")
         step = self.script.popleft()
+        if isinstance(step, BaseException):
+            raise step
         if isinstance(step, int):
             self.clock.now += step
             raise OSError(errno.ETIMEDOUT, "ETIMEDOUT")
@@ -517,6 +519,16 @@ def test_an_exception_in_on_text_ends_the_ask(mpy: ModuleType) -> None:
     with pytest.raises(KeyError):
         rig.ask(on_text=boom)
     assert rig.mqtt.cancels() == [{"id": RID}]
+
+
+def test_an_ask_broken_off_inside_umqtt_connects_again(mpy: ModuleType) -> None:
+    rig = Rig(mpy, [START, MemoryError("in the middle of a packet")])
+    with pytest.raises(MemoryError):
+        rig.ask()
+    assert not rig.client.connected, "a stream broken off mid-packet was kept"
+    rig.mqtt.script.extend([START, DONE_AT[1]])
+    assert rig.ask().finish_reason == "stop"
+    assert len(rig.mqtt.connects) == 2
 
 
 class StreamEnd:
