@@ -28,6 +28,7 @@ import pytest
 
 from bridge import BridgeClient, MqttSettings
 from bridge.config.settings import DeploymentConfig
+from bridge.protocol.packet import packet_bytes
 from tests.support.cli_proc import ROOT, Line, RunningBridge, SubWatcher, cli
 from tests.support.fake_llama import FakeLlama, answer_with
 from tests.support.processes import free_port
@@ -194,6 +195,19 @@ def test_cancel_example_cancels_a_running_stream(readme_bridge: int,
     assert q2[0]["queue"] == 0  # it was running, not waiting, when the cancel came
     assert q2[-1]["finish_reason"] == "cancelled", q2[-1]
     assert q2[-1]["usage"]["completion_tokens"] < 2000
+
+
+def test_devices_example_fits_every_message_in_256_bytes(readme_bridge: int,
+                                                         terminal_1: SubWatcher) -> None:
+    run_shell(on_port(code_block("sh", '"max_packet":256'), readme_bridge))
+    topic = "llm/reply/kitchen/tiny"
+    assert terminal_1.wait_for(ended(topic), ANSWER_TIMEOUT)
+    tiny = terminal_1.on(topic)
+    check_answer(tiny)
+    for line in terminal_1.lines:
+        if line.topic == topic:  # mosquitto_sub speaks MQTT 3.1.1: no properties arrive
+            size = packet_bytes(topic, len(line.payload.encode()), None)
+            assert size <= 256, (size, line.payload)
 
 
 def test_sessions_example_remembers_the_name(readme_bridge: int,
