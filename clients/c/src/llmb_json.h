@@ -83,6 +83,12 @@ int llmb_json_skip(llmb_json *j);
 /* 0 when nothing but whitespace is left, else LLMB_JSON_ERR. */
 int llmb_json_end(llmb_json *j);
 
+/* The value of the 4 hex digits at p[at..at+4) of a buffer of len bytes, or -1: the
+   scanner checks "\uXXXX" with it, and the decoder decodes it. */
+long llmb_json_hex4(const unsigned char *p, size_t len, size_t at);
+
+/* Decoding a scanned string (llmb_json_str.c). */
+
 /*
  * Decode the character of s at *pos to UTF-8 in out[0..n) and advance *pos.
  * Returns n (1 to 4), or 0 when *pos is at the end. A raw byte is passed on as is
