@@ -164,12 +164,13 @@ def test_queued_cancelled_and_failed_requests_fit(device: Device) -> None:
     device.ask(queued, messages=[{"role": "user", "content": "queued: Say hello."}])
     assert device.raw.wait_for(lambda _: any(m["type"] == "chunk"
                                              for m in device.messages(running)), REPLY_TIMEOUT)
+    assert device.raw.wait_for(lambda _: any(m["type"] == "progress"
+                                             for m in device.messages(queued)), REPLY_TIMEOUT)
     device.raw.publish(f"llm/cancel/{CLIENT}", json.dumps({"id": running}).encode())
     cancelled = device.answer(running)
     assert cancelled[-1]["type"] == "done" and cancelled[-1]["finish_reason"] == "cancelled"
     waited = device.answer(queued)
     assert waited[0]["type"] == "start" and waited[-1]["type"] == "done"
-    assert any(m["type"] == "progress" for m in waited), waited
     assert chunk_text(waited) == device.generation("queued: Say").sse_text()
 
     # Refused at intake with a long message, and refused by llama-server itself.
