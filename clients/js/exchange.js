@@ -33,7 +33,8 @@ const decoder = new TextDecoder("utf-8", { fatal: true });
  */
 export function randomHex(bytes = 6) {
   const buf = new Uint8Array(bytes);
-  globalThis.crypto.getRandomValues(buf);
+  if (globalThis.crypto?.getRandomValues) globalThis.crypto.getRandomValues(buf);
+  else for (let i = 0; i < bytes; i++) buf[i] = Math.floor(Math.random() * 256); // Node 18
   return Array.from(buf, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 

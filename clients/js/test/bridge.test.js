@@ -8,6 +8,8 @@
 // A second MQTT.js client subscribed to the same reply topics is the reference for what
 // the bridge sent. Every wait is bounded.
 import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { readFileSync } from "node:fs";
 import net from "node:net";
 import { test } from "node:test";
 
@@ -98,7 +100,7 @@ test("ask: onText gives what a raw subscriber reassembles; sizes are the real pa
   try {
     const pieces = [];
     const infos = [];
-    const call = client.ask({ messages: POEM, max_tokens: 40, temperature: 0, seed: SEED, max_packet: 256 }, {
+    const call = client.ask({ messages: POEM, max_tokens: 32, temperature: 0, seed: SEED, max_packet: 256 }, {
       onText: (text) => pieces.push(text),
       onMessage: (msg, info) => infos.push(info),
     });
@@ -108,7 +110,7 @@ test("ask: onText gives what a raw subscriber reassembles; sizes are the real pa
     assert.notEqual(raw.text, "");
     assert.equal(pieces.join(""), raw.text);
     assert.equal(call.text, raw.text);
-    assert.ok(pieces.length > 1, "a 40-token answer in 256-byte packets came as one piece");
+    assert.ok(pieces.length > 1, "a 32-token answer in 256-byte packets came as one piece");
     // sizes: the bridge's count is exactly the PUBLISH that arrived, and within max_packet
     assert.ok(infos.length >= raw.msgs.length);
     for (const info of infos) {
@@ -137,7 +139,7 @@ test("stream() and streamText(): the same answer, in seq order, as a raw subscri
   const client = await connect("iter");
   const w = await watcher(`${PREFIX}/reply/${client.clientName}/+`);
   try {
-    const request = { messages: POEM, max_tokens: 32, temperature: 0, seed: SEED, chunk_bytes: 128 };
+    const request = { messages: POEM, max_tokens: 24, temperature: 0, seed: SEED, chunk_bytes: 128 };
     const events = client.stream(request);
     const got = [];
     await within((async () => { for await (const ev of events) got.push(ev); })(), "stream()");
@@ -204,7 +206,7 @@ test("a session remembers the first turn until it is cleared", { skip }, async (
   // longer than the same question alone.
   const client = await connect("session");
   try {
-    const sampling = { temperature: 0, seed: SEED, max_tokens: 16 };
+    const sampling = { temperature: 0, seed: SEED, max_tokens: 8 };
     const question = [{ role: "user", content: "What is my name?" }];
     const promptTokens = async (call, what) => (await within(call.done, what)).usage.prompt_tokens;
     const alone = await promptTokens(client.ask({ messages: question, ...sampling }), "the question alone");
@@ -233,13 +235,13 @@ test("chatStream and chatSessionStream: chunks, then the whole text", { skip }, 
       const chunks = [];
       const call = start((t) => chunks.push(t), (text, msg) => resolve({ chunks, text, msg, call }), reject);
     }), "a chat answer");
-    const request = { messages: POEM, max_tokens: 24, temperature: 0, seed: SEED, chunk_bytes: 128 };
+    const request = { messages: POEM, max_tokens: 16, temperature: 0, seed: SEED, chunk_bytes: 128 };
     const a = await run((onChunk, onComplete, onError) => chatStream(client, request, onChunk, onComplete, onError));
     assert.equal(a.chunks.join(""), a.text);
     assert.equal(a.text, (await reassembled(w, a.call.topic)).text);
     assert.ok(a.chunks.length > 1);
     const b = await run((onChunk, onComplete, onError) =>
-      chatSessionStream(client, "chat-s", { prompt: "Name three fruits.", max_tokens: 24 }, onChunk, onComplete, onError));
+      chatSessionStream(client, "chat-s", { prompt: "Name three fruits.", max_tokens: 16 }, onChunk, onComplete, onError));
     assert.equal(b.chunks.join(""), b.text);
     assert.notEqual(b.text, "");
     assert.equal(b.call.request.session, "chat-s");
@@ -335,7 +337,7 @@ test("a connection cut mid-answer: reconnects with backoff and the answer comple
     const periods = [];
     client.on("reconnect", () => periods.push(client.mqtt.options.reconnectPeriod));
     const reconnected = new Promise((resolve) => client.on("connect", (how) => how.reconnect && resolve(how)));
-    const call = client.ask({ messages: POEM, max_tokens: 48, temperature: 0, seed: SEED, chunk_bytes: 128 }, {
+    const call = client.ask({ messages: POEM, max_tokens: 32, temperature: 0, seed: SEED, chunk_bytes: 128 }, {
       onText: () => {
         if (call.chunks === 1) proxy.cut(2); // the next 2 connection attempts fail too
       },
@@ -355,5 +357,29 @@ test("a connection cut mid-answer: reconnects with backoff and the answer comple
     await w.close();
     await client.close();
     await proxy.close();
+  }
+});
+
+test("the README's Node example runs as written", { skip }, async () => {
+  const readme = readFileSync(new globalThis.URL("../README.md", import.meta.url), "utf8");
+  const example = readme.match(/```js\n(import \{ BridgeClient \}[\s\S]*?process\.stdout\.write[\s\S]*?)```/)[1];
+  assert.ok(example.includes('"mqtt://127.0.0.1:1883"') && example.includes('"kitchen"'));
+  const clientName = name("readme");
+  const code = example.replace('"mqtt://127.0.0.1:1883"', JSON.stringify(URL))
+    .replace('"kitchen"', `"${clientName}", prefix: "${PREFIX}", heartbeatS: ${HEARTBEAT_S}`);
+  const w = await watcher(`${PREFIX}/reply/${clientName}/+`);
+  try {
+    const { stdout } = await within(new Promise((resolve, reject) => {
+      execFile(process.execPath, ["--input-type=module", "-e", code],
+        { cwd: new globalThis.URL("..", import.meta.url), timeout: WAIT_MS },
+        (error, out, err) => (error ? reject(new Error(`${error.message}\n${err}`)) : resolve({ stdout: out })));
+    }), "the README example");
+    const topic = w.seen[0]?.topic;
+    assert.ok(topic, "the example asked nothing");
+    const raw = await reassembled(w, topic);
+    assert.match(stdout, /\n\[(stop|length), [0-9.]+ tokens\/s\]\n$/);
+    assert.equal(stdout.slice(0, stdout.lastIndexOf("\n[")), raw.text);
+  } finally {
+    await w.close();
   }
 });
