@@ -89,6 +89,10 @@ export function checkHandlers(handlers) {
       throw new TypeError(`handlers.${name} must be a function`);
     }
   }
+  const { signal } = handlers;
+  if (signal !== undefined && (signal === null || typeof signal.addEventListener !== "function")) {
+    throw new TypeError("handlers.signal must be an AbortSignal");
+  }
   return handlers;
 }
 
@@ -162,9 +166,15 @@ export class Call {
     this.cancelled = true;
     this.exchange.stopResending(); // a resend could start the cancelled request again
     this.client._publishCancel(this);
-    // A bridge that no longer holds the request sends nothing: end it here after as long
-    // as a resend would wait.
-    this._cancelTimer = this.client.clock.setTimeout(() => this._finish({
+    this._armCancelTimer();
+  }
+
+  _armCancelTimer() {
+    // A bridge that no longer holds the request sends nothing: end the call here once it
+    // was silent for as long as a resend would wait.
+    const { clock } = this.client;
+    if (this._cancelTimer !== null) clock.clearTimeout(this._cancelTimer);
+    this._cancelTimer = clock.setTimeout(() => this._finish({
       type: "done", id: this.id, seq: null, finish_reason: "cancelled", local: true,
     }), this.client.resendAfterMs);
   }
@@ -175,7 +185,8 @@ export class Call {
    * @returns {Call}
    */
   retry(handlers = this.handlers) {
-    const { id, ...request } = this.request; // eslint-disable-line no-unused-vars
+    const request = { ...this.request };
+    delete request.id;
     return this._asker(request, handlers);
   }
 
@@ -266,6 +277,7 @@ export class Call {
     }
     if (delivery.restartedAt !== null && !this._restart(delivery.restartedAt)) return;
     this._schedule();
+    if (this.cancelled) this._armCancelTimer();
     this._deliver(msg, now);
   }
 

@@ -163,7 +163,9 @@ test("stream() and streamText(): the same answer, in seq order, as a raw subscri
 });
 
 test("cancel ends the answer with done, finish_reason cancelled", { skip }, async () => {
-  const client = await connect("cancel");
+  // heartbeatS 5: however slow a loaded machine makes the bridge, the cancelled done is its
+  // own, not this client's giving up after 3 heartbeats of silence
+  const client = await connect("cancel", { heartbeatS: 5 });
   try {
     let cancelledAfter = null;
     const call = client.ask({ prompt: "Count from one to one thousand: one, two,", max_tokens: 1000 }, {
@@ -275,7 +277,7 @@ test("no bridge on the prefix: the same request 3 more times, then reply_timeout
   const prefix = name("nobody");
   const clientName = name("alone");
   const w = await watcher(`${prefix}/request/${clientName}`);
-  const client = new BridgeClient({ url: URL, clientName, prefix, heartbeatS: 0.05, idleTimeoutS: 1 });
+  const client = new BridgeClient({ url: URL, clientName, prefix, heartbeatS: 0.1, idleTimeoutS: 3 });
   await client.connect();
   try {
     const call = client.ask({ id: "lonely", prompt: "anyone?" });

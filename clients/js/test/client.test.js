@@ -221,7 +221,11 @@ test("cancel publishes {id} on P/cancel/{client}; the answer ends 'cancelled' an
 
   const lost = client.ask({ id: "c2", prompt: "count" });
   lost.cancel();
-  clock.advance(3000); // nobody answers: ended here, without a resend (it would start it again)
+  clock.advance(2000);
+  deliverAll(fake, "c2", 0, { type: "start" }); // still alive: wait again from here
+  clock.advance(2999);
+  assert.equal(lost.finished, false);
+  clock.advance(1); // then nothing: ended here, without a resend (it would start it again)
   const end = await lost.done;
   assert.deepEqual([end.finish_reason, end.local], ["cancelled", true]);
   assert.equal(fake.requests().filter((r) => r.id === "c2").length, 1);
@@ -241,6 +245,7 @@ test("bad input throws a clear TypeError and publishes nothing", async () => {
   assert.throws(() => client.ask({ id: 7, prompt: "x" }), TypeError);
   assert.throws(() => client.ask("hi", { onText: "nope" }), /handlers.onText must be a function/);
   assert.throws(() => client.ask("hi", 5), TypeError);
+  assert.throws(() => client.ask("hi", { signal: "stop" }), /AbortSignal/);
   const big = { prompt: "x", n: 1n };
   assert.throws(() => client.ask(big), /not JSON/);
   assert.throws(() => client.session("bad name"), TypeError);
