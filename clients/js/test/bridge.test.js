@@ -339,7 +339,7 @@ test("a connection cut mid-answer: reconnects with backoff and the answer comple
     const periods = [];
     client.on("reconnect", () => periods.push(client.mqtt.options.reconnectPeriod));
     const reconnected = new Promise((resolve) => client.on("connect", (how) => how.reconnect && resolve(how)));
-    const call = client.ask({ messages: POEM, max_tokens: 32, temperature: 0, seed: SEED, chunk_bytes: 128 }, {
+    const call = client.ask({ messages: POEM, max_tokens: 24, temperature: 0, seed: SEED, chunk_bytes: 128 }, {
       onText: () => {
         if (call.chunks === 1) proxy.cut(2); // the next 2 connection attempts fail too
       },
