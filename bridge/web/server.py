@@ -10,163 +10,48 @@ feature the page uses.
 What it does and does not do:
 
 * GET and HEAD only (405 otherwise); no directory listings; only files with a known
-  Content-Type (:data:`CONTENT_TYPES`), so a stray file is a 404, never a download.
-* Paths are checked lexically before any file is touched (:func:`resolve`): no
-  ``..``, no hidden names, no empty segments, no backslashes or NULs. Symlinks inside
+  Content-Type, so a stray file is a 404, never a download.
+* Paths are checked lexically before any file is touched (:func:`bridge.web.files.resolve`):
+  no ``..``, no hidden names, no empty segments, no backslashes or NULs. Symlinks inside
   the shipped folder are followed: they are part of the package.
 * Every response says ``Cache-Control: no-cache`` (an upgraded package serves its new
   page at once), ``X-Content-Type-Options: nosniff`` and a Content-Security-Policy:
   'self' only, plus WebSockets to any broker for MQTT and MQTT.js's timer worker
-  (:func:`content_security_policy`).
+  (:func:`bridge.web.files.content_security_policy`).
 * Each connection has a socket timeout and at most ``max_connections`` are served at
   once; :meth:`WebServer.stop` closes the open ones and joins every thread.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
-import hashlib
-import ipaddress
 import json
 import logging
-import re
 import socket
 import socketserver
 import threading
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
-__all__ = [
-    "CONTENT_TYPES",
-    "LOOPBACK_ONLY_KEYS",
-    "WebServer",
-    "WebServerError",
-    "config_for",
-    "content_security_policy",
-    "resolve",
-    "static_root",
-]
+from bridge.web.files import (
+    CONTENT_TYPES,
+    config_for,
+    content_security_policy,
+    content_type,
+    resolve,
+    static_root,
+)
+
+__all__ = ["WebServer", "WebServerError", "static_root"]
 
 _log = logging.getLogger(__name__)
 
-#: What is served, by file name ending. ``.js`` as ``text/javascript``: browsers run ES
-#: modules only with a JavaScript type (HTML's strict MIME check for module scripts).
-CONTENT_TYPES: dict[str, str] = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".mjs": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".json": "application/json",
-    ".svg": "image/svg+xml",
-    ".png": "image/png",
-    ".ico": "image/x-icon",
-    ".md": "text/plain; charset=utf-8",
-    ".txt": "text/plain; charset=utf-8",
-}
-
-#: Keys of ``config.json`` given only to a browser on this machine: the local broker's
-#: WebSocket password is for this machine's user, like the broker itself.
-LOOPBACK_ONLY_KEYS = frozenset({"username", "password"})
-
-_IMPORT_MAP = re.compile(rb"<script\s+type=[\"']?importmap[\"']?\s*>(.*?)</script>",
-                         re.IGNORECASE | re.DOTALL)
-
-
 class WebServerError(RuntimeError):
     """The web server could not start (the message says why and which flag to change)."""
-
-
-def static_root() -> Traversable:
-    """The page's folder inside the installed package (``bridge/web/static``)."""
-    return resources.files("bridge.web") / "static"
-
-
-def content_security_policy(document: bytes | None = None) -> str:
-    """The Content-Security-Policy header of a response.
-
-    Scripts, styles, images and fetches from the page's own origin only, plus
-    WebSocket connections to any host (``ws:`` ``wss:``): the broker is on another
-    port, or another machine. The one inline script a page may have is its import
-    map (browsers support no external one): each import map of ``document`` is
-    allowed by its SHA-256, so the policy never needs ``'unsafe-inline'``. Workers
-    may also come from ``blob:`` URLs: MQTT.js runs its keep-alive timer in a worker
-    it makes from one, because browsers slow the timers of a hidden tab to one a
-    minute and the broker would drop the connection; only a script already allowed
-    to run can make such a URL.
-
-    Args:
-        document: the HTML being served (None for any other response).
-
-    Returns:
-        The header value.
-    """
-    hashes = "".join(
-        f" 'sha256-{base64.b64encode(hashlib.sha256(body).digest()).decode()}'"
-        for body in _IMPORT_MAP.findall(document or b""))
-    return ("default-src 'self'; "
-            f"script-src 'self'{hashes}; "
-            "connect-src 'self' ws: wss:; worker-src 'self' blob:; "
-            "img-src 'self'; style-src 'self'; object-src 'none'; base-uri 'none'; "
-            "form-action 'self'; frame-ancestors 'none'")
-
-
-def resolve(root: Traversable, url_path: str) -> Traversable | None:
-    """The file a URL path names under ``root``, or None if it names none or may not.
-
-    Checked on the text, before anything on disk is touched: each ``/``-separated
-    segment (after percent-decoding) must be a plain name -- not empty, not starting
-    with ``.`` (no ``..``, no hidden files), no backslash, no NUL -- and the file must
-    have a known type. ``/`` is ``/index.html``; any other folder is not found.
-
-    Args:
-        root: the static folder.
-        url_path: the path of the request URL, e.g. ``/vendor/mqtt.esm.js``.
-
-    Returns:
-        The file, or None.
-    """
-    path = unquote(url_path)
-    if path == "/":
-        path = "/index.html"
-    if not path.startswith("/"):
-        return None
-    segments = path[1:].split("/")
-    if any(not s or s.startswith(".") or "\\" in s or "\0" in s for s in segments):
-        return None
-    if not any(segments[-1].endswith(ending) for ending in CONTENT_TYPES):
-        return None
-    target = root
-    for segment in segments:
-        target = target / segment
-    return target if target.is_file() else None
-
-
-def _content_type(name: str) -> str:
-    return next(kind for ending, kind in CONTENT_TYPES.items() if name.endswith(ending))
-
-
-def config_for(peer: str, page_config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config.json`` as served to the browser at ``peer``.
-
-    Args:
-        peer: the client's IP address.
-        page_config: the whole configuration.
-
-    Returns:
-        ``page_config``, without :data:`LOOPBACK_ONLY_KEYS` unless ``peer`` is loopback.
-    """
-    try:
-        loopback = ipaddress.ip_address(peer.split("%")[0]).is_loopback
-    except ValueError:
-        loopback = False
-    return {key: value for key, value in page_config.items()
-            if loopback or key not in LOOPBACK_ONLY_KEYS}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -214,7 +99,7 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # removed or unreadable since resolve() saw it
             self.send_error(404)
             return
-        kind = _content_type(target.name)
+        kind = content_type(target.name)
         policy = content_security_policy(body if target.name.endswith(".html") else None)
         self._send(200, kind, body, with_body=with_body, policy=policy)
 

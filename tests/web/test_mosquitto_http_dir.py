@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bridge.mqtt.brokers.mosquitto import MosquittoChild
-from bridge.web.server import static_root
+from bridge.web.files import static_root
 from tests.support.browser import Browser
 from tests.support.local_broker import require_mosquitto
 from tests.support.processes import free_port

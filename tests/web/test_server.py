@@ -18,14 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.web.server import (
-    CONTENT_TYPES,
-    WebServer,
-    WebServerError,
-    config_for,
-    resolve,
-    static_root,
-)
+from bridge.web.files import CONTENT_TYPES, config_for, resolve, static_root
+from bridge.web.server import WebServer, WebServerError
 from tests.support.local_broker import non_loopback_ipv4
 from tests.support.waiting import LOOPBACK_TIMEOUT, poll_until
 
