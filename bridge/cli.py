@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from bridge.config.settings import DeploymentConfig, MqttSettings, load_config
+from bridge.config.settings import DeploymentConfig, MqttSettings, WebSettings, load_config
 from bridge.mqtt.paho_client import broker_host
 from bridge.version import __version__
+from bridge.web.page import serve_page_config, start_page_server
 
 if TYPE_CHECKING:
     from bridge.service.bridge import Bridge
@@ -121,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-host", metavar="ADDRESS",
                    help="address of the metrics endpoint; it has no authentication "
                         f"(default {cfg['metrics_host'].default})")
+    g = run.add_argument_group("web playground (README, Web playground)")
+    g.add_argument("--web-port", type=int, metavar="PORT",
+                   help="serve the web page on this TCP port; with the local broker it also "
+                        "gets a WebSocket listener for the page (default: none, no page)")
+    g.add_argument("--web-host", metavar="ADDRESS",
+                   help="address of the page; it has no login of its own "
+                        f"(default {_default(WebSettings, 'host')})")
+    g.add_argument("--web-mqtt-url", metavar="URL",
+                   help="WebSocket URL of your own broker (--mqtt-host) for the page, e.g. "
+                        "ws://broker.lan:9001 (default: the local broker's, or the page asks)")
+    g.add_argument("--ws-port", type=int, metavar="PORT",
+                   help="port of the local broker's WebSocket listener, on loopback "
+                        "(default: any free port when the page is served)")
 
     ask = sub.add_parser("ask", help="send a prompt and print the streamed answer",
                          description="Send one prompt to the bridge as a device would and "
@@ -181,7 +195,9 @@ def _config(args: argparse.Namespace) -> DeploymentConfig:
                     shared_group=args.shared_group, sessions_db=args.sessions_db,
                     log_level=args.log_level, metrics_port=args.metrics_port,
                     metrics_host=args.metrics_host,
-                    llama={"urls": args.llama_urls})
+                    llama={"urls": args.llama_urls},
+                    web={"port": args.web_port, "host": args.web_host,
+                         "mqtt_url": args.web_mqtt_url, "ws_port": args.ws_port})
     return load_config(args.config, mqtt=mqtt, **flat)
 
 
@@ -231,13 +247,20 @@ def _run_until(cfg: DeploymentConfig, stop: threading.Event, log: logging.Logger
 
     with ExitStack() as stack:
         bridge_cfg = cfg  # cfg stays as loaded: SIGHUP compares the reloaded file with it
+        web = start_page_server(cfg)  # first: a taken port fails before anything else starts
+        if web is not None:
+            stack.callback(web.stop)
+        broker = None
         if cfg.mqtt.host is None:
             from bridge.mqtt.brokers.local import describe, start_local_broker, use_local_broker
 
-            broker = start_local_broker(cfg.mqtt.port)
-            stack.callback(broker.stop)  # registered first, so it stops last
+            ws_port = cfg.web.ws_port if cfg.web.ws_port is not None or web is None else 0
+            broker = start_local_broker(cfg.mqtt.port, ws_port=ws_port)
+            stack.callback(broker.stop)  # registered before the bridge's, so it stops later
             log.info("%s", describe(broker))
             bridge_cfg = use_local_broker(cfg, broker)
+        if web is not None:
+            serve_page_config(web, cfg, broker, log)
         urls = list(cfg.llama.urls)
         if not urls:
             from bridge.llama.embedded import EmbeddedLlama
@@ -261,7 +284,8 @@ def _run_until(cfg: DeploymentConfig, stop: threading.Event, log: logging.Logger
         host = broker_host(cfg.mqtt)
         print(f"bridge {cfg.bridge_id} ready: MQTT {host}:{cfg.mqtt.port}, topics "
               f"{cfg.prefix}/request/+, llama.cpp at {', '.join(urls)}. "
-              f'Try: llamacpp-mqtt-bridge ask "hi"', flush=True)
+              f'Try: llamacpp-mqtt-bridge ask "hi"'
+              + (f". Web page: {web.url}" if web is not None else ""), flush=True)
         stop.wait()
         log.info("shutting down")
     return EXIT_OK

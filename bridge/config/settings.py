@@ -1,9 +1,9 @@
 """Configuration, defined once: TOML file < environment < command-line flags.
 
 ``DeploymentConfig`` is the one place every setting and its default live. The
-TOML file has top-level keys for bridge behaviour and ``[mqtt]``/``[llama]``
-tables; environment variables are ``BRIDGE_<KEY>`` and ``BRIDGE_MQTT__<KEY>``,
-``BRIDGE_LLAMA__<KEY>``; flags (``bridge.cli``) override both.
+TOML file has top-level keys for bridge behaviour and ``[mqtt]``, ``[llama]``,
+``[device]`` and ``[web]`` tables; environment variables are ``BRIDGE_<KEY>`` and
+``BRIDGE_<TABLE>__<KEY>``; flags (``bridge.cli``) override both.
 """
 
 from __future__ import annotations
@@ -180,6 +180,39 @@ class DeviceSettings(BaseModel):
                     "max_message_bytes and the broker's limit bound a message.")
 
 
+class WebSettings(BaseModel):
+    """The web playground ``run`` serves (``[web]``; README, *Web playground*)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: int | None = Field(
+        None, ge=1, le=65535,
+        description="Serve the web playground (static page and config.json) on this TCP "
+                    "port; unset: no page.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the page is served on. Loopback by default: the local broker's "
+                    "WebSocket listener is loopback too, and the page has no login of its own.")
+    mqtt_url: str | None = Field(
+        None,
+        description="The broker's WebSocket URL the page connects to (ws:// or wss://), for a "
+                    "broker of your own (--mqtt-host). Unset: the local broker's WebSocket "
+                    "listener, or with your own broker none (the page asks).")
+    ws_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="Port of the local broker's WebSocket listener (loopback). Unset: a free "
+                    "port when the page is served, else no WebSocket listener.")
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _websocket_url(cls, url: str | None) -> str | None:
+        if url is not None and (not url.startswith(("ws://", "wss://"))
+                                or not urlsplit(url).netloc):
+            raise ValueError(f"web mqtt_url {url!r} must be a WebSocket URL with a host: "
+                             "ws://host:port or wss://host:port, e.g. ws://127.0.0.1:9001")
+        return url
+
+
 class DeploymentConfig(BaseSettings):
     """Every setting of one bridge process, with its default.
 
@@ -262,6 +295,7 @@ class DeploymentConfig(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)  # type: ignore[arg-type]
     device: DeviceSettings = Field(default_factory=DeviceSettings)  # type: ignore[arg-type]
     llama: LlamaSettings = Field(default_factory=LlamaSettings)  # type: ignore[arg-type]
+    web: WebSettings = Field(default_factory=WebSettings)  # type: ignore[arg-type]
 
     @field_validator("prefix")
     @classmethod

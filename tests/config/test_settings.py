@@ -22,6 +22,7 @@ from bridge.config.settings import (
     DeviceSettings,
     LlamaSettings,
     MqttSettings,
+    WebSettings,
     load_config,
 )
 
@@ -40,7 +41,9 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "mqtt": MqttSettings,
     "llama": LlamaSettings,
     "device": DeviceSettings,
+    "web": WebSettings,
 }
+TABLES = {"mqtt", "llama", "device", "web"}
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +62,7 @@ def write(tmp_path: Path, text: str, name: str = "bridge.toml") -> Path:
 
 def field_names(section: str) -> set[str]:
     names = set(SECTIONS[section].model_fields)
-    return names - {"mqtt", "llama", "device"} if section == "" else names
+    return names - TABLES if section == "" else names
 
 
 # ---------------------------------------------------------------------------- the example
@@ -104,7 +107,7 @@ def test_every_active_value_in_the_example_is_the_default() -> None:
         values = data if section == "" else data[section]
         current = defaults if section == "" else getattr(defaults, section)
         for key, value in values.items():
-            if section == "" and key in ("mqtt", "llama", "device"):
+            if section == "" and key in TABLES:
                 continue
             cfg = load_config(**({section: {key: value}} if section else {key: value}))
             got = getattr(cfg if section == "" else getattr(cfg, section), key)
@@ -115,7 +118,7 @@ def test_every_active_value_in_the_example_is_the_default() -> None:
 def test_every_setting_appears_in_the_example() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     data = tomllib.loads(text)  # the file is valid TOML as a whole
-    assert set(data) - field_names("") <= {"mqtt", "llama", "device"}
+    assert set(data) - field_names("") <= TABLES
     documented: dict[str, set[str]] = {s: set() for s in SECTIONS}
     for line in example_key_lines(text):
         assert line.section in SECTIONS, f"line {line.lineno + 1}: unknown table [{line.section}]"

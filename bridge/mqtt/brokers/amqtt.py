@@ -152,6 +152,8 @@ class EmbeddedBroker:
         host: address to listen on. Keep the default (loopback): the embedded
             broker has no authentication.
         port: TCP port; 0 picks a free one (read it back from :attr:`port`).
+        ws_port: port of an MQTT-over-WebSocket listener (amqtt's ``ws`` type) for
+            browsers, on ``host`` too; 0 picks a free one, None starts none.
         session_expiry_s: seconds a disconnected persistent session (and its
             queued messages) is kept; None keeps them until the broker stops.
         log_level: level for amqtt's loggers; WARNING keeps per-packet chatter out.
@@ -173,6 +175,7 @@ class EmbeddedBroker:
         host: str = "127.0.0.1",
         port: int = 1883,
         *,
+        ws_port: int | None = None,
         session_expiry_s: int | None = 3600,
         log_level: int = logging.WARNING,
         start_timeout: float = 10.0,
@@ -181,6 +184,8 @@ class EmbeddedBroker:
         self.host = host
         self._requested_port = port
         self._port: int | None = None
+        self._requested_ws_port = ws_port
+        self._ws_port: int | None = None
         self.session_expiry_s = session_expiry_s
         self.log_level = log_level
         self.start_timeout = start_timeout
@@ -199,6 +204,14 @@ class EmbeddedBroker:
         return self._port if self._port is not None else self._requested_port
 
     @property
+    def ws_port(self) -> int | None:
+        """The WebSocket listener's port (the real one once started); None: none."""
+        return self._ws_port if self._ws_port is not None else self._requested_ws_port
+
+    #: The WebSocket listener admits anyone, like the TCP one: it is bound to ``host``.
+    ws_account: tuple[str, str] | None = None
+
+    @property
     def running(self) -> bool:
         """Whether the broker thread is alive and serving."""
         return self._thread is not None and self._thread.is_alive() and self._port is not None
@@ -215,10 +228,11 @@ class EmbeddedBroker:
         Returns:
             The configuration dictionary.
         """
+        listeners = {"default": {"type": "tcp", "bind": f"{self.host}:{self._requested_port}"}}
+        if self._requested_ws_port is not None:
+            listeners["ws"] = {"type": "ws", "bind": f"{self.host}:{self._requested_ws_port}"}
         return {
-            "listeners": {
-                "default": {"type": "tcp", "bind": f"{self.host}:{self._requested_port}"},
-            },
+            "listeners": listeners,
             "plugins": {f"{__name__}.OpenAuthPlugin": {}},
             "session_expiry_interval": self.session_expiry_s,
             # amqtt adds this to the client's keep-alive before dropping a silent client.
@@ -241,7 +255,7 @@ class EmbeddedBroker:
         self._check_port_free()
         self._started.clear()
         self._start_error = None
-        self._port = None
+        self._port = self._ws_port = None
         # Loop and stop event exist before the thread runs, so stop() can always
         # signal the broker, even while it is still starting.
         self._loop = asyncio.new_event_loop()
@@ -313,6 +327,8 @@ class EmbeddedBroker:
         """
         try:
             check_port_free(self.host, self._requested_port)
+            if self._requested_ws_port is not None:
+                check_port_free(self.host, self._requested_ws_port, websocket=True)
         except LocalBrokerError as exc:
             raise EmbeddedBrokerError(str(exc)) from exc.__cause__
 
@@ -347,6 +363,8 @@ class EmbeddedBroker:
         broker = _Broker(self.config(), loop=asyncio.get_running_loop())
         await broker.start()
         self._port = _bound_port(broker) or self._requested_port
+        if self._requested_ws_port is not None:
+            self._ws_port = _bound_port(broker, "ws") or self._requested_ws_port
         self._started.set()
         await self._stop_requested.wait()
         try:
@@ -383,14 +401,14 @@ class EmbeddedBroker:
             amqtt_logger.setLevel(level)
 
 
-def _bound_port(broker: Any) -> int | None:
-    """Read the port the default listener actually bound (needed for port 0).
+def _bound_port(broker: Any, listener: str = "default") -> int | None:
+    """Read the port a listener actually bound (needed for port 0).
 
     amqtt keeps its listening servers in a private dict; this degrades to None
     if a later amqtt changes that, and the caller falls back to the requested port.
     """
     try:
-        sockets = broker._servers["default"].instance.sockets
+        sockets = broker._servers[listener].instance.sockets
         return int(sockets[0].getsockname()[1])
     except (AttributeError, KeyError, IndexError, TypeError):
         return None

@@ -2,8 +2,9 @@
 
 Mosquitto when it is installed (:func:`~bridge.mqtt.brokers.mosquitto.find_mosquitto`): a child
 process with a configuration generated here -- one loopback listener, MQTT 3.1.1 and
-5, the queue and size limits of the shipped ``mosquitto/mosquitto.conf`` -- in its own
-temporary folder, stopped and removed with the bridge. Otherwise the in-process amqtt
+5, the queue and size limits of the shipped ``mosquitto/mosquitto.conf``, and for the
+web page (``run --web-port``) a WebSocket listener -- in its own temporary folder,
+stopped and removed with the bridge. Otherwise the in-process amqtt
 broker (:mod:`bridge.mqtt.brokers.amqtt`), which speaks only MQTT 3.1.1.
 
 Either way the bridge learns which protocol the broker speaks and connects with it at
@@ -12,9 +13,12 @@ once (:func:`use_local_broker`) instead of probing.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import stat
@@ -71,6 +75,22 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+# The account the page logs in with on the WebSocket listener (see EmbeddedMosquitto.config).
+WS_USERNAME = "web"
+
+
+def _password_line(username: str, password: str) -> str:
+    """One line of a Mosquitto password file, as ``mosquitto_passwd`` (2.0) writes it.
+
+    ``$7$``: PBKDF2-HMAC-SHA512, 101 iterations, 12-byte salt, base64 -- made here so
+    that the local broker needs no ``mosquitto_passwd`` program.
+    """
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
+    return (f"{username}:$7$101${base64.b64encode(salt).decode()}"
+            f"${base64.b64encode(digest).decode()}\n")
+
+
 def _unprivileged_account(folder: Path) -> str | None:
     """The account to start Mosquitto as: ``mosquitto`` if we are root and it can.
 
@@ -80,15 +100,23 @@ def _unprivileged_account(folder: Path) -> str | None:
     account and a ``folder`` it can reach: every directory above it open to others
     (``/tmp`` is; a private TMPDIR is not, and then Mosquitto switches by itself).
     """
-    if os.geteuid() != 0:
-        return None
-    try:
-        pwd.getpwnam("mosquitto")
-    except KeyError:
+    if not _switches_user():
         return None
     if not all(parent.stat().st_mode & stat.S_IXOTH for parent in folder.parents):
         return None
     return "mosquitto"
+
+
+def _switches_user() -> bool:
+    """Whether Mosquitto, started as we are, switches to its ``mosquitto`` account by itself
+    (after reading its configuration, before reading a password file)."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        pwd.getpwnam("mosquitto")
+    except KeyError:
+        return False
+    return True
 
 
 class EmbeddedMosquitto:
@@ -98,6 +126,8 @@ class EmbeddedMosquitto:
         binary: the mosquitto program.
         host: listener address; loopback only, since anonymous clients are admitted.
         port: listener port; 0 picks a free one (read it back from :attr:`port`).
+        ws_port: port of an MQTT-over-WebSocket listener for browsers; 0 picks a free
+            one, None (the default) starts none.
         start_timeout: seconds :meth:`start` waits for the listener.
         stop_timeout: seconds :meth:`stop` waits for a clean exit before SIGKILL.
     """
@@ -106,7 +136,8 @@ class EmbeddedMosquitto:
     protocol: Literal["5", "3.1.1"] = "5"
 
     def __init__(self, binary: str, host: str = "127.0.0.1", port: int = 1883, *,
-                 start_timeout: float = 10.0, stop_timeout: float = 5.0) -> None:
+                 ws_port: int | None = None, start_timeout: float = 10.0,
+                 stop_timeout: float = 5.0) -> None:
         if not host.startswith("127.") and host != "::1":
             raise ValueError(f"the embedded Mosquitto admits anonymous clients, so it "
                              f"listens on loopback only, not on {host!r}")
@@ -114,6 +145,12 @@ class EmbeddedMosquitto:
         self.host = host
         self._requested_port = port
         self._port = port
+        self._requested_ws_port = ws_port
+        self._ws_port = ws_port
+        # A new password for each broker: only whoever reads the page's config.json (served
+        # on loopback) or this broker's private folder learns it.
+        self._ws_account: tuple[str, str] | None = \
+            None if ws_port is None else (WS_USERNAME, secrets.token_urlsafe(18))
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.folder: Path | None = None
@@ -123,6 +160,16 @@ class EmbeddedMosquitto:
     def port(self) -> int:
         """The listener's port (the one picked, when started with port 0)."""
         return self._port
+
+    @property
+    def ws_port(self) -> int | None:
+        """The WebSocket listener's port (the one picked, for 0); None: no such listener."""
+        return self._ws_port
+
+    @property
+    def ws_account(self) -> tuple[str, str] | None:
+        """Username and password the WebSocket listener requires; None: no such listener."""
+        return self._ws_account
 
     @property
     def pid(self) -> int | None:
@@ -138,12 +185,7 @@ class EmbeddedMosquitto:
         lines = [
             "# Generated by llamacpp-mqtt-bridge for `run` without --mqtt-host: a broker",
             "# for this machine that starts and stops with the bridge.",
-            f"listener {self._port} {self.host}",
-            "protocol mqtt",
-            "# Anonymous access, only because the one listener is loopback: nothing",
-            "# off this machine can connect. Devices on the LAN need a broker with",
-            "# passwords and TLS, such as the one mosquitto/ describes.",
-            "allow_anonymous true",
+            *self._listeners(),
             "# The broker lives as long as the bridge and its folder is removed when it",
             "# stops, so a database would only cost a write at every stop. Sessions and",
             "# queued replies last while the bridge runs.",
@@ -163,6 +205,40 @@ class EmbeddedMosquitto:
         ]
         return "\n".join(lines) + "\n"
 
+    def _listeners(self) -> list[str]:
+        anonymous = [
+            "# Anonymous access, only because the listener is loopback: nothing",
+            "# off this machine can connect. Devices on the LAN need a broker with",
+            "# passwords and TLS, such as the one mosquitto/ describes.",
+            "allow_anonymous true",
+        ]
+        if self._ws_port is None:
+            return [f"listener {self._port} {self.host}", "protocol mqtt", *anonymous]
+        return [
+            "# Login rules per listener: anonymous on TCP, a password on WebSockets.",
+            "per_listener_settings true",
+            f"listener {self._port} {self.host}", "protocol mqtt", *anonymous,
+            "# For the web page (run --web-port), which learns the account from its",
+            "# config.json. A password although the address is loopback: Mosquitto",
+            "# 2.0.11 (Debian 12) binds websockets listeners on ALL interfaces whatever",
+            "# the address (eclipse-mosquitto/mosquitto#3045, fixed in 2.0.12).",
+            f"listener {self._ws_port} {self.host}", "protocol websockets",
+            "allow_anonymous false", "password_file passwd",
+        ]
+
+    def _write_files(self, folder: Path) -> list[Path]:
+        """The configuration (and the WebSocket account's password file) in ``folder``."""
+        conf = folder / "mosquitto.conf"
+        conf.write_text(self.config(), encoding="utf-8")
+        if self._ws_account is None:
+            return [conf]
+        passwd = folder / "passwd"
+        # Private before the hash is in it: Mosquitto 2.0 warns about (later versions
+        # refuse) a password file others can read.
+        passwd.touch(mode=0o600)
+        passwd.write_text(_password_line(*self._ws_account), encoding="utf-8")
+        return [conf, passwd]
+
     def start(self) -> None:
         """Write the configuration, start Mosquitto, return once it accepts connections.
 
@@ -173,19 +249,30 @@ class EmbeddedMosquitto:
         """
         if self._child is not None:
             return
-        attempts = 3 if self._requested_port == 0 else 1  # a picked port may be taken
+        picked = self._requested_port == 0 or self._requested_ws_port == 0
+        attempts = 3 if picked else 1  # a picked port may be taken
         for attempt in range(attempts):
             self._port = self._requested_port or _free_port(self.host)
             check_port_free(self.host, self._port)
+            ports = [self._port]
+            if self._requested_ws_port is not None:
+                self._ws_port = self._requested_ws_port or _free_port(self.host)
+                check_port_free(self.host, self._ws_port, websocket=True)
+                ports.append(self._ws_port)
             self.folder = Path(tempfile.mkdtemp(prefix=f"llamacpp-mqtt-bridge-mosquitto-"
                                                        f"{self._port}-"))
-            conf = self.folder / "mosquitto.conf"
-            conf.write_text(self.config(), encoding="utf-8")
+            files = self._write_files(self.folder)
             user = _unprivileged_account(self.folder)
             if user is not None:  # it must read its configuration as that user
-                shutil.chown(self.folder, user)
-                shutil.chown(conf, user)
-            child = MosquittoChild(self.binary, conf, host=self.host, ports=[self._port],
+                for path in (self.folder, *files):
+                    shutil.chown(path, user)
+            elif len(files) > 1 and _switches_user():
+                self._remove_folder()
+                raise LocalBrokerError(
+                    f"cannot give the embedded Mosquitto its WebSocket listener: started as "
+                    f"root it runs as the mosquitto account, which cannot reach its password "
+                    f"file under {tempfile.gettempdir()}. Use a TMPDIR open to others (/tmp).")
+            child = MosquittoChild(self.binary, files[0], host=self.host, ports=ports,
                                    cwd=self.folder, user=user,
                                    logger=logging.getLogger("bridge.mosquitto"))
             try:
@@ -195,7 +282,7 @@ class EmbeddedMosquitto:
                 if exc.port_in_use and attempt + 1 < attempts:
                     continue
                 if exc.port_in_use:
-                    raise port_in_use_error(self.host, self._port) from exc
+                    raise port_in_use_error(self.host, *ports) from exc
                 raise LocalBrokerError(f"cannot start the embedded MQTT broker (Mosquitto, "
                                        f"{self.binary}): {exc}") from exc
             except BaseException:  # e.g. KeyboardInterrupt: leave no broker behind
@@ -235,7 +322,8 @@ class EmbeddedMosquitto:
         return f"EmbeddedMosquitto({self.host}:{self.port}, pid={self.pid})"
 
 
-def start_local_broker(port: int, host: str = "127.0.0.1") -> LocalBroker:
+def start_local_broker(port: int, host: str = "127.0.0.1", *,
+                       ws_port: int | None = None) -> LocalBroker:
     """Start the broker for ``run`` without ``--mqtt-host``: Mosquitto, else amqtt.
 
     Mosquitto is the binary :func:`find_mosquitto` finds (the environment variable
@@ -244,6 +332,8 @@ def start_local_broker(port: int, host: str = "127.0.0.1") -> LocalBroker:
     Args:
         port: the port to listen on (0: a free one).
         host: the loopback address to listen on.
+        ws_port: the port of an MQTT-over-WebSocket listener for the web page (0: a
+            free one); None: no such listener.
 
     Returns:
         The started broker.
@@ -257,11 +347,11 @@ def start_local_broker(port: int, host: str = "127.0.0.1") -> LocalBroker:
         raise LocalBrokerError(str(exc)) from exc
     broker: LocalBroker
     if binary is not None:
-        broker = EmbeddedMosquitto(binary, host, port)
+        broker = EmbeddedMosquitto(binary, host, port, ws_port=ws_port)
     else:
         from bridge.mqtt.brokers.amqtt import EmbeddedBroker
 
-        broker = EmbeddedBroker(host, port)
+        broker = EmbeddedBroker(host, port, ws_port=ws_port)
     broker.start()
     return broker
 
@@ -269,6 +359,8 @@ def start_local_broker(port: int, host: str = "127.0.0.1") -> LocalBroker:
 def describe(broker: LocalBroker) -> str:
     """One line for the log: which broker, where, which protocol (and why amqtt)."""
     where = f"on {broker.host}:{broker.port}, MQTT {broker.protocol}"
+    if broker.ws_port is not None:
+        where += f", WebSocket on {broker.host}:{broker.ws_port}"
     if broker.kind == "mosquitto":
         return f"local broker: Mosquitto (pid {getattr(broker, 'pid', None)}) {where}"
     if os.environ.get(MOSQUITTO_ENV, "").strip().lower() == "none":
