@@ -115,8 +115,9 @@ def test_the_page_connects_to_the_local_broker_and_shows_the_bridge(
         browser.wait(lambda _: browser.text("#connection") == "connected",
                      message="the page connected")
         item = f'li[data-bridge="{bridge_id}"]'
-        browser.wait(lambda _: browser.text(item) == f"{bridge_id}: online",
-                     message=f"{bridge_id} online in the list")
+        browser.wait(lambda _: browser.text(f"{item} .bridge-state") == "online",
+                     message=f"{bridge_id} online in the grid")
+        assert browser.text(f"{item} .bridge-name") == bridge_id
         assert browser.text("#broker") == config["mqtt_url"]
         shot = browser.screenshot(tmp_path / f"desktop-{kind}.png")
         assert shot.read_bytes().startswith(PNG)
