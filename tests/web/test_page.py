@@ -213,6 +213,9 @@ def test_the_answer_streams_and_equals_the_wire(browser: Browser, stack: Stack,
     width = browser.driver.execute_script(
         "return document.getElementById('answer-panel').getBoundingClientRect().width")
     assert width > PHONE[0] * 0.85, width
+    overflow = browser.driver.execute_script(
+        "return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the page is {overflow} px wider than a phone"
     browser.assert_no_console_errors()
 
 
