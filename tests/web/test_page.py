@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.llama, pytest.mark.mosquitto]
 BRIDGE_ID = "page-bridge"
 IMG = REPO / "docs" / "img"
 STORY = "Write a long story about a robot who learns to paint."
+SKY = "Why is the sky blue? Explain it to a child."
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -157,7 +158,7 @@ def test_the_answer_streams_and_equals_the_wire(browser: Browser, stack: Stack,
     open_page(browser, stack, bridge)
     backend = browser.text(f"{card(bridge)} .backends tbody tr")
     assert "healthy" in backend, backend
-    fill(browser, {"#input": STORY, "#max-tokens": "40", "#temperature": "0",
+    fill(browser, {"#input": SKY, "#max-tokens": "40", "#temperature": "0",
                    "#max-packet": "200", "#session": "tour"})
     browser.find("#input")[0].send_keys(Keys.CONTROL, Keys.ENTER)  # the keyboard sends
 
