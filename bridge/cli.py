@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -210,9 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "run":
         return run(cfg, reload=lambda: _config(args))
-    if args.command == "ask":
-        return ask(cfg, args)
-    return status(cfg, args.timeout)
+    try:
+        if args.command == "ask":
+            return ask(cfg, args)
+        return status(cfg, args.timeout)
+    except BrokenPipeError:
+        # The reader went away (`ask ... | head`): stop quietly, as other tools do. stdout
+        # goes to /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 # ---------------------------------------------------------------------- run
@@ -352,7 +359,8 @@ def ask(cfg: DeploymentConfig, args: argparse.Namespace) -> int:
             elif msg.type == "reply" and not args.json:
                 print(msg.content or json.dumps(msg.tool_calls), end="")
             elif msg.type == "error":
-                print(f"\nerror [{msg.code}]: {msg.message}", file=sys.stderr)
+                why = msg.message or "(no message: it did not fit max_packet)"
+                print(f"\nerror [{msg.code}]: {why}", file=sys.stderr)
                 return EXIT_ERROR_REPLY
             elif msg.type in ("done", "reply"):
                 total = time.monotonic() - t0

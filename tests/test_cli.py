@@ -8,6 +8,7 @@ broker itself is tested in ``tests/mqtt/test_local_broker.py``.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -79,6 +80,23 @@ def test_ask_max_packet_is_sent_and_a_too_small_one_names_the_minimum(
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1, refused
     assert "error [bad_request]" in refused.stderr and "max_packet>=" in refused.stderr
+    # so small that only the smallest error fits: the CLI says why there is no message
+    tiny = subprocess.run(_cli("ask", "x", "--mqtt-port", str(port), "--client", "tiny",
+                               "--max-packet", "120"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert tiny.returncode == 1, tiny
+    assert "error [bad_request]: (no message: it did not fit max_packet)" in tiny.stderr
+
+
+def test_ask_into_a_closed_pipe_stops_quietly(
+        embedded_bridge: tuple[RunningBridge, int]) -> None:
+    _, port = embedded_bridge
+    command = shlex.join(_cli("ask", "Count to fifty.", "--mqtt-port", str(port), "--json",
+                            "--max-tokens", "48", "--chunk-bytes", "128"))
+    piped = subprocess.run(["bash", "-o", "pipefail", "-c", f"{command} | head -n 1"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert json.loads(piped.stdout)["type"] == "start"
+    assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, piped.stderr
 
 
 def test_ask_without_a_bridge_says_so() -> None:
