@@ -10,7 +10,6 @@ whatever its address, and only the page's public files are on it.
 from __future__ import annotations
 
 import getpass
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from bridge.web.files import static_root
 from tests.support.browser import Browser
 from tests.support.local_broker import require_mosquitto
 from tests.support.processes import free_port
+from tests.support.raw_http import raw_request
 from tests.support.waiting import LOOPBACK_TIMEOUT
 
 STATIC = Path(str(static_root()))
@@ -28,16 +28,7 @@ STATIC = Path(str(static_root()))
 
 def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
     """``GET path`` as given (no client-side tidying of ``..``): status, headers, body."""
-    with socket.create_connection(("127.0.0.1", port), timeout=LOOPBACK_TIMEOUT) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-                     .encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    return int(status_line.split()[1]), headers, body
+    return raw_request(port, path, version="HTTP/1.1")
 
 
 @pytest.fixture

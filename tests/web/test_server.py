@@ -21,6 +21,7 @@ import pytest
 from bridge.web.files import CONTENT_TYPES, config_for, resolve, static_root
 from bridge.web.server import WebServer, WebServerError
 from tests.support.local_broker import non_loopback_ipv4
+from tests.support.raw_http import raw_request
 from tests.support.waiting import LOOPBACK_TIMEOUT, poll_until
 
 STATIC = Path(str(static_root()))
@@ -28,15 +29,7 @@ STATIC = Path(str(static_root()))
 
 def raw_get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
     """Send ``METHOD path HTTP/1.0`` as given, byte for byte; the status, headers, body."""
-    with socket.create_connection(("127.0.0.1", port), timeout=LOOPBACK_TIMEOUT) as sock:
-        sock.sendall(f"{method} {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode("latin-1"))
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    return int(status_line.split()[1]), headers, body
+    return raw_request(port, path, method)
 
 
 @pytest.fixture
