@@ -11,39 +11,19 @@
 // for "mqtt") and in Node (clients/js/node_modules/mqtt).
 
 import mqtt from "mqtt";
-import {
-  AnswerStream, BridgeError, Call, Session, TextStream, buildRequest, checkHandlers,
-} from "./call.js";
-import { Backoff, CLIENT_RE, randomHex } from "./exchange.js";
+import { Call, buildRequest, checkHandlers } from "./call.js";
+import { BridgeError } from "./error.js";
+import { CHARS_PER_TOKEN, EVENTS, freshStats, readOptions } from "./options.js";
+import { Session } from "./session.js";
+import { AnswerStream, TextStream } from "./stream.js";
 
-export { BridgeError, Call, Session } from "./call.js";
+export { Call } from "./call.js";
+export { chatSessionStream, chatStream } from "./chat.js";
+export { BridgeError } from "./error.js";
 export { Backoff, Exchange, SequenceError, ReplyTimeout, parseReply } from "./exchange.js";
+export { systemClock } from "./options.js";
 export { packetBytes, receivedPacketBytes, topicBytes, varintBytes } from "./packet.js";
-
-const EVENTS = ["connect", "reconnect", "offline", "close", "error", "status"];
-const CHARS_PER_TOKEN = 4; // a first guess for live token estimates, until an answer says
-
-/** The clock of timers and time stamps; tests pass a fake one. */
-export const systemClock = {
-  now: () => globalThis.performance?.now() ?? Date.now(),
-  setTimeout: (fn, ms) => setTimeout(fn, ms),
-  clearTimeout: (timer) => clearTimeout(timer),
-};
-
-function positive(name, value) {
-  if (typeof value !== "number" || !(value > 0) || !Number.isFinite(value)) {
-    throw new TypeError(`${name} must be a positive number, got ${value}`);
-  }
-  return value;
-}
-
-function freshStats() {
-  return {
-    messages: 0, bytes: 0, reconnects: 0, reconnectAttempts: 0, duplicates: 0, gaps: 0,
-    resends: 0, restarts: 0, undecodable: 0, unmatched: 0, requests: 0, answers: 0, errors: 0,
-    tokens: 0, tokensPerSecond: null,
-  };
-}
+export { Session } from "./session.js";
 
 /** A connection to the broker, asking the bridge(s) behind it as device `clientName`. */
 export class BridgeClient {
@@ -51,50 +31,7 @@ export class BridgeClient {
    * @param {object} opts see README.md (Options).
    */
   constructor(opts = {}) {
-    if (opts === null || typeof opts !== "object") throw new TypeError("BridgeClient options must be an object");
-    const {
-      url, clientName = `web-${randomHex(4)}`, username, password, prefix = "llm",
-      heartbeatS = 5, maxResends = 3, idleTimeoutS = 60, connectTimeoutS = 10,
-      sessionExpiryS = 300, reconnect = {}, mqttOptions = {}, clock = systemClock,
-      transport = (u, o) => mqtt.connect(u, o),
-    } = opts;
-    if (typeof url !== "string" || url === "") throw new TypeError("url must be a broker URL such as ws://host:9001 or mqtt://host:1883");
-    if (typeof clientName !== "string" || !CLIENT_RE.test(clientName)) {
-      throw new TypeError(`clientName must match ${CLIENT_RE} (one topic level), got ${JSON.stringify(clientName)}`);
-    }
-    if (typeof prefix !== "string" || prefix === "" || /[+#]/.test(prefix)) {
-      throw new TypeError("prefix must be a topic prefix without wildcards");
-    }
-    if (!Number.isInteger(maxResends) || maxResends < 0) throw new TypeError("maxResends must be an integer >= 0");
-    this.url = url;
-    this.clientName = clientName;
-    this.prefix = prefix;
-    this.resendAfterMs = 3 * positive("heartbeatS", heartbeatS) * 1000;
-    this.maxResends = maxResends;
-    this.idleTimeoutMs = positive("idleTimeoutS", idleTimeoutS) * 1000;
-    this.connectTimeoutMs = positive("connectTimeoutS", connectTimeoutS) * 1000;
-    this.backoff = new Backoff(reconnect);
-    this.clock = clock;
-    this.topics = {
-      request: `${prefix}/request/${clientName}`,
-      cancel: `${prefix}/cancel/${clientName}`,
-      replyNs: `${prefix}/reply/${clientName}/`,
-      replies: `${prefix}/reply/${clientName}/+`,
-      statusNs: `${prefix}/status/`,
-    };
-    const v5 = (mqttOptions.protocolVersion ?? 5) === 5;
-    this._persistent = v5 && sessionExpiryS > 0;
-    this.mqttOptions = {
-      protocolVersion: 5, clientId: clientName, username, password, keepalive: 30,
-      connectTimeout: this.connectTimeoutMs, reconnectPeriod: this.backoff.minMs,
-      // A persistent session (MQTT 5, bounded by sessionExpiryS) lets the broker keep the
-      // reply messages that arrive while the connection is down: an answer survives a
-      // reconnect without a gap.
-      clean: !this._persistent,
-      ...(this._persistent ? { properties: { sessionExpiryInterval: sessionExpiryS } } : {}),
-      ...mqttOptions,
-    };
-    this.transport = transport;
+    Object.assign(this, readOptions(opts, (u, o) => mqtt.connect(u, o)));
     /** @type {any} the MQTT.js client, once connect() was called */
     this.mqtt = null;
     /** @type {Map<string, object|null>} bridge id -> its retained status (watchStatus) */
@@ -392,34 +329,4 @@ export class BridgeClient {
       });
     });
   }
-}
-
-/**
- * The streaming chat call of the systems this client replaces: text to onChunk as it
- * arrives, the whole text to onComplete, a BridgeError to onError.
- * @param {BridgeClient} client
- * @param {string|object} data plain text or a JSON request.
- * @returns {Call}
- */
-export function chatStream(client, data, onChunk, onComplete, onError) {
-  let call = null;
-  call = client.ask(data, {
-    onText: (text, msg) => onChunk?.(text, msg),
-    onDone: (msg) => onComplete?.(call.text, msg),
-    onReply: (msg) => onComplete?.(call.text, msg),
-    onError: (error) => onError?.(error),
-  });
-  return call;
-}
-
-/** chatStream on the bridge-kept conversation `sessionId`. */
-export function chatSessionStream(client, sessionId, data, onChunk, onComplete, onError) {
-  let call = null;
-  call = client.session(sessionId).ask(data, {
-    onText: (text, msg) => onChunk?.(text, msg),
-    onDone: (msg) => onComplete?.(call.text, msg),
-    onReply: (msg) => onComplete?.(call.text, msg),
-    onError: (error) => onError?.(error),
-  });
-  return call;
 }

@@ -6,7 +6,17 @@ from importlib.resources import files
 
 from tests.support.processes import REPO
 
-MODULES = ("llm-bridge.js", "call.js", "exchange.js", "packet.js")
+MODULES = (
+    "llm-bridge.js",
+    "call.js",
+    "chat.js",
+    "error.js",
+    "exchange.js",
+    "options.js",
+    "packet.js",
+    "session.js",
+    "stream.js",
+)
 
 
 def test_the_page_ships_every_module_of_the_client_unchanged() -> None:
