@@ -26,7 +26,6 @@ from bridge.config.settings import DeploymentConfig
 from bridge.mqtt.inbound import Inbound
 from bridge.mqtt.paho_client import broker_host, new_client
 from bridge.mqtt.paho_client import no_delay as no_delay
-from bridge.mqtt.properties import JSON_CONTENT_TYPE as JSON_CONTENT_TYPE
 from bridge.mqtt.properties import (
     connect_properties,
     publish_properties,
@@ -38,7 +37,6 @@ from bridge.mqtt.window import PublishError, PublishWindow, StreamRefused
 from bridge.protocol.packet import PACKET_OVERHEAD, payload_room, topic_bytes
 
 __all__ = [
-    "JSON_CONTENT_TYPE",
     "SHARED_SESSION_EXPIRY_S",
     "Inbound",
     "MqttLink",

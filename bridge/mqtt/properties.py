@@ -15,8 +15,6 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bridge.protocol.packet import REPLY_CONTENT_TYPE
 
-JSON_CONTENT_TYPE = REPLY_CONTENT_TYPE
-
 
 class _PackedProperties(Properties):  # type: ignore[misc]  # paho is untyped
     """MQTT 5 PUBLISH properties, packed once.
@@ -31,7 +29,7 @@ class _PackedProperties(Properties):  # type: ignore[misc]  # paho is untyped
 
     def __init__(self, correlation_data: bytes | None) -> None:
         super().__init__(PacketTypes.PUBLISH)
-        self.ContentType = JSON_CONTENT_TYPE
+        self.ContentType = REPLY_CONTENT_TYPE
         if correlation_data is not None:
             self.CorrelationData = correlation_data
         # object.__setattr__: Properties.__setattr__ accepts only MQTT property names.
@@ -51,7 +49,7 @@ def will_properties(delay_s: int | None) -> Properties:
     """The Will's properties: JSON, published ``delay_s`` after the connection is lost
     (None: at once)."""
     props = Properties(PacketTypes.WILLMESSAGE)
-    props.ContentType = JSON_CONTENT_TYPE
+    props.ContentType = REPLY_CONTENT_TYPE
     if delay_s is not None:
         props.WillDelayInterval = delay_s
     return props
