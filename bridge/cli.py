@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sessions-db", type=Path, metavar="FILE",
                    help="SQLite file of session conversations, created on first use "
                         f"(default {cfg['sessions_db'].default})")
+    g.add_argument("--sessions-url", metavar="URL",
+                   help="Redis/Valkey shared by several bridges for sessions, duplicates "
+                        "and leases: redis://HOST:PORT/DB or rediss:// (default: none, "
+                        "the --sessions-db file)")
     g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help=f"log verbosity (default {cfg['log_level'].default})")
     g.add_argument("--metrics-port", type=int, metavar="PORT",
@@ -194,6 +198,7 @@ def _config(args: argparse.Namespace) -> DeploymentConfig:
         flat.update(bridge_id=args.bridge_id, chunk_bytes=args.chunk_bytes,
                     flush_ms=args.flush_ms, max_concurrent=args.max_concurrent,
                     shared_group=args.shared_group, sessions_db=args.sessions_db,
+                    sessions_url=args.sessions_url,
                     log_level=args.log_level, metrics_port=args.metrics_port,
                     metrics_host=args.metrics_host,
                     llama={"urls": args.llama_urls},

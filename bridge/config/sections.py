@@ -108,6 +108,10 @@ class LlamaSettings(BaseModel):
     idle_timeout_s: float = Field(60.0, gt=0, description="Max silence between tokens.")
     retries: int = Field(3, ge=1, le=10, description="Attempts before the first byte.")
     health_interval_s: float = Field(5.0, gt=0)
+    session_affinity: bool = Field(
+        True,
+        description="A session's next turn goes to the backend that answered its last one "
+                    "(its prompt cache) when that one is healthy and has a free slot.")
     embedded_parallel: int = Field(2, ge=1, le=64)
     embedded_ctx: int = Field(4096, ge=256)
     embedded_model: Path | None = Field(None, description="GGUF path; default Gemma 3 270M.")

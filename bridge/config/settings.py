@@ -98,6 +98,16 @@ class DeploymentConfig(BaseSettings):
         Path("bridge-sessions.db"),
         description="SQLite file of 'session' conversations; created on first use.",
     )
+    sessions_url: str | None = Field(
+        None,
+        description="Redis or Valkey holding sessions, duplicates and leases shared by every "
+                    "bridge: redis://[:PASSWORD@]HOST[:PORT][/DB] or rediss:// (TLS). Unset: "
+                    "sessions_db, this bridge alone.")
+    session_lease_s: float = Field(
+        5.0, ge=1, le=300,
+        description="With sessions_url: a request's and a session turn's lease, renewed "
+                    "every third of it by the bridge running it; a crashed bridge's leases "
+                    "end this long after its last renewal.")
     session_max_messages: int = Field(
         200, ge=2, description="Messages kept per session; beyond it the oldest turns go.")
     session_max_bytes: int = Field(
@@ -132,6 +142,18 @@ class DeploymentConfig(BaseSettings):
     def _valid_prefix(cls, prefix: str) -> str:
         Topics(prefix)  # raises ValueError with a message that says what to change
         return prefix
+
+    @field_validator("sessions_url")
+    @classmethod
+    def _valid_sessions_url(cls, url: str | None) -> str | None:
+        if url is None or url.strip() == "":
+            return None
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        if scheme not in ("redis", "rediss"):
+            raise ValueError("sessions_url must start with redis:// or rediss:// (TLS), e.g. "
+                             "redis://127.0.0.1:6379/0 (Valkey speaks the same protocol); "
+                             "leave it unset to keep sessions in the sessions_db file")
+        return url
 
     @field_validator("profiles")
     @classmethod

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge.protocol.errors import SessionStoreError
 from bridge.protocol.messages import json_text
@@ -42,7 +42,7 @@ Message = dict[str, Any]
 Turn = list[Message]
 
 BUSY_TIMEOUT_MS = 5000
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sessions.backend (the backend that answered the last turn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +71,30 @@ class AppendResult:
     turn_kept: bool = True
 
 
+class ConversationStore(Protocol):
+    """Where conversations live: :class:`SessionStore` (one SQLite file, one bridge) or
+    :class:`bridge.service.redis_store.RedisSessionStore` (Redis/Valkey, every bridge).
+
+    Both keep the semantics of the module docstring; their methods raise
+    :class:`SessionStoreError` (retryable) when the store cannot be used.
+    """
+
+    limits: SessionLimits
+
+    def history(self, client: str, session: str) -> list[Turn]: ...
+
+    def last_backend(self, client: str, session: str) -> str | None: ...
+
+    def sessions(self, client: str | None = None) -> list[tuple[str, str]]: ...
+
+    def append(self, client: str, session: str, turn: Sequence[Message], *,
+               backend: str | None = None) -> AppendResult: ...
+
+    def clear(self, client: str, session: str) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     client   TEXT NOT NULL,
@@ -78,6 +102,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     updated  REAL NOT NULL,
     messages INTEGER NOT NULL DEFAULT 0,
     bytes    INTEGER NOT NULL DEFAULT 0,
+    backend  TEXT,
     PRIMARY KEY (client, session)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_by_age ON sessions (updated);
@@ -128,6 +153,9 @@ class SessionStore:
                 raise sqlite3.DatabaseError(
                     f"schema version {version} is newer than this bridge's ({SCHEMA_VERSION})")
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
+            if "backend" not in columns:  # a version 1 file
+                conn.execute("ALTER TABLE sessions ADD COLUMN backend TEXT")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except BaseException:
             conn.close()
@@ -181,6 +209,15 @@ class SessionStore:
                               "ORDER BY seq", (client, session)).fetchall()
         return [json.loads(body) for (body,) in rows]
 
+    def last_backend(self, client: str, session: str) -> str | None:
+        """The backend (its URL) that answered the session's last stored turn, if known."""
+        with self._db() as db:
+            row = db.execute("SELECT updated, backend FROM sessions WHERE client = ? AND "
+                             "session = ?", (client, session)).fetchone()
+        if row is None or self._expired(row[0]):
+            return None
+        return str(row[1]) if row[1] else None
+
     def sessions(self, client: str | None = None) -> list[tuple[str, str]]:
         """``(client, session)`` of every stored session (of one client), oldest use first."""
         with self._db() as db:
@@ -196,8 +233,12 @@ class SessionStore:
 
     # ------------------------------------------------------------------ writing
 
-    def append(self, client: str, session: str, turn: Sequence[Message]) -> AppendResult:
+    def append(self, client: str, session: str, turn: Sequence[Message], *,
+               backend: str | None = None) -> AppendResult:
         """Store one turn (the request's new messages and the answer) at the end.
+
+        ``backend`` (the URL of the llama-server that answered) is kept with the
+        session: its next turn is sent there while it can take it (its prompt cache).
 
         Creating a session may evict the least recently used one of the client
         (``per_client``) or of all (``max_sessions``); a session past
@@ -224,8 +265,9 @@ class SessionStore:
             db.execute("INSERT INTO turns (client, session, seq, body, messages, bytes) "
                        "VALUES (?, ?, ?, ?, ?, ?)", (client, session, seq, body, count, size))
             db.execute("UPDATE sessions SET updated = ?, messages = messages + ?, "
-                       "bytes = bytes + ? WHERE client = ? AND session = ?",
-                       (now, count, size, client, session))
+                       "bytes = bytes + ?, backend = COALESCE(?, backend) "
+                       "WHERE client = ? AND session = ?",
+                       (now, count, size, backend, client, session))
             while True:
                 messages, total = db.execute(
                     "SELECT messages, bytes FROM sessions WHERE client = ? AND session = ?",
@@ -287,5 +329,5 @@ class SessionStore:
         return existed
 
 
-__all__ = ["AppendResult", "Message", "SessionLimits", "SessionStore", "SessionStoreError",
-           "Turn"]
+__all__ = ["AppendResult", "ConversationStore", "Message", "SessionLimits", "SessionStore",
+           "SessionStoreError", "Turn"]

@@ -31,6 +31,7 @@ from bridge.protocol.errors import BackendError
 from bridge.protocol.messages import ChatMessage, json_text
 from bridge.service.session_store import (
     AppendResult,
+    ConversationStore,
     Message,
     SessionLimits,
     SessionStore,
@@ -179,7 +180,7 @@ class Sessions:
         store: the database.
     """
 
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(self, store: ConversationStore) -> None:
         self.store = store
         self.tokens = TokenCounter()
         self.contexts = ContextSizes()
@@ -219,10 +220,15 @@ class Sessions:
         return [*system, *(m for turn in turns for m in turn), *new]
 
     def remember(self, client: str, session: str, messages: Sequence[Message],
-                 answer: Message) -> AppendResult:
-        """Store the request's non-system messages and the answer as one turn."""
+                 answer: Message, *, backend: str | None = None) -> AppendResult:
+        """Store the request's non-system messages and the answer as one turn, and the
+        backend (URL) that answered, where its next turn is best sent."""
         turn = [m for m in messages if m.get("role") != "system"]
-        return self.store.append(client, session, [*turn, answer])
+        return self.store.append(client, session, [*turn, answer], backend=backend)
+
+    def last_backend(self, client: str, session: str) -> str | None:
+        """The URL of the backend that answered the session's last turn, if known."""
+        return self.store.last_backend(client, session)
 
     def clear(self, client: str, session: str) -> bool:
         return self.store.clear(client, session)
