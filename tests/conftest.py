@@ -27,6 +27,7 @@ from tests.support.processes import (
     MosquittoProcess,
 )
 from tests.support.recorder import PublishLog, Recorder
+from tests.support.redis_server import RedisProcess
 
 _LLAMA_FIXTURES = {"llama_server", "llama", "make_llama"}
 _MOSQUITTO_FIXTURES = {"mosquitto", "mosquitto_secure"}
@@ -148,6 +149,16 @@ def mosquitto_secure(tmp_path: Path) -> Iterator[MosquittoProcess]:
     """A private Mosquitto (``secure`` preset: TLS + passwords + the shipped ACL)."""
     require_mosquitto()
     proc = MosquittoProcess(tmp_path / "mosquitto-secure", "secure").start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A private ``redis-server`` on a free 127.0.0.1 port, with its own folder and password."""
+    proc = RedisProcess(tmp_path / "redis").start()
     try:
         yield proc
     finally:
