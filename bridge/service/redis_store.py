@@ -257,7 +257,7 @@ class RedisSessionStore:
                 "check the user name and password in sessions_url"
         elif isinstance(exc, rx.NoPermissionError):
             what, fix = "denied a command (ACL)", \
-                f"allow the user of sessions_url +@scripting +@read +@write on {self._base}*"
+                f"give the user of sessions_url ~{self._base}* +@read +@write +@scripting +time"
         elif isinstance(exc, rx.BusyLoadingError):
             what, fix = "is loading its data", "wait until it has loaded"
         elif isinstance(exc, rx.ConnectionError) and ("SSL" in cause or "certificate" in cause):
