@@ -19,6 +19,7 @@ from bridge.config.settings import DeploymentConfig
 from bridge.llama.pool import BackendPool
 from bridge.mqtt.link import Inbound, MqttLink, PublishError
 from bridge.protocol.address import ReplyAddress
+from bridge.protocol.errors import SessionStoreError
 from bridge.protocol.fit import DoesNotFit, fit, smallest_error
 from bridge.protocol.messages import ErrorCode, ErrorMsg
 from bridge.service.dedupe import ClientLimits, DedupeCache
@@ -29,6 +30,7 @@ from bridge.service.metrics import BridgeMetrics
 from bridge.service.reply import ReplyChannel
 from bridge.service.scheduler import FairQueue, QueueFull, WorkerPool
 from bridge.service.sessions import as_chat
+from bridge.service.shared import ClaimState, SharedState
 from bridge.service.ticker import Ticker
 
 log = logging.getLogger("bridge")
@@ -56,13 +58,15 @@ class Admission:
         finisher: ends requests answered here.
         run: what a worker calls to run a job.
         stopping: set when the bridge stops.
+        shared: the store shared with other bridges (``sessions_url``), if any.
     """
 
     def __init__(self, config: DeploymentConfig, link: MqttLink, pool: BackendPool,
                  queue: FairQueue[JobKey], workers: Callable[[], WorkerPool | None],
                  limits: ClientLimits, dedupe: DedupeCache, profiles: ProfileRegistry,
                  metrics: BridgeMetrics, ticker: Ticker, jobs: JobTable, finisher: Finisher,
-                 run: Callable[[Job], None], stopping: threading.Event) -> None:
+                 run: Callable[[Job], None], stopping: threading.Event,
+                 shared: SharedState | None = None) -> None:
         self._cfg = config
         self._topics = config.topics
         self._link = link
@@ -78,6 +82,7 @@ class Admission:
         self._finisher = finisher
         self._run = run
         self._stopping = stopping
+        self._shared = shared
         self._inbox: Queue[Inbound | None] = Queue(INTAKE_BOUND)
         self._thread = threading.Thread(target=self._loop, name="bridge-intake", daemon=True)
 
@@ -141,16 +146,25 @@ class Admission:
         if seen is not None:
             self._duplicate(acc, seen.finished, seen.record)
             return
+        claimed = False
+        if self._shared is not None:
+            verdict = self._claim(acc, self._shared)
+            if verdict is None:
+                return
+            claimed = verdict
         admitted, why, retry_ms = self._limits.admit(client)
         if not admitted:
             self._dedupe.forget(key)
+            if claimed and self._shared is not None:
+                self._shared.release(client, acc.request_id)
             self._reject(acc.reply, ErrorCode.rate_limited, why, client, retryable=True,
                          retry_after_ms=retry_ms)
             return
         channel = ReplyChannel(self._link, acc.reply, chunk_bytes=acc.chunk_bytes,
                                flush_s=self._cfg.flush_ms / 1000.0,
                                record=self._cfg.dedupe_ttl_s > 0)
-        job = Job(acc, channel, deadline=acc.received_at + self._cfg.max_generation_s)
+        job = Job(acc, channel, deadline=acc.received_at + self._cfg.max_generation_s,
+                  claimed=claimed)
         self._jobs.add(job)
         workers = self._workers()
         try:
@@ -167,6 +181,35 @@ class Admission:
             return
         self._metrics.request_accepted()
         self._ticker.status_changed()
+
+    def _claim(self, acc: Accepted, shared: SharedState) -> bool | None:
+        """Claim the request in the store shared with the other bridges.
+
+        Returns:
+            True if this bridge holds the claim; False if it runs the request unclaimed
+            (Redis is away and the request needs no session: duplicates are then caught
+            by this bridge only); None if it is answered here: a duplicate of a request
+            another bridge runs or has answered, or a session request while Redis is away.
+        """
+        try:
+            claim = shared.claim(acc.client, acc.request_id)
+        except SessionStoreError as exc:
+            if acc.request.session is None:
+                return False
+            self._dedupe.forget(acc.key)
+            log.warning("request %s/%s: %s", acc.client, acc.request_id, exc.message)
+            self._reject(acc.reply, exc.code, exc.public_message, acc.client, retryable=True,
+                         retry_after_ms=int(max(1.0, shared.lease_ms / 1000) * 1000))
+            return None
+        if claim.state is ClaimState.mine:
+            return True
+        self._dedupe.forget(acc.key)  # known in the shared store: ask it again next time
+        if claim.state is ClaimState.running:
+            log.info("duplicate of request %s/%s ignored: bridge %s runs it, its answer is "
+                     "on its way", acc.client, acc.request_id, claim.holder)
+        else:
+            self._duplicate(acc, True, claim.record)
+        return None
 
     def _reject(self, reply: ReplyAddress, code: ErrorCode, message: str, client: str, *,
                 retryable: bool = False, retry_after_ms: int | None = None) -> None:

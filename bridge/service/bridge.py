@@ -31,9 +31,12 @@ from bridge.service.dedupe import ClientLimits, DedupeCache
 from bridge.service.finish import SHUTDOWN_MESSAGE, Finisher
 from bridge.service.job import JobKey, JobTable
 from bridge.service.metrics import BridgeMetrics, LiveState
+from bridge.service.redis_store import RedisSessionStore, open_redis, redact
 from bridge.service.runner import Runner
 from bridge.service.scheduler import FairQueue, WorkerPool
+from bridge.service.session_store import SessionLimits
 from bridge.service.sessions import Sessions
+from bridge.service.shared import SharedState
 from bridge.service.status import OnlineStatus, offline_status
 from bridge.service.ticker import Ticker
 from bridge.version import __version__
@@ -62,7 +65,19 @@ class Bridge:
         self.dedupe = DedupeCache(config.dedupe_ttl_s)
         self.queue: FairQueue[JobKey] = FairQueue(config.queue_size)
         self.profiles = ProfileRegistry(config.profiles)  # swapped on SIGHUP (bridge.cli)
-        self.sessions = Sessions.from_config(config)  # the file opens on first use
+        self.shared: SharedState | None = None
+        if config.sessions_url:  # several bridges: sessions, duplicates and leases in Redis
+            where = redact(config.sessions_url)
+            self.redis = open_redis(config.sessions_url)  # connects on first use
+            self.shared = SharedState(self.redis, prefix=config.prefix,
+                                      bridge_id=config.bridge_id,
+                                      lease_s=config.session_lease_s,
+                                      answer_ttl_s=config.dedupe_ttl_s, where=where)
+            self.sessions = Sessions(RedisSessionStore(
+                self.redis, SessionLimits.from_config(config), namespace=config.prefix,
+                where=where))
+        else:
+            self.sessions = Sessions.from_config(config)  # the file opens on first use
         self.workers: WorkerPool | None = None
         self.relay = Relay()  # reads every running stream's tokens, in one thread
         self.jobs = JobTable()
@@ -87,13 +102,15 @@ class Bridge:
         self.status = OnlineStatus(config, self.link, self.pool, lambda: len(self.queue),
                                    self._active, self.metrics)
         self.finisher = Finisher(self.topics, self.link, self.jobs, self.limits, self.dedupe,
-                                 self.metrics, self.ticker)
+                                 self.metrics, self.ticker, self.shared)
         self.runner = Runner(config, self.link, self.pool, self.relay, self.sessions,
-                             self.ticker, self.jobs, self._stopping, self.finisher)
+                             self.ticker, self.jobs, self._stopping, self.finisher,
+                             self.shared)
         self.admission = Admission(config, self.link, self.pool, self.queue,
                                    lambda: self.workers, self.limits, self.dedupe,
                                    self.profiles, self.metrics, self.ticker, self.jobs,
-                                   self.finisher, self.runner.run, self._stopping)
+                                   self.finisher, self.runner.run, self._stopping,
+                                   self.shared)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -107,6 +124,9 @@ class Bridge:
         if self.cfg.metrics_port is not None:  # first: a taken port fails before anything runs
             self.metrics_port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
         self.pool.start()
+        if self.shared is not None:
+            self.shared.start()
+            self.shared.check()  # a wrong sessions_url is logged now, not at the first request
         size = self.cfg.max_concurrent or self.pool.total_slots
         self.relay.start()
         self.workers = WorkerPool(self.queue, size)
@@ -149,7 +169,9 @@ class Bridge:
         self.admission.join(5)
         self.link.close(offline_status(self.cfg, "shutdown"))
         self.pool.stop()
-        self.sessions.close()
+        if self.shared is not None:
+            self.shared.stop()
+        self.sessions.close()  # with Redis, closes the connection pool shared with it
         self.metrics.close()
         log.info("bridge %s stopped", self.cfg.bridge_id)
 

@@ -16,6 +16,7 @@ from bridge.protocol.topics import Topics
 from bridge.service.dedupe import ClientLimits, DedupeCache
 from bridge.service.job import Job, JobTable, Outcome
 from bridge.service.metrics import BridgeMetrics
+from bridge.service.shared import SharedState
 from bridge.service.ticker import Ticker
 
 log = logging.getLogger("bridge")
@@ -41,10 +42,13 @@ class Finisher:
         dedupe: the duplicate cache (keeps a finished answer for replaying, or forgets it).
         metrics: counts every finished request.
         ticker: told that the status changed.
+        shared: the store shared with other bridges, if any (claims settled like
+            ``dedupe``'s entries).
     """
 
     def __init__(self, topics: Topics, link: MqttLink, jobs: JobTable, limits: ClientLimits,
-                 dedupe: DedupeCache, metrics: BridgeMetrics, ticker: Ticker) -> None:
+                 dedupe: DedupeCache, metrics: BridgeMetrics, ticker: Ticker,
+                 shared: SharedState | None = None) -> None:
         self._topics = topics
         self._link = link
         self._jobs = jobs
@@ -52,6 +56,7 @@ class Finisher:
         self._dedupe = dedupe
         self._metrics = metrics
         self._ticker = ticker
+        self._shared = shared
 
     def refused(self, job: Job) -> None:
         """End a request whose reply stream the broker refused with one ``error``.
@@ -87,6 +92,18 @@ class Finisher:
         self._jobs.discard(job)
         self._limits.finished(job.acc.client)
         self._dedupe.forget(job.key)
+        self._settle_claim(job, None)
+
+    def _settle_claim(self, job: Job, record: list[bytes] | None) -> None:
+        """The shared store's side of a finished request: answered (``record``: what was
+        published, for resends) or given back (None: a resend must run)."""
+        if self._shared is None or not job.claimed:
+            return
+        job.claimed = False
+        if record is None:
+            self._shared.release(job.acc.client, job.acc.request_id)
+        else:
+            self._shared.finished(job.acc.client, job.acc.request_id, record)
 
     def confirm(self, job: Job, wait: bool) -> str:
         """What became of the terminal message, for the request log.
@@ -121,12 +138,15 @@ class Finisher:
         terminal = self.confirm(job, wait)
         if job.outcome is Outcome.publish_failed:
             self._dedupe.forget(job.key)  # nothing complete arrived: a resend must run
+            self._settle_claim(job, None)
         elif job.ended_in_error and job.channel.first_text_at is None:
             # Nothing was generated: a retry with the same id (what `retryable` invites)
             # must be served, not answered with this error again.
             self._dedupe.forget(job.key)
+            self._settle_claim(job, None)
         else:
             self._dedupe.finish(job.key, job.channel.record)
+            self._settle_claim(job, job.channel.record or [])
         t = job.timings(job.usage)
         self._metrics.request_finished(job.label, job.backend, t, job.usage)
         self._ticker.status_changed()

@@ -68,6 +68,8 @@ class Job:
             the log line: how much of ``ttft_ms`` the model itself took.
         cache_n / prompt_n: llama-server's prompt tokens reused from the slot's cache and
             read anew (its ``timings``), for ``done.timings`` and the log line.
+        claimed / has_turn: it holds its ``(client, id)`` claim / its session's turn in
+            the shared store (:mod:`bridge.service.shared`).
     """
 
     acc: Accepted
@@ -87,6 +89,8 @@ class Job:
     llama_prompt_ms: float | None = None
     cache_n: int | None = None
     prompt_n: int | None = None
+    claimed: bool = False
+    has_turn: bool = False
 
     @property
     def key(self) -> JobKey:

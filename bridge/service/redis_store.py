@@ -200,6 +200,52 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def redis_failure(exc: rx.RedisError, client: redis.Redis, *, where: str,
+                  namespace: str) -> SessionStoreError:
+    """A Redis failure as :class:`SessionStoreError`: what happened and what to change for
+    the log (``where`` is the URL without its password), the kind of failure for devices.
+
+    Args:
+        exc: what redis-py raised.
+        client: the client it came from (its password is masked in the message).
+        where: the redacted URL.
+        namespace: the key prefix (the ACL hint names it).
+    """
+    cause = str(exc) or type(exc).__name__
+    kwargs = client.connection_pool.connection_kwargs
+    password = kwargs.get("password")
+    if password:
+        cause = cause.replace(str(password), "***")
+    if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError) \
+            or cause.startswith(("NOAUTH", "WRONGPASS")):
+        what, fix = "authentication failed", \
+            "check the user name and password in sessions_url"
+    elif isinstance(exc, rx.NoPermissionError):
+        what, fix = "denied a command (ACL)", \
+            f"give the user of sessions_url ~{namespace}:* +@read +@write +@scripting +time"
+    elif isinstance(exc, rx.BusyLoadingError):
+        what, fix = "is loading its data", "wait until it has loaded"
+    elif isinstance(exc, rx.ConnectionError) and ("SSL" in cause or "certificate" in cause):
+        what, fix = "TLS handshake failed", \
+            "check the certificates (ssl_ca_certs=CA file in sessions_url) and the port"
+    elif isinstance(exc, rx.ConnectionError):
+        what, fix = "unreachable", "check sessions_url and that Redis is running"
+    elif isinstance(exc, rx.TimeoutError):
+        what = f"did not answer within {kwargs.get('socket_timeout')} s"
+        fix = "check that Redis is running and not overloaded"
+    elif isinstance(exc, rx.OutOfMemoryError):
+        what, fix = "is out of memory", \
+            "raise its maxmemory, or lower sessions_max or session_max_bytes"
+    elif isinstance(exc, rx.ReadOnlyError):
+        what, fix = "is a read-only replica", "point sessions_url at the primary"
+    elif isinstance(exc, rx.ResponseError):
+        what, fix = "refused a command", "it must be Redis 6.2+ or Valkey 7+"
+    else:
+        what, fix = "failed", "check sessions_url and the Redis log"
+    return SessionStoreError(f"session store {where} {what}: {cause}; {fix}",
+                             public=f"session store unavailable ({what}); try again later")
+
+
 class RedisSessionStore:
     """Conversations in Redis/Valkey, keyed by ``(client, session)``, shared by bridges.
 
@@ -215,6 +261,7 @@ class RedisSessionStore:
         self.limits = limits or SessionLimits()
         self.where = where
         self._client = client
+        self._namespace = namespace
         self._base = f"{namespace}:session:"
         self._append = client.register_script(_APPEND)
         self._sessions = client.register_script(_SESSIONS)
@@ -246,39 +293,7 @@ class RedisSessionStore:
             raise self._failure(exc) from exc
 
     def _failure(self, exc: rx.RedisError) -> SessionStoreError:
-        cause = str(exc) or type(exc).__name__
-        kwargs = self._client.connection_pool.connection_kwargs
-        password = kwargs.get("password")
-        if password:
-            cause = cause.replace(str(password), "***")
-        if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError) \
-                or cause.startswith(("NOAUTH", "WRONGPASS")):
-            what, fix = "authentication failed", \
-                "check the user name and password in sessions_url"
-        elif isinstance(exc, rx.NoPermissionError):
-            what, fix = "denied a command (ACL)", \
-                f"give the user of sessions_url ~{self._base}* +@read +@write +@scripting +time"
-        elif isinstance(exc, rx.BusyLoadingError):
-            what, fix = "is loading its data", "wait until it has loaded"
-        elif isinstance(exc, rx.ConnectionError) and ("SSL" in cause or "certificate" in cause):
-            what, fix = "TLS handshake failed", \
-                "check the certificates (ssl_ca_certs=CA file in sessions_url) and the port"
-        elif isinstance(exc, rx.ConnectionError):
-            what, fix = "unreachable", "check sessions_url and that Redis is running"
-        elif isinstance(exc, rx.TimeoutError):
-            what = f"did not answer within {kwargs.get('socket_timeout')} s"
-            fix = "check that Redis is running and not overloaded"
-        elif isinstance(exc, rx.OutOfMemoryError):
-            what, fix = "is out of memory", \
-                "raise its maxmemory, or lower sessions_max or session_max_bytes"
-        elif isinstance(exc, rx.ReadOnlyError):
-            what, fix = "is a read-only replica", "point sessions_url at the primary"
-        elif isinstance(exc, rx.ResponseError):
-            what, fix = "refused a command", "it must be Redis 6.2+ or Valkey 7+"
-        else:
-            what, fix = "failed", "check sessions_url and the Redis log"
-        return SessionStoreError(f"session store {self.where} {what}: {cause}; {fix}",
-                                 public=f"session store unavailable ({what}); try again later")
+        return redis_failure(exc, self._client, where=self.where, namespace=self._namespace)
 
     def close(self) -> None:
         """Close the connection pool (idempotent); later calls raise SessionStoreError."""
@@ -360,4 +375,4 @@ class RedisSessionStore:
         return int(existed) > 0
 
 
-__all__ = ["HEALTH_CHECK_S", "RedisSessionStore", "open_redis", "redact"]
+__all__ = ["HEALTH_CHECK_S", "RedisSessionStore", "open_redis", "redact", "redis_failure"]

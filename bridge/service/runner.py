@@ -34,6 +34,7 @@ from bridge.service.finish import SHUTDOWN_MESSAGE, Finisher
 from bridge.service.job import Job, JobState, JobTable, Outcome
 from bridge.service.session_store import Message
 from bridge.service.sessions import Sessions
+from bridge.service.shared import SharedState
 from bridge.service.ticker import Ticker
 
 log = logging.getLogger("bridge")
@@ -55,11 +56,14 @@ class Runner:
         jobs: the requests not finished yet.
         stopping: set when the bridge stops.
         finisher: ends every request this runs.
+        shared: the store shared with other bridges, if any: a session's turn runs only
+            while this bridge holds it (:mod:`bridge.service.shared`).
     """
 
     def __init__(self, config: DeploymentConfig, link: MqttLink, pool: BackendPool,
                  relay: Relay, sessions: Sessions, ticker: Ticker, jobs: JobTable,
-                 stopping: threading.Event, finisher: Finisher) -> None:
+                 stopping: threading.Event, finisher: Finisher,
+                 shared: SharedState | None = None) -> None:
         self._cfg = config
         self._link = link
         self._pool = pool
@@ -69,6 +73,7 @@ class Runner:
         self._jobs = jobs
         self._stopping = stopping
         self._finisher = finisher
+        self._shared = shared
 
     def run(self, job: Job) -> None:
         """Run ``job`` to its terminal message (in a worker thread)."""
@@ -96,7 +101,9 @@ class Runner:
                 job.outcome = Outcome.expired
                 job.channel.error(ErrorCode.expired, "the request expired while queued "
                                   "(MQTT Message Expiry Interval); it was not run")
-            elif job.acc.request.clear and self._clear_session(job):
+                return
+            self._take_turn(job)
+            if job.acc.request.clear and self._clear_session(job):
                 pass  # a clear without messages: answered
             elif job.acc.request.wants_single_reply:
                 self._with_backend(job, self._answer_once)
@@ -120,6 +127,33 @@ class Runner:
             job.channel.error(ErrorCode.internal, f"internal error: {type(exc).__name__}")
         finally:
             self._finisher.finish(job)
+            if job.has_turn and self._shared is not None and job.acc.request.session:
+                job.has_turn = False  # after the terminal message: the next turn may run
+                self._shared.give_turn(job.acc.client, job.acc.request.session)
+
+    def _take_turn(self, job: Job) -> None:
+        """Wait until this bridge holds the session's turn in the shared store (another
+        bridge may run the session's previous turn). Heartbeats go on meanwhile; a cancel,
+        ``max_generation_s`` or the bridge stopping end the wait.
+
+        Raises:
+            StreamCancelled: the request was stopped while waiting.
+            SessionStoreError: Redis cannot be used (a retryable error for the device).
+        """
+        shared, session = self._shared, job.acc.request.session
+        if shared is None or session is None:
+            return
+        delay, waited = 0.02, False
+        while (holder := shared.take_turn(job.acc.client, session,
+                                          job.acc.request_id)) is not None:
+            if not waited:
+                log.info("request %s: session %s/%s has a turn running (%s); waiting for "
+                         "its end", job.acc.request_id, job.acc.client, session, holder)
+                waited = True
+            if job.token.wait(delay):
+                raise StreamCancelled("stopped while waiting for the session's turn")
+            delay = min(delay * 2, 0.25)
+        job.has_turn = True
 
     def _with_backend(self, job: Job, serve: Serve) -> None:
         """Run ``serve(job, backend)``, failing over to another backend before the first byte.

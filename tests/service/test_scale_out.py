@@ -12,14 +12,10 @@ cleanly while it runs and queues requests ends each of them with one retryable
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +26,7 @@ from bridge.config.settings import load_config
 from bridge.mqtt.link import SHARED_SESSION_EXPIRY_S, MqttLink
 from bridge.protocol.messages import TERMINAL_TYPES, decode_reply
 from bridge.service.bridge import Bridge
-from tests.support.bridge_proc import running_bridge
+from tests.support.bridge_proc import bridge_process, running_bridge
 from tests.support.device import Device
 from tests.support.fake_llama import (
     Action,
@@ -43,8 +39,6 @@ from tests.support.fake_llama import (
     event,
 )
 from tests.support.processes import (
-    EmbeddedLlama,
-    EmbeddedLlamaUnavailable,
     MosquittoProcess,
     free_port,
 )
@@ -55,26 +49,6 @@ pytestmark = [pytest.mark.llama, pytest.mark.mosquitto]
 
 TIMEOUT = 180.0
 GROUP = "g"
-
-
-@pytest.fixture(scope="module")
-def llama_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    """Two real llama.cpp servers (one slot, one thread each): their URLs."""
-    servers: list[EmbeddedLlama] = []
-    try:
-        for i in range(2):
-            log = tmp_path_factory.mktemp(f"llama-pair-{i}") / "llama-server.log"
-            server = EmbeddedLlama(parallel=1, ctx=1024, threads=1, log_path=log,
-                                   chat_template="chatml")  # as tests/conftest.py: no stops
-            servers.append(server)
-            try:
-                server.start()
-            except EmbeddedLlamaUnavailable as exc:
-                pytest.fail(f"{exc}\nscripts/setup installs everything.", pytrace=False)
-        yield [s.url for s in servers]
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def _by_topic(msgs: list[Recorded], since: int = 0) -> dict[str, list[Any]]:
@@ -316,29 +290,6 @@ def test_clean_stop_ends_running_and_queued_requests_and_the_other_bridge_serves
         rec.close()
 
 
-@contextlib.contextmanager
-def _bridge_process(tmp_path: Path, mosquitto: MosquittoProcess, llama_urls: list[str],
-                    bridge_id: str, env: dict[str, str], metrics_port: int,
-                    protocol: str = "5") -> Iterator[subprocess.Popen[bytes]]:
-    """``python -m bridge run`` as its own process (so it can be SIGKILLed); killed on exit."""
-    cmd = [sys.executable, "-m", "bridge", "run", "--mqtt-host", mosquitto.host,
-           "--mqtt-port", str(mosquitto.port), "--mqtt-protocol", protocol,
-           "--shared-group", GROUP, "--bridge-id", bridge_id,
-           "--metrics-port", str(metrics_port)]
-    for url in llama_urls:
-        cmd += ["--llama-url", url]
-    log_path = tmp_path / f"{bridge_id}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                cwd=tmp_path, env={**os.environ, **env})
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-
-
 @pytest.mark.parametrize("how", ["sigkill", "sigstop"])
 def test_lost_bridge_goes_offline_by_will_and_resend_is_served_by_the_other(
     mosquitto: MosquittoProcess, llama_pair: list[str], tmp_path: Path, how: str
@@ -355,7 +306,8 @@ def test_lost_bridge_goes_offline_by_will_and_resend_is_served_by_the_other(
     device = Device.bare(mosquitto.host, mosquitto.port, "scale-device", protocol="5").connect()
     try:
         metrics_port = free_port()
-        with _bridge_process(tmp_path, mosquitto, llama_pair, "b2", env, metrics_port) as proc:
+        with bridge_process(tmp_path, mosquitto.host, mosquitto.port, llama_pair, "b2",
+                            env, metrics_port, shared_group=GROUP) as proc:
             def b2_status(ms: list[Recorded], state: str, since: int = 0) -> bool:
                 return any(m.topic == "llm/status/b2" and json.loads(m.payload)["state"] == state
                            for m in ms[since:])
@@ -432,8 +384,8 @@ def test_crashed_bridge_over_mqtt_311_gives_up_its_share_at_once(
     try:
         with running_bridge(host, port, llama_pair, protocol="3.1.1", bridge_id="b1",
                             shared_group=GROUP) as b1, \
-                _bridge_process(tmp_path, mosquitto, llama_pair, "b3", {}, free_port(),
-                                protocol="3.1.1") as proc:
+                bridge_process(tmp_path, mosquitto.host, mosquitto.port, llama_pair, "b3", {},
+                               free_port(), protocol="3.1.1", shared_group=GROUP) as proc:
             assert rec.wait_for(lambda ms: any(
                 m.topic == "llm/status/b3" and b'"online"' in m.payload for m in ms), 60), \
                 (tmp_path / "b3.log").read_text(errors="replace")[-3000:]

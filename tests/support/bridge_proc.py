@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,3 +55,37 @@ def _run(host: str, port: int, llama_urls: list[str], protocol: str,
         yield bridge
     finally:
         bridge.stop()
+
+
+@contextmanager
+def bridge_process(workdir: Path, host: str, port: int, llama_urls: list[str], bridge_id: str,
+                   env: dict[str, str], metrics_port: int, *, protocol: str = "5",
+                   shared_group: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m bridge run`` as its own process (so it can be SIGKILLed); killed on exit.
+
+    Args:
+        workdir: its working directory; its output goes to ``{bridge_id}.log`` there.
+        host, port: the broker.
+        llama_urls: backends.
+        bridge_id: ``--bridge-id``.
+        env: extra environment (``BRIDGE_…`` settings).
+        metrics_port: ``--metrics-port``.
+        protocol: ``--mqtt-protocol``.
+        shared_group: ``--shared-group``, if any.
+    """
+    cmd = [sys.executable, "-m", "bridge", "run", "--mqtt-host", host, "--mqtt-port", str(port),
+           "--mqtt-protocol", protocol, "--bridge-id", bridge_id,
+           "--metrics-port", str(metrics_port)]
+    if shared_group is not None:
+        cmd += ["--shared-group", shared_group]
+    for url in llama_urls:
+        cmd += ["--llama-url", url]
+    with open(workdir / f"{bridge_id}.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                cwd=workdir, env={**os.environ, **env})
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
