@@ -28,7 +28,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -119,6 +126,11 @@ class BridgeMetrics:
         self.queue_wait = Histogram(
             f"{PREFIX}_queue_wait_seconds", "Time accepted requests waited for a worker.",
             buckets=QUEUE_BUCKETS, registry=self.registry)
+        self.prompt_cache = Counter(
+            f"{PREFIX}_llama_prompt_tokens",
+            "Prompt tokens of finished requests as llama-server reports them: taken from "
+            "its prompt cache (cache_n) or read anew (prompt_n).",
+            ["source"], registry=self.registry)
         self.registry.register(_LiveCollector(self))
 
     # ------------------------------------------------------------------ recording
@@ -150,6 +162,10 @@ class BridgeMetrics:
             self.ttft.observe(timings.ttft_ms / 1000.0)
         if timings.tokens_per_s is not None:
             self.tokens_per_s.observe(timings.tokens_per_s)
+        if timings.cache_n is not None:
+            self.prompt_cache.labels("cache").inc(timings.cache_n)
+        if timings.prompt_n is not None:
+            self.prompt_cache.labels("read").inc(timings.prompt_n)
 
     def request_rejected(self, code: str) -> None:
         """Count a request answered with one ``error`` at intake (never queued)."""

@@ -81,7 +81,8 @@ def test_metrics_of_one_bridge_are_private_and_complete() -> None:
     for _ in range(7):
         first.request_accepted()
     first.request_finished("done", backend.url,
-                           Timings(queue_ms=5, ttft_ms=120, total_ms=900, tokens_per_s=42.0),
+                           Timings(queue_ms=5, ttft_ms=120, total_ms=900, tokens_per_s=42.0,
+                                   cache_n=8, prompt_n=3),
                            Usage(prompt_tokens=11, completion_tokens=30))
     first.request_finished("timeout", None,
                            Timings(queue_ms=1, ttft_ms=None, total_ms=600_000), Usage())
@@ -101,6 +102,8 @@ def test_metrics_of_one_bridge_are_private_and_complete() -> None:
     assert s[("llm_bridge_published_messages_total", ())] == 10
     assert s[("llm_bridge_published_bytes_total", ())] == 2048
     assert s[("llm_bridge_tokens_total", (("kind", "completion"),))] == 30
+    assert s[("llm_bridge_llama_prompt_tokens_total", (("source", "cache"),))] == 8
+    assert s[("llm_bridge_llama_prompt_tokens_total", (("source", "read"),))] == 3
     url = (("backend", backend.url), ("name", backend.name))
     assert s[("llm_bridge_backend_healthy", url)] == 1
     assert s[("llm_bridge_backend_slots", url)] == 4
