@@ -92,18 +92,20 @@ class Finisher:
         self._jobs.discard(job)
         self._limits.finished(job.acc.client)
         self._dedupe.forget(job.key)
-        self._settle_claim(job, None)
+        self._settle_claim(job, None, answered=False)
 
-    def _settle_claim(self, job: Job, record: list[bytes] | None) -> None:
+    def _settle_claim(self, job: Job, record: list[bytes] | None, *,
+                      answered: bool = True) -> None:
         """The shared store's side of a finished request: answered (``record``: what was
-        published, for resends) or given back (None: a resend must run)."""
+        published, for resends; None if too large to keep) or given back (a resend must
+        run)."""
         if self._shared is None or not job.claimed:
             return
         job.claimed = False
-        if record is None:
-            self._shared.release(job.acc.client, job.acc.request_id)
-        else:
+        if answered:
             self._shared.finished(job.acc.client, job.acc.request_id, record)
+        else:
+            self._shared.release(job.acc.client, job.acc.request_id)
 
     def confirm(self, job: Job, wait: bool) -> str:
         """What became of the terminal message, for the request log.
@@ -138,15 +140,15 @@ class Finisher:
         terminal = self.confirm(job, wait)
         if job.outcome is Outcome.publish_failed:
             self._dedupe.forget(job.key)  # nothing complete arrived: a resend must run
-            self._settle_claim(job, None)
+            self._settle_claim(job, None, answered=False)
         elif job.ended_in_error and job.channel.first_text_at is None:
             # Nothing was generated: a retry with the same id (what `retryable` invites)
             # must be served, not answered with this error again.
             self._dedupe.forget(job.key)
-            self._settle_claim(job, None)
+            self._settle_claim(job, None, answered=False)
         else:
             self._dedupe.finish(job.key, job.channel.record)
-            self._settle_claim(job, job.channel.record or [])
+            self._settle_claim(job, job.channel.record)
         t = job.timings(job.usage)
         self._metrics.request_finished(job.label, job.backend, t, job.usage)
         self._ticker.status_changed()

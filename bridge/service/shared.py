@@ -5,7 +5,8 @@ request, whose turn a session is, and the answers kept for resends.
   with a lease: a key that expires ``session_lease_s`` after its last renewal. A resend
   that reaches another bridge while the lease lives is not run again (the answer is on
   its way); once the request is answered the key says so for ``dedupe_ttl_s``, with the
-  published messages, which a resend gets again from whichever bridge it reaches. A
+  published messages (up to the reply channel's 512 KiB), which a resend gets again
+  from whichever bridge it reaches. A
   request that ends in an error before any text releases its claim, so a retry runs.
 - **Session turns.** A session's turn runs only while its bridge holds the session's
   lease, taken when a worker starts the turn and given back after its terminal message:
@@ -43,9 +44,9 @@ log = logging.getLogger("bridge.service.shared")
 
 RETRY_S = 1.0
 """After Redis failed, calls fail at once for this long instead of each waiting for it."""
-MAX_KEPT_ANSWER_BYTES = 1024 * 1024
-MAX_KEPT_ANSWER_MESSAGES = 4000  # below the Lua stack's limit on unpack()
-"""An answer larger than this (bytes, or messages) is not kept for resends (its id is)."""
+MAX_KEPT_ANSWER_MESSAGES = 4000
+"""An answer of more messages is not kept for resends (its id is): the script's unpack()
+takes at most about 8000 values. The reply channel bounds its bytes (512 KiB)."""
 
 _CLAIM = """
 local v = redis.call('GET', KEYS[1])
@@ -209,12 +210,11 @@ class SharedState:
         return Claim(ClaimState.running, holder=holder)
 
     def finished(self, client: str, request_id: str, record: list[bytes] | None) -> None:
-        """Mark a claimed request answered, keeping ``record`` for resends if small enough."""
+        """Mark a claimed request answered, keeping ``record`` (the published payloads;
+        None: too large to keep) for resends."""
         req, answer = self._keys(client, request_id)
         value = self._unhold(req) or f"run:{self.owner}"
-        small = record is not None and len(record) <= MAX_KEPT_ANSWER_MESSAGES and \
-            sum(map(len, record)) <= MAX_KEPT_ANSWER_BYTES
-        kept = record if record and small else []
+        kept = record if record and len(record) <= MAX_KEPT_ANSWER_MESSAGES else []
         try:
             done = self._call("finish", self._finish, keys=[req, answer],
                               args=[value, self.answer_ttl_ms, *kept])
@@ -312,5 +312,5 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-__all__ = ["MAX_KEPT_ANSWER_BYTES", "MAX_KEPT_ANSWER_MESSAGES", "RETRY_S", "Claim",
+__all__ = ["MAX_KEPT_ANSWER_MESSAGES", "RETRY_S", "Claim",
            "ClaimState", "SharedState"]

@@ -13,7 +13,7 @@ import pytest
 from bridge.protocol.errors import SessionStoreError
 from bridge.service.redis_store import open_redis, redact
 from bridge.service.shared import (
-    MAX_KEPT_ANSWER_BYTES,
+    MAX_KEPT_ANSWER_MESSAGES,
     RETRY_S,
     ClaimState,
     SharedState,
@@ -61,7 +61,7 @@ def test_a_released_claim_runs_again_elsewhere_and_a_large_answer_is_not_kept(
     assert a.claim("dev", "r1").state is ClaimState.mine
     a.release("dev", "r1")  # ended in a retryable error before any text
     assert b.claim("dev", "r1").state is ClaimState.mine
-    b.finished("dev", "r1", [b"x" * (MAX_KEPT_ANSWER_BYTES + 1)])
+    b.finished("dev", "r1", [b"x"] * (MAX_KEPT_ANSWER_MESSAGES + 1))
     found = a.claim("dev", "r1")
     assert found.state is ClaimState.finished and found.record is None
 
