@@ -458,7 +458,7 @@ def test_cli_flags_beat_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
          "--mqtt-ca", "/ca.crt", "--shared-group", "g1", "--max-concurrent", "2",
          "--log-level", "DEBUG", "--metrics-port", "9100", "--bridge-id", "b1",
          "--sessions-db", "s.db", "--mqtt-username", "u", "--mqtt-password", "p",
-         "--mqtt-protocol", "5"])
+         "--mqtt-protocol", "5", "--sessions-url", "rediss://:pw@redis.lan:6380/1"])
     cfg = cli._config(args)
     assert cfg.chunk_bytes == 300          # file only
     assert cfg.flush_ms == 6.0             # env beats file
@@ -473,6 +473,15 @@ def test_cli_flags_beat_env_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert cfg.mqtt.username == "u"
     assert cfg.mqtt.password is not None and cfg.mqtt.password.get_secret_value() == "p"
     assert cfg.mqtt.protocol == "5"
+    assert cfg.sessions_url == "rediss://:pw@redis.lan:6380/1"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:6379", "127.0.0.1:6379", "valkey://h"])
+def test_sessions_url_must_be_redis_or_rediss(url: str) -> None:
+    with pytest.raises(ValidationError, match=r"sessions_url must start with redis:// or "
+                                              r"rediss://"):
+        load_config(sessions_url=url)
+    assert load_config(sessions_url="").sessions_url is None  # empty: not set
 
 
 def test_cli_ask_reads_mqtt_flags_only(tmp_path: Path) -> None:
