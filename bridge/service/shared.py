@@ -164,7 +164,7 @@ class SharedState:
             raise self._down from exc
         if self._down is not None:
             self._down = None
-            log.warning("shared store %s reachable again", self.where)
+            log.warning("session store %s reachable again", self.where)
             self._down_until = 0.0
         return result
 
@@ -174,7 +174,7 @@ class SharedState:
             self._call("ping", self._redis.ping)
         except SessionStoreError:
             return False
-        log.info("shared store %s reachable: sessions, duplicates and leases are shared "
+        log.info("session store %s reachable: sessions, duplicates and leases are shared "
                  "with the other bridges", self.where)
         return True
 
