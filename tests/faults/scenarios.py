@@ -1266,14 +1266,17 @@ def _recorded_view(recorder: Recorder, topic: str) -> StreamView:
 
 def acl_bridges() -> list[tuple[str, str]]:
     """The bridge accounts of the shipped ACL: (account, the bridge_id whose status it may
-    write -- its own name if the ACL does not say). Read from its ``user`` blocks, so
-    the scenarios follow the shipped file."""
+    write -- its own name if the ACL does not say). Read from its ``user bridge@N``
+    blocks, so the scenarios follow the shipped file."""
     out: list[tuple[str, str]] = []
+    in_bridge = False  # inside a bridge's block (not another account's, an edge link's)
     for line in MOSQUITTO_ACL.read_text().splitlines():
         words = line.split()
         if len(words) == 2 and words[0] == "user":
-            out.append((words[1], words[1]))
-        elif out and len(words) == 3 and words[0] == "topic" and "write" in words[1] \
+            in_bridge = words[1].startswith("bridge@")
+            if in_bridge:
+                out.append((words[1], words[1]))
+        elif in_bridge and len(words) == 3 and words[0] == "topic" and "write" in words[1] \
                 and words[2].startswith("llm/status/") and not set("#+") & set(words[2]):
             out[-1] = (out[-1][0], words[2].removeprefix("llm/status/"))
     return out
