@@ -28,6 +28,7 @@ from bridge.protocol.messages import TERMINAL_TYPES, decode_reply
 from bridge.service.bridge import Bridge
 from tests.support.bridge_proc import bridge_process, running_bridge
 from tests.support.device import Device
+from tests.support.exactly_once import assert_exactly_once
 from tests.support.fake_llama import (
     Action,
     FakeLlama,
@@ -63,14 +64,6 @@ def _terminals(msgs: list[Recorded], since: int = 0) -> set[str]:
     return {topic for topic, replies in _by_topic(msgs, since).items()
             if any(r.type in TERMINAL_TYPES for r in replies)}
 
-
-def _exactly_once(replies: list[Any]) -> None:
-    """One start, one terminal at the end, seq 0..n-1 with no duplicate or gap."""
-    seqs = [r.seq for r in replies]
-    assert seqs == list(range(len(replies))), f"seq not 0..n-1 exactly once: {seqs}"
-    assert [r.type for r in replies].count("start") == 1
-    assert sum(r.type in TERMINAL_TYPES for r in replies) == 1
-    assert replies[-1].type in TERMINAL_TYPES
 
 
 def _seen(topic: str) -> Callable[[list[Recorded]], bool]:
@@ -116,7 +109,7 @@ def test_two_bridges_share_requests_exactly_once_cancel_and_clean_stop(
                     f"unanswered: {sorted(set(topics) - _terminals(rec.messages))}"
                 by_topic = _by_topic(rec.messages)
                 for topic in topics:
-                    _exactly_once(by_topic[topic])
+                    assert_exactly_once(by_topic[topic])
                     assert by_topic[topic][-1].type == "done", by_topic[topic][-1]
                 accepted = [b.stats["accepted"] for b in bridges]
                 assert sum(accepted) == 40 and min(accepted) > 0, accepted
@@ -140,7 +133,7 @@ def test_two_bridges_share_requests_exactly_once_cancel_and_clean_stop(
                 assert rec.wait_for(lambda ms: _terminals(ms) >= long_topics, TIMEOUT)
                 by_topic = _by_topic(rec.messages)
                 for topic in long_topics:
-                    _exactly_once(by_topic[topic])
+                    assert_exactly_once(by_topic[topic])
                     assert by_topic[topic][-1].type == "done"
                     assert by_topic[topic][-1].finish_reason == "cancelled"
 
@@ -243,7 +236,7 @@ def test_clean_stop_ends_running_and_queued_requests_and_the_other_bridge_serves
                 by_topic = _by_topic(rec.messages)
                 for client, topic in topics.items():
                     replies = by_topic[topic]
-                    _exactly_once(replies)
+                    assert_exactly_once(replies)
                     end = replies[-1]
                     assert end.type == "error", (client, end)
                     assert (end.code, end.retryable, end.message) == \
@@ -279,7 +272,7 @@ def test_clean_stop_ends_running_and_queued_requests_and_the_other_bridge_serves
                     sorted(set(topics.values()) - _terminals(rec.messages, resent_at))
                 by_topic = _by_topic(rec.messages, resent_at)
                 for topic in topics.values():
-                    _exactly_once(by_topic[topic])
+                    assert_exactly_once(by_topic[topic])
                     assert by_topic[topic][-1].type == "done", by_topic[topic][-1]
                 assert b1.stats["accepted"] == 4
                 assert sorted(g.prompt_text() for g in fast.generations) == \
@@ -356,7 +349,7 @@ def test_lost_bridge_goes_offline_by_will_and_resend_is_served_by_the_other(
                                                "max_tokens": 8})
                 assert rec.wait_for(lambda ms: topic in _terminals(ms, resent_at), TIMEOUT)
                 second = _by_topic(rec.messages, resent_at)[topic]
-                _exactly_once(second)
+                assert_exactly_once(second)
                 assert second[-1].type == "done"
 
                 # New requests all reach b1: the dead bridge's session is gone.

@@ -32,6 +32,7 @@ from bridge.protocol.messages import TERMINAL_TYPES, decode_reply
 from bridge.service.bridge import Bridge
 from tests.support.bridge_proc import bridge_process, running_bridge
 from tests.support.device import Device
+from tests.support.exactly_once import assert_exactly_once
 from tests.support.processes import MosquittoProcess, free_port
 from tests.support.recorder import Recorded, Recorder
 from tests.support.redis_server import RedisProcess
@@ -95,12 +96,6 @@ def _text(replies: list[Any]) -> str:
     return "".join(r.text or "" for r in replies if r.type == "chunk")
 
 
-def _exactly_once(replies: list[Any]) -> None:
-    seqs = [r.seq for r in replies]
-    assert seqs == list(range(len(replies))), f"seq not 0..n-1 exactly once: {seqs}"
-    assert [r.type for r in replies].count("start") == 1
-    assert sum(r.type in TERMINAL_TYPES for r in replies) == 1
-
 
 def _who(bridges: tuple[Bridge, ...], before: list[int]) -> list[int]:
     """Which bridges accepted a request since ``before`` (their accepted counts then)."""
@@ -139,7 +134,7 @@ def test_turns_alternate_between_bridges_remember_and_stay_on_their_backend(
                 replies = talk.ask({"id": f"t{n}", "session": "chat", "prompt": prompt,
                                     **SAMPLING})
                 assert replies[-1].type == "done", replies[-1]
-                _exactly_once(replies)
+                assert_exactly_once(replies)
                 (who,) = _who(bridges, before)
                 served_by.append(who)
                 backends.append(bridges[who].sessions.last_backend("dev", "chat"))
@@ -174,7 +169,7 @@ def test_two_turns_at_once_on_two_bridges_are_answered_one_after_the_other(
             assert sorted(_accepted(bridges)[i] - before[i] for i in (0, 1)) == [1, 1], \
                 "the two turns did not reach two bridges"
             for replies in (first, second):
-                _exactly_once(replies)
+                assert_exactly_once(replies)
                 assert replies[-1].type == "done", replies[-1]
 
             def position(request_id: str, kind: Callable[[Any], bool]) -> int:
@@ -219,7 +214,7 @@ def test_a_resend_is_not_run_twice_and_later_gets_the_same_answer(
             resent = talk.send(request)
             replies = talk.wait_terminal("long", since)
             assert replies[-1].type == "done", replies[-1]
-            _exactly_once(replies)
+            assert_exactly_once(replies)
             assert _accepted(bridges) == [n + (i == runner) for i, n in enumerate(before)]
             assert [r.type for r in talk.replies("long", resent)].count("start") == 0
 
@@ -283,7 +278,7 @@ def test_a_killed_bridge_leaves_no_stuck_session_or_id_once_its_lease_ends(
                 # the device's resend with the same id runs on b1, then the next turn
                 resent = talk.send({**request, "max_tokens": 8})
                 again = talk.wait_terminal("long", resent)
-                _exactly_once(again)
+                assert_exactly_once(again)
                 assert again[-1].type == "done", again[-1]
                 after = talk.ask({"id": "t2", "session": "chat", "prompt": "What is my name?",
                                   **SAMPLING})
