@@ -3,7 +3,7 @@
 ``DeploymentConfig`` is the one place every setting and its default live. The
 TOML file has top-level keys for bridge behaviour and ``[mqtt]``, ``[llama]``,
 ``[device]`` and ``[web]`` tables; environment variables are ``BRIDGE_<KEY>`` and
-``BRIDGE_<TABLE>__<KEY>``; flags (``bridge.cli``) override both.
+``BRIDGE_<TABLE>__<KEY>``; flags (``bridge.cli.parser``) override both.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ class Bridge:
         self.limits = ClientLimits(config.client_max_inflight, config.client_rate_per_min)
         self.dedupe = DedupeCache(config.dedupe_ttl_s)
         self.queue: FairQueue[JobKey] = FairQueue(config.queue_size)
-        self.profiles = ProfileRegistry(config.profiles)  # swapped on SIGHUP (bridge.cli)
+        self.profiles = ProfileRegistry(config.profiles)  # swapped on SIGHUP (bridge.cli.serve)
         self.shared: SharedState | None = None
         if config.sessions_url:  # several bridges: sessions, duplicates and leases in Redis
             where = redact(config.sessions_url)

@@ -1,4 +1,4 @@
-"""Command line: ``llamacpp-mqtt-bridge run | ask | status`` (README, *Configuration*).
+"""The command line's flags, and the configuration they make (README, *Configuration*).
 
 Every ``run`` flag is also a TOML key and an environment variable (see
 ``bridge.config.settings``); flags win over the environment, which wins over the file.
@@ -7,29 +7,13 @@ Every ``run`` flag is also a TOML key and an environment variable (see
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
-import signal
-import sys
-import threading
-import time
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from bridge.config.settings import DeploymentConfig, MqttSettings, WebSettings, load_config
-from bridge.mqtt.paho_client import broker_host
 from bridge.version import __version__
-from bridge.web.page import serve_page_config, start_page_server
-
-if TYPE_CHECKING:
-    from bridge.service.bridge import Bridge
-
-EXIT_OK, EXIT_ERROR_REPLY, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 
 
 def _default(model: type[BaseModel], name: str) -> Any:
@@ -189,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> DeploymentConfig:
+    """The configuration of parsed flags: a flag left out (None) falls back to the
+    environment, then the ``--config`` file, then the default."""
     mqtt = {"host": args.mqtt_host, "port": args.mqtt_port, "username": args.mqtt_username,
             "password": args.mqtt_password, "tls": args.mqtt_tls, "ca_file": args.mqtt_ca,
             "cert_file": args.mqtt_cert, "key_file": args.mqtt_key,
@@ -205,227 +191,3 @@ def _config(args: argparse.Namespace) -> DeploymentConfig:
                     web={"port": args.web_port, "host": args.web_host,
                          "mqtt_url": args.web_mqtt_url, "ws_port": args.ws_port})
     return load_config(args.config, mqtt=mqtt, **flat)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = _config(args)
-    except (ValidationError, ValueError, FileNotFoundError) as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.command == "run":
-        return run(cfg, reload=lambda: _config(args))
-    try:
-        if args.command == "ask":
-            return ask(cfg, args)
-        return status(cfg, args.timeout)
-    except BrokenPipeError:
-        # The reader went away (`ask ... | head`): stop quietly, as other tools do. stdout
-        # goes to /dev/null so that the interpreter's final flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
-
-
-# ---------------------------------------------------------------------- run
-
-
-def run(cfg: DeploymentConfig, stop: threading.Event | None = None,
-        reload: Callable[[], DeploymentConfig] | None = None) -> int:
-    """Start the bridge (and embedded broker / llama.cpp if none is configured) until signalled.
-
-    Args:
-        cfg: the configuration.
-        stop: set it to stop the bridge (SIGINT and SIGTERM set it too).
-        reload: loads the configuration again (file, environment, flags); given, SIGHUP
-            puts the new ``profiles`` in force for new requests.
-    """
-    logging.basicConfig(level=cfg.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger("bridge.run")
-    stop = stop or threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        return _run_until(cfg, stop, log, reload)
-    except RuntimeError as exc:  # embedded broker / llama.cpp could not start: says why
-        log.error("%s", exc)
-        return EXIT_NO_ANSWER
-
-
-def _run_until(cfg: DeploymentConfig, stop: threading.Event, log: logging.Logger,
-               reload: Callable[[], DeploymentConfig] | None = None) -> int:
-    from bridge.service.bridge import Bridge
-
-    with ExitStack() as stack:
-        bridge_cfg = cfg  # cfg stays as loaded: SIGHUP compares the reloaded file with it
-        web = start_page_server(cfg)  # first: a taken port fails before anything else starts
-        if web is not None:
-            stack.callback(web.stop)
-        broker = None
-        if cfg.mqtt.host is None:
-            from bridge.mqtt.brokers.local import describe, start_local_broker, use_local_broker
-
-            ws_port = cfg.web.ws_port if cfg.web.ws_port is not None or web is None else 0
-            broker = start_local_broker(cfg.mqtt.port, ws_port=ws_port)
-            stack.callback(broker.stop)  # registered before the bridge's, so it stops later
-            log.info("%s", describe(broker))
-            bridge_cfg = use_local_broker(cfg, broker)
-        if web is not None:
-            serve_page_config(web, cfg, broker, log)
-        urls = list(cfg.llama.urls)
-        if not urls:
-            from bridge.llama.embedded import EmbeddedLlama
-
-            log.info("no --llama-url: starting an embedded llama.cpp server (xllamacpp)")
-            llama = EmbeddedLlama(parallel=cfg.llama.embedded_parallel, ctx=cfg.llama.embedded_ctx,
-                                  model=cfg.llama.embedded_model)
-            urls = [llama.start()]
-            stack.callback(llama.stop)
-        bridge = Bridge(bridge_cfg, urls)
-        try:
-            bridge.start()
-        except ConnectionError as exc:
-            log.error("%s", exc)
-            return EXIT_NO_ANSWER
-        stack.callback(bridge.stop)
-        if reload is not None and hasattr(signal, "SIGHUP"):
-            previous = signal.signal(
-                signal.SIGHUP, lambda *_: reload_profiles(bridge, cfg, reload, log))
-            stack.callback(signal.signal, signal.SIGHUP, previous)
-        host = broker_host(cfg.mqtt)
-        print(f"bridge {cfg.bridge_id} ready: MQTT {host}:{cfg.mqtt.port}, topics "
-              f"{cfg.prefix}/request/+, llama.cpp at {', '.join(urls)}. "
-              f'Try: llamacpp-mqtt-bridge ask "hi"'
-              + (f". Web page: {web.url}" if web is not None else ""), flush=True)
-        stop.wait()
-        log.info("shutting down")
-    return EXIT_OK
-
-
-def reload_profiles(bridge: Bridge, running: DeploymentConfig,
-                    load: Callable[[], DeploymentConfig], log: logging.Logger) -> bool:
-    """SIGHUP: read the configuration again and swap in its ``profiles``.
-
-    Requests already accepted keep the profile they were accepted with; streams are
-    not interrupted. Other settings need a restart (a warning names the changed ones).
-    An invalid file keeps the profiles in force.
-
-    Returns:
-        True if the new profiles are in force.
-    """
-    try:
-        fresh = load()
-    except (ValidationError, ValueError, FileNotFoundError) as exc:
-        log.error("configuration reload failed, the profiles in force are kept: %s", exc)
-        return False
-    bridge.profiles.replace(fresh.profiles)
-    changed = sorted(name for name in type(fresh).model_fields
-                     if name != "profiles" and getattr(fresh, name) != getattr(running, name))
-    log.info("profiles reloaded: %s", ", ".join(sorted(fresh.profiles)) or "none")
-    if changed:
-        log.warning("settings changed in the configuration but not applied until a restart: "
-                    "%s", ", ".join(changed))
-    return True
-
-
-# ---------------------------------------------------------------------- ask
-
-
-def ask(cfg: DeploymentConfig, args: argparse.Namespace) -> int:
-    """Publish one prompt, print the answer as it streams, then a summary line."""
-    from bridge.mqtt.device import BridgeClient
-    from bridge.protocol.errors import ReplyTimeout, SequenceError
-
-    request: dict[str, Any] = {"messages": [{"role": "user", "content": args.prompt}]}
-    for key in ("max_tokens", "temperature", "seed", "chunk_bytes", "max_packet", "session",
-                "profile"):
-        if getattr(args, key) is not None:
-            request[key] = getattr(args, key)
-    client = BridgeClient(cfg.mqtt, prefix=cfg.prefix,
-                          client=args.client or f"ask-{int(time.time() * 1000) % 10**8}")
-    t0 = time.monotonic()
-    first: float | None = None
-    try:
-        client.connect()
-    except ConnectionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_NO_ANSWER
-    try:
-        for msg in client.ask(request, idle_timeout=args.timeout):
-            if args.json:
-                # what arrived, not the defaults of fields a small max_packet left out
-                print(msg.model_dump_json(exclude_none=True, exclude_unset=True), flush=True)
-            if msg.type == "chunk" and msg.text is not None:
-                first = first or time.monotonic()
-                if not args.json:
-                    sys.stdout.write(msg.text)
-                    sys.stdout.flush()
-            elif msg.type == "reply" and not args.json:
-                print(msg.content or json.dumps(msg.tool_calls), end="")
-            elif msg.type == "error":
-                why = msg.message or "(no message: it did not fit max_packet)"
-                print(f"\nerror [{msg.code}]: {why}", file=sys.stderr)
-                return EXIT_ERROR_REPLY
-            elif msg.type in ("done", "reply"):
-                total = time.monotonic() - t0
-                ttft = f"{(first - t0) * 1000:.0f} ms" if first else "-"
-                tps = msg.timings.tokens_per_s
-                # A small max_packet may have left the counts out: say so, do not print 0.
-                tokens = f"{msg.usage.completion_tokens} tokens" \
-                    if "completion_tokens" in msg.usage.model_fields_set else "tokens not sent"
-                print(f"\n[{msg.finish_reason}] {tokens}, "
-                      f"first token {ttft}, total {total:.2f} s"
-                      + (f", {tps:.1f} tokens/s" if tps else ""), file=sys.stderr)
-        return EXIT_OK
-    except (ReplyTimeout, SequenceError) as exc:
-        print(f"\nerror: {exc}", file=sys.stderr)
-        return EXIT_NO_ANSWER
-    finally:
-        client.close()
-
-
-# ---------------------------------------------------------------------- status
-
-
-def status(cfg: DeploymentConfig, timeout: float) -> int:
-    """Print the retained status message of every bridge under the prefix."""
-    from bridge.mqtt.device import BridgeClient
-
-    client = BridgeClient(cfg.mqtt, prefix=cfg.prefix)
-    try:
-        client.connect()
-    except ConnectionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_NO_ANSWER
-    seen: dict[str, dict[str, Any]] = {}
-    try:
-        client.subscribe(cfg.topics.status_filter())
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            got = client.next_message(timeout=min(left, 0.5 if seen else left))
-            if got is None:
-                if seen:
-                    break  # retained messages arrive at once; a quiet half second ends it
-                continue
-            topic, payload = got
-            try:
-                seen[topic] = json.loads(payload)
-            except ValueError:
-                seen[topic] = {"state": "unreadable", "raw": payload[:80].decode("latin-1")}
-    finally:
-        client.close()
-    if not seen:
-        print(f"no bridge status under {cfg.prefix}/status/+", file=sys.stderr)
-        return EXIT_NO_ANSWER
-    for topic, body in sorted(seen.items()):
-        backends = ", ".join(f"{b.get('name')} {'ok' if b.get('healthy') else 'DOWN'}"
-                             f" ({b.get('active', 0)}/{b.get('slots', '?')} busy)"
-                             for b in body.get("backends", []))
-        print(f"{topic}: {body.get('state')}"
-              + (f", mqtt {body['mqtt']}" if "mqtt" in body else "")
-              + (f", queued {body.get('queued', 0)}, active {body.get('active', 0)}"
-                 if body.get("state") == "online" else f" ({body.get('reason', '')})")
-              + (f", backends: {backends}" if backends else "")
-              + (f", stats {json.dumps(body['stats'])}" if "stats" in body else ""))
-    return EXIT_OK
