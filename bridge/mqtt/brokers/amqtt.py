@@ -5,19 +5,11 @@ installed and this broker when it is not (:mod:`bridge.mqtt.brokers.local`). It 
 thread with its own asyncio event loop: the bridge itself is threaded (paho), and a
 private loop keeps amqtt's tasks from ever competing with anything else.
 
-Two amqtt 0.12.1 defects a device would see are fixed here (:class:`_Broker`; the tests
-in ``tests/mqtt/test_local_broker.py`` show them fixed):
-
-* **Retained messages leaked to every connecting client.** On each CONNECT amqtt sent
-  the retained messages matching *every filter any session had subscribed to* to the
-  new client: with a dashboard subscribed to ``llm/status/+``, a device subscribing to
-  ``llm/reply/kitchen/#`` got the bridge's status. (It meant to resend a resumed
-  session's own subscriptions' retained messages.) Now a client gets only those of its
-  own filters.
-* **Concurrent CONNECTs failed** with ``RuntimeError: dictionary changed size during
-  iteration``: amqtt walks its subscription table across ``await`` points while other
-  clients' SUBSCRIBEs change it; the connection was dropped after its CONNACK. The
-  table now hands out copies to iterate over.
+Two amqtt 0.12.1 defects a device would see are fixed
+(:mod:`bridge.mqtt.brokers.amqtt_fixes` says how; the tests in
+``tests/mqtt/test_local_broker.py`` show them fixed): retained messages of other clients'
+filters leaked to every connecting client, and concurrent CONNECTs failed with
+``RuntimeError: dictionary changed size during iteration``.
 
 Known quirks that remain, measured against paho-mqtt 2.2 on loopback (see
 ``tests/mqtt/test_brokers.py`` for the tests that pin them):
@@ -37,7 +29,8 @@ Known quirks that remain, measured against paho-mqtt 2.2 on loopback (see
 * **No persistent sessions for "anonymous" sessions.** amqtt's stock
   ``AnonymousAuthPlugin`` marks every session anonymous when anonymous access is
   allowed, and anonymous sessions are dropped on disconnect (no offline QoS 1
-  queueing). We replace it with :class:`OpenAuthPlugin`, which admits everyone
+  queueing). We replace it with
+  :class:`~bridge.mqtt.brokers.amqtt_fixes.OpenAuthPlugin`, which admits everyone
   but keeps ``clean_session=False`` sessions as MQTT 3.1.1 requires; they expire
   after ``session_expiry_s`` so abandoned client ids cannot pile up queues.
 * **No size limit.** A 1 MiB publish is accepted and delivered; the broker sends
@@ -60,14 +53,10 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Literal
 
-from amqtt.broker import Broker
-from amqtt.plugins.base import BaseAuthPlugin
-from amqtt.session import Session
-
+from bridge.mqtt.brokers.amqtt_fixes import OpenAuthPlugin, PatchedBroker
 from bridge.mqtt.brokers.base import LocalBrokerError, address_error, check_port_free
 
 __all__ = ["EmbeddedBroker", "EmbeddedBrokerError", "OpenAuthPlugin"]
@@ -81,66 +70,6 @@ _NOISY_LOGGERS = ("amqtt", "transitions")
 
 class EmbeddedBrokerError(LocalBrokerError):
     """The embedded broker could not start or stop."""
-
-
-class _SnapshotDict(dict[str, Any]):
-    """amqtt's subscription table (filter -> sessions), iterated over copies.
-
-    amqtt loops over this table with ``await`` inside the loop (sending retained
-    messages on CONNECT, routing a publish); another client's SUBSCRIBE adding a filter
-    meanwhile made the loop raise "dictionary changed size during iteration".
-    """
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(super().__iter__()))
-
-    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
-        return list(super().items())
-
-
-class _Broker(Broker):  # type: ignore[misc]  # amqtt ships no type information
-    """amqtt's broker with the two defects a device would see fixed (module docstring)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._subscriptions: dict[str, Any] = _SnapshotDict()
-
-    async def _publish_retained_messages_for_subscription(
-        self, subscription: tuple[str, int], session: Session
-    ) -> None:
-        """Send retained messages for ``subscription`` only if ``session`` holds it.
-
-        amqtt calls this on SUBSCRIBE (the session holds the filter by then) and, on
-        every CONNECT, for each filter of *any* session: those are not the client's.
-        """
-        holders = self._subscriptions.get(subscription[0], ())
-        if all(held.client_id != session.client_id for held, _qos in holders):
-            return
-        await super()._publish_retained_messages_for_subscription(subscription, session)
-
-
-class OpenAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type information
-    """Admit every client, but keep persistent sessions persistent.
-
-    amqtt's ``AnonymousAuthPlugin`` flags every session as anonymous when anonymous
-    access is on, and amqtt then neither queues QoS 1 messages for such a session
-    while it is offline nor keeps it after a disconnect -- which would lose replies
-    for a device that reconnects with ``clean_session=False``. This plugin admits
-    everyone (the embedded broker listens on loopback by default) and leaves
-    ``is_anonymous`` False, so MQTT 3.1.1 session semantics hold.
-    """
-
-    async def authenticate(self, *, session: Session) -> bool:
-        """Accept the connection.
-
-        Args:
-            session: the connecting client's amqtt session.
-
-        Returns:
-            Always True.
-        """
-        session.is_anonymous = False
-        return True
 
 
 class EmbeddedBroker:
@@ -233,7 +162,7 @@ class EmbeddedBroker:
             listeners["ws"] = {"type": "ws", "bind": f"{self.host}:{self._requested_ws_port}"}
         return {
             "listeners": listeners,
-            "plugins": {f"{__name__}.OpenAuthPlugin": {}},
+            "plugins": {f"{OpenAuthPlugin.__module__}.{OpenAuthPlugin.__qualname__}": {}},
             "session_expiry_interval": self.session_expiry_s,
             # amqtt adds this to the client's keep-alive before dropping a silent client.
             "timeout_disconnect_delay": 0,
@@ -360,7 +289,7 @@ class EmbeddedBroker:
 
     async def _serve(self) -> None:
         assert self._stop_requested is not None
-        broker = _Broker(self.config(), loop=asyncio.get_running_loop())
+        broker = PatchedBroker(self.config(), loop=asyncio.get_running_loop())
         await broker.start()
         self._port = _bound_port(broker) or self._requested_port
         if self._requested_ws_port is not None:
