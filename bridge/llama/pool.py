@@ -5,8 +5,10 @@ README, *Several llama-servers*, says what users see of it.
 Each backend is probed on ``/health`` (and, when healthy, ``/props`` for its slot
 count and ``/v1/models`` for the models it serves) every ``health_interval_s``. A
 request goes to the healthy backend with the most free slots (ties: the one used
-least recently, so sequential requests spread too); a request that names a
-``model`` goes only to backends that serve it. A backend that fails a request
+least recently, so sequential requests spread too), unless the request prefers one
+(a session's next turn, to the backend whose prompt cache holds the conversation) and
+that one is healthy and has a free slot; a request that names a ``model`` goes only to
+backends that serve it. A backend that fails a request
 before its first byte is marked unhealthy and skipped until a probe finds it
 healthy again.
 
@@ -132,12 +134,15 @@ class BackendPool:
     def model_name(self) -> str | None:
         return next((b.model for b in self.backends if b.healthy and b.model), None)
 
-    def acquire(self, exclude: set[str] | None = None, model: str | None = None) -> Backend:
+    def acquire(self, exclude: set[str] | None = None, model: str | None = None,
+                prefer: str | None = None) -> Backend:
         """Reserve a slot on the healthy backend with the most free slots.
 
         Args:
             exclude: URLs not to use (those that already failed this request).
             model: only backends serving this model (see :meth:`Backend.serves`).
+            prefer: the URL of the backend to take if it is a candidate with a free slot
+                (cache affinity); otherwise the usual choice.
         Raises:
             BackendUnavailable: no backend is healthy (message lists their errors), or
                 none of the healthy ones serves ``model`` while some backend's models
@@ -152,9 +157,12 @@ class BackendPool:
                 candidates = [b for b in candidates if b.serves(model)]
             if not candidates:
                 raise self._no_backend(model)
+            preferred = next((b for b in candidates
+                              if b.url == prefer and b.active < b.slots), None)
             # Most free slots; among equals the least recently used, so that one request
             # at a time still spreads over the backends (and warms all of them).
-            best = max(candidates, key=lambda b: (b.slots - b.active, -b.last_used))
+            best = preferred or max(candidates,
+                                    key=lambda b: (b.slots - b.active, -b.last_used))
             best.active += 1
             best.last_used = next(self._uses)
         self._notify()

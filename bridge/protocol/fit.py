@@ -31,8 +31,8 @@ from bridge.protocol.messages import (
     json_text,
 )
 
-_SPENT = ("timings.tokens_per_s", "timings.ttft_ms", "timings.queue_ms", "timings.total_ms",
-          "usage.prompt_tokens", "usage.completion_tokens")
+_SPENT = ("timings.cache_n", "timings.prompt_n", "timings.tokens_per_s", "timings.ttft_ms",
+          "timings.queue_ms", "timings.total_ms", "usage.prompt_tokens", "usage.completion_tokens")
 
 DROP_ORDER: Mapping[str, tuple[str, ...]] = {
     "start": ("model", "queue"),

@@ -180,7 +180,9 @@ class Usage(BaseModel):
 
 
 class Timings(BaseModel):
-    """Times measured by the bridge for one request, in milliseconds."""
+    """Times measured by the bridge for one request, in milliseconds, and llama-server's
+    prompt cache use: ``cache_n`` prompt tokens reused from the slot's cache, ``prompt_n``
+    prompt tokens read anew (present when llama-server reports them)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -188,6 +190,8 @@ class Timings(BaseModel):
     ttft_ms: float | None = None
     total_ms: float = 0.0
     tokens_per_s: float | None = None
+    cache_n: int | None = None
+    prompt_n: int | None = None
 
 
 class _Reply(BaseModel):

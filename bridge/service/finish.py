@@ -133,9 +133,11 @@ class Finisher:
         request_log.info(
             "request id=%s client=%s outcome=%s backend=%s prompt_tokens=%d "
             "completion_tokens=%d messages=%d queue_ms=%.0f ttft_ms=%s total_ms=%.0f "
-            "tokens_per_s=%s llama_prompt_ms=%s terminal=%s",
+            "tokens_per_s=%s llama_prompt_ms=%s cache_n=%s prompt_n=%s terminal=%s",
             job.acc.request_id, job.acc.client, job.outcome_text, job.backend,
             job.usage.prompt_tokens, job.usage.completion_tokens, job.channel.seq.next,
             t.queue_ms, "-" if t.ttft_ms is None else f"{t.ttft_ms:.0f}", t.total_ms,
             "-" if t.tokens_per_s is None else f"{t.tokens_per_s:.1f}",
-            "-" if job.llama_prompt_ms is None else f"{job.llama_prompt_ms:.1f}", terminal)
+            "-" if job.llama_prompt_ms is None else f"{job.llama_prompt_ms:.1f}",
+            "-" if job.cache_n is None else job.cache_n,
+            "-" if job.prompt_n is None else job.prompt_n, terminal)

@@ -66,6 +66,8 @@ class Job:
         outcome: how it ended; with :attr:`error`, the code of the ``error`` it ended with.
         llama_prompt_ms: llama-server's own prompt time (its ``timings.prompt_ms``), for
             the log line: how much of ``ttft_ms`` the model itself took.
+        cache_n / prompt_n: llama-server's prompt tokens reused from the slot's cache and
+            read anew (its ``timings``), for ``done.timings`` and the log line.
     """
 
     acc: Accepted
@@ -83,6 +85,8 @@ class Job:
     outcome: Outcome = Outcome.unknown
     error: ErrorCode | None = None
     llama_prompt_ms: float | None = None
+    cache_n: int | None = None
+    prompt_n: int | None = None
 
     @property
     def key(self) -> JobKey:
@@ -117,7 +121,8 @@ class Job:
             tps = round(usage.completion_tokens / (now - first), 2)
         return Timings(queue_ms=round(((self.started_at or now) - t0) * 1000, 2),
                        ttft_ms=round((first - t0) * 1000, 2) if first is not None else None,
-                       total_ms=round((now - t0) * 1000, 2), tokens_per_s=tps)
+                       total_ms=round((now - t0) * 1000, 2), tokens_per_s=tps,
+                       cache_n=self.cache_n, prompt_n=self.prompt_n)
 
 
 class JobTable:

@@ -122,10 +122,20 @@ class Runner:
             self._finisher.finish(job)
 
     def _with_backend(self, job: Job, serve: Serve) -> None:
-        """Run ``serve(job, backend)``, failing over to another backend before the first byte."""
+        """Run ``serve(job, backend)``, failing over to another backend before the first byte.
+
+        A session's turn goes first to the backend that answered its last turn (its
+        prompt cache holds the conversation) while that one is healthy and has a free
+        slot (``[llama] session_affinity``).
+        """
         tried: set[str] = set()
+        prefer = self._affine_backend(job)
         while True:
-            backend = self._pool.acquire(exclude=tried, model=job.acc.request.model)
+            backend = self._pool.acquire(exclude=tried, model=job.acc.request.model,
+                                         prefer=prefer)
+            if prefer is not None:
+                log.debug("request %s: session backend %s %s", job.acc.request_id, prefer,
+                          "taken" if backend.url == prefer else f"busy, {backend.url} instead")
             job.backend = backend.url
             try:
                 serve(job, backend)
@@ -139,6 +149,13 @@ class Runner:
                          "backend", job.acc.request_id, backend.url)
             finally:
                 self._pool.release(backend)
+
+    def _affine_backend(self, job: Job) -> str | None:
+        """The backend that answered the session's last turn, if affinity applies."""
+        session = job.acc.request.session
+        if session is None or not self._cfg.llama.session_affinity:
+            return None
+        return self._sessions.last_backend(job.acc.client, session)
 
     # ------------------------------------------------------------------ what is sent
 
@@ -180,7 +197,8 @@ class Runner:
             return
         messages = [m.model_dump(exclude_none=True) for m in req.messages or []]
         try:
-            self._sessions.remember(job.acc.client, req.session, messages, answer)
+            self._sessions.remember(job.acc.client, req.session, messages, answer,
+                                    backend=job.backend)
         except BridgeError as exc:  # the answer is still worth sending
             log.error("request %s: session %s/%s not updated: %s", job.acc.request_id,
                       job.acc.client, req.session, exc)
@@ -228,7 +246,7 @@ class Runner:
             finally:  # a cancelled stream never gets llama-server's usage: count its tokens
                 job.usage = stream.usage_so_far()
         job.usage = end.usage or job.usage
-        job.llama_prompt_ms = _prompt_ms(end.timings)
+        _llama_timings(job, end.timings)
         job.outcome = Outcome.done
         finish = end.finish_reason or "stop"
         if answer is not None:
@@ -244,7 +262,7 @@ class Runner:
             gen = backend.client.chat(inputs, tools=req.tools, tool_choice=req.tool_choice,
                                       cancel_token=job.token, **params)
         job.usage = gen.usage or Usage()
-        job.llama_prompt_ms = _prompt_ms(gen.timings)
+        _llama_timings(job, gen.timings)
         fields: dict[str, Any] = {"content": gen.content, "tool_calls": gen.tool_calls,
                                   "finish_reason": gen.finish_reason or "stop",
                                   "usage": job.usage, "timings": job.timings(job.usage)}
@@ -291,9 +309,17 @@ class Runner:
         job.channel.error(ErrorCode.backend_unavailable, SHUTDOWN_MESSAGE, retryable=True)
 
 
-def _prompt_ms(timings: dict[str, Any] | None) -> float | None:
-    """llama-server's ``timings.prompt_ms`` if it sent a number (it is not in the OpenAI API)."""
-    value = (timings or {}).get("prompt_ms")
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
+def _llama_timings(job: Job, timings: dict[str, Any] | None) -> None:
+    """Keep what llama-server's ``timings`` (not in the OpenAI API) says of the prompt:
+    its time, and how many tokens came from the slot's cache (``cache_n``) or were read
+    anew (``prompt_n``). Missing or non-numeric values stay None."""
+    def number(key: str) -> float | None:
+        value = (timings or {}).get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            return None
+        return float(value)
+
+    job.llama_prompt_ms = number("prompt_ms")
+    cache_n, prompt_n = number("cache_n"), number("prompt_n")
+    job.cache_n = None if cache_n is None else int(cache_n)
+    job.prompt_n = None if prompt_n is None else int(prompt_n)

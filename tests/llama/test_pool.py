@@ -67,6 +67,24 @@ def test_most_free_slots_then_least_recently_used() -> None:
     assert order == [a.url, b.url, a.url, b.url]
 
 
+def test_a_preferred_backend_is_taken_while_it_is_healthy_and_has_a_free_slot() -> None:
+    pool = _pool(2)
+    a, b = pool.backends
+    b.slots = 4  # the usual choice would be b (most free slots)
+    assert pool.acquire(prefer=a.url) is a
+    assert pool.acquire(prefer=a.url) is a  # its second slot
+    assert pool.acquire(prefer=a.url) is b  # a is full: the usual choice
+    pool.release(a)
+    a.healthy = False
+    assert pool.acquire(prefer=a.url) is b  # unhealthy: never
+    a.healthy = True
+    assert pool.acquire(prefer=a.url, exclude={a.url}) is b  # it failed this request
+    assert pool.acquire(prefer=a.url, model="m1") is b  # it does not serve the model
+    assert [x.active for x in pool.backends] == [1, 4]
+    pool.release(b)
+    assert pool.acquire(prefer="http://127.0.0.1:1") is a  # unknown here: the usual choice
+
+
 def test_model_routing_and_its_errors() -> None:
     pool = _pool(2)
     a, b = pool.backends

@@ -42,7 +42,8 @@ KEPT = {"type", "id", "seq", "code", "finish_reason", "retryable", "content", "t
 def full_messages(seq: int = 57) -> list[BaseModel]:
     """One message of each type with every optional field set, as large as they get."""
     usage = Usage(prompt_tokens=123456, completion_tokens=4096)
-    timings = Timings(queue_ms=1234.56, ttft_ms=9876.54, total_ms=123456.78, tokens_per_s=45.67)
+    timings = Timings(queue_ms=1234.56, ttft_ms=9876.54, total_ms=123456.78, tokens_per_s=45.67,
+                      cache_n=123000, prompt_n=456)
     return [
         StartMsg(id=RID, seq=seq, model="gemma-3-270m-it-Q4_K_M.gguf", queue=12),
         ProgressMsg(id=RID, seq=seq, queued_ms=2500.0,

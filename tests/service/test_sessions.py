@@ -488,6 +488,12 @@ def test_real_llama_remembers_a_turn_across_a_bridge_restart(
                                           user("What is my name?")], 24)
     assert direct.usage is not None and direct.usage.prompt_tokens == p2
     assert text_of(second) == (direct.content or "")
+    # llama-server's prompt cache use, as done.timings carries it: the second turn's
+    # prompt starts with the first turn's, read by the same server a moment before
+    timings = second[-1].timings
+    assert timings.cache_n is not None and timings.prompt_n is not None, timings
+    assert timings.cache_n + timings.prompt_n == p2, (timings, p2)
+    assert timings.cache_n > 0, timings
 
 
 def test_real_llama_long_session_is_trimmed_not_rejected(
