@@ -47,7 +47,7 @@ from typing import Any
 
 from bench import procs
 from bench.affinity_llama import TunedLlama, chat, user_message
-from bench.affinity_report import direct_table, phase_table
+from bench.affinity_report import CpuWatch, direct_table, phase_table, slot_choices
 from bench.device import no_delay
 
 MODES = {True: "affinity", False: "no affinity"}
@@ -95,18 +95,6 @@ def llama_servers(a: argparse.Namespace, log_dir: Path) -> Iterator[list[TunedLl
             server.stop()
 
 
-def slot_choices(logs: list[Path], since: list[int]) -> dict[str, int]:
-    """How llama-server picked slots since the given log offsets (its own words)."""
-    out = {"by prompt similarity": 0, "by least recent use": 0}
-    for path, offset in zip(logs, since, strict=True):
-        with open(path, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
-        out["by prompt similarity"] += text.count("selected slot by LCP similarity")
-        out["by least recent use"] += text.count("selected slot by LRU")
-    return out
-
-
 # ============================================================================ direct
 
 
@@ -142,8 +130,9 @@ def run_direct(a: argparse.Namespace, servers: list[TunedLlama]) -> list[Turn]:
 
 @contextlib.contextmanager
 def bridge(broker: procs.Broker, urls: list[str], *, affinity: bool, name: str,
-           max_concurrent: int, log_dir: Path) -> Iterator[Path]:
-    """``python -m bridge run`` in front of both servers; yields its log once it serves."""
+           max_concurrent: int, log_dir: Path) -> Iterator[tuple[Path, int]]:
+    """``python -m bridge run`` in front of both servers; yields its log and pid once it
+    serves."""
     log = log_dir / f"{name}.log"
     env = {**os.environ, **procs.BENCH_ENV,
            "BRIDGE_LLAMA__SESSION_AFFINITY": "true" if affinity else "false"}
@@ -163,7 +152,7 @@ def bridge(broker: procs.Broker, urls: list[str], *, affinity: bool, name: str,
                 raise RuntimeError(f"bridge not serving (exit {proc.poll()}):\n"
                                    f"{log.read_text(errors='replace')[-2000:]}")
             time.sleep(0.05)
-        yield log
+        yield log, proc.pid
     finally:
         procs._stop(proc)
 
@@ -245,7 +234,7 @@ def conversation(a: argparse.Namespace, devices: Devices, *, phase: str, mode: s
 
 def run_phase(a: argparse.Namespace, broker: procs.Broker, servers: list[TunedLlama], *,
               affinity: bool, rnd: int, index: int, log_dir: Path) -> tuple[list[Turn],
-                                                                             dict[str, int]]:
+                                                                             dict[str, float]]:
     """One bridge, ``--conversations`` conversations at once; their turns, slot choices."""
     phase = f"p{index}"
     logs = [s.log_path for s in servers if s.log_path is not None]
@@ -254,8 +243,9 @@ def run_phase(a: argparse.Namespace, broker: procs.Broker, servers: list[TunedLl
     stop = threading.Event()
     mode = MODES[affinity]
     with bridge(broker, [s.url for s in servers], affinity=affinity, name=phase,
-                max_concurrent=2 * a.parallel, log_dir=log_dir) as log:
+                max_concurrent=2 * a.parallel, log_dir=log_dir) as (log, pid):
         devices = Devices(broker)
+        cpu = CpuWatch([pid, broker.pid, os.getpid(), *(s.pid for s in servers if s.pid)])
         try:
             threads = [threading.Thread(target=conversation, daemon=True, args=(
                 a, devices), kwargs={"phase": phase, "mode": mode, "rnd": rnd, "conv": i,
@@ -269,6 +259,7 @@ def run_phase(a: argparse.Namespace, broker: procs.Broker, servers: list[TunedLl
             if any(t.is_alive() for t in threads):
                 stop.set()
                 say(f"  {phase}: not finished in {a.phase_timeout_s:.0f} s, stopped")
+            usage = cpu.stop()
         finally:
             stop.set()
             devices.close()
@@ -276,7 +267,7 @@ def run_phase(a: argparse.Namespace, broker: procs.Broker, servers: list[TunedLl
                     for m in _REQUEST_LOG.finditer(log.read_text(errors="replace"))}
     for rec in out:
         rec.backend = backends.get((f"{phase}-c{rec.conversation}", f"t{rec.turn}"))
-    return out, slot_choices(logs, since)
+    return out, {**slot_choices(logs, since), **{f"cpu % {k}": v for k, v in usage.items()}}
 
 
 # ============================================================================ main
@@ -286,11 +277,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.affinity", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--conversations", type=int, default=4, help="at once (default 4)")
-    p.add_argument("--turns", type=int, default=10, help="per conversation (default 10)")
+    p.add_argument("--turns", type=int, default=8, help="per conversation (default 8)")
     p.add_argument("--words", type=int, default=100, help="per user message (default 100)")
     p.add_argument("--max-tokens", type=int, default=32, help="per answer (default 32)")
-    p.add_argument("--think-s", default="1,4", help="pause between turns, MIN,MAX seconds "
-                                                    "(uniform, seeded; default 1,4)")
+    p.add_argument("--think-s", default="1,3", help="pause between turns, MIN,MAX seconds "
+                                                    "(uniform, seeded; default 1,3)")
     p.add_argument("--rounds", type=int, default=2,
                    help="pairs of bridge phases, on/off then off/on (default 2)")
     p.add_argument("--parallel", type=int, default=2, help="slots per server (default 2)")
@@ -300,12 +291,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="llama-server --cache-ram (default: its own, 8192; 0: off)")
     p.add_argument("--slot-similarity", type=float, default=None,
                    help="llama-server --slot-prompt-similarity (default: its own, 0.1)")
-    p.add_argument("--direct-turns", type=int, default=10,
-                   help="turns of the direct section (0: skip it; default 10)")
+    p.add_argument("--direct-turns", type=int, default=8,
+                   help="turns of the direct section (0: skip it; default 8)")
     p.add_argument("--later-from", type=int, default=5, help="later turns: from this one")
     p.add_argument("--turn-timeout-s", type=float, default=180.0)
     p.add_argument("--phase-timeout-s", type=float, default=600.0)
     p.add_argument("--json", type=Path, help="write every turn here")
+    p.add_argument("--log-dir", type=Path,
+                   help="keep the logs of llama-server and the bridge here (default: a "
+                        "temporary folder, removed at the end)")
     a = p.parse_args(argv)
     a.think_min, a.think_max = (float(x) for x in a.think_s.split(","))
     return a
@@ -315,25 +309,31 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     started = time.monotonic()
     turns: list[Turn] = []
-    slots: dict[str, dict[str, int]] = {}
+    slots: dict[str, dict[str, float]] = {}
+    phases: dict[str, tuple[str, int]] = {}
+    direct_cpu: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-affinity-") as tmp:
-        log_dir = Path(tmp)
+        log_dir = a.log_dir or Path(tmp)
+        log_dir.mkdir(parents=True, exist_ok=True)
         say(f"starting 2 llama.cpp servers ({a.parallel} slots x {a.ctx_per_slot} tokens, "
             f"{a.threads} thread each) and Mosquitto; logs in {log_dir}")
         with llama_servers(a, log_dir) as servers, procs.mosquitto() as broker:
             if a.direct_turns:
                 say("direct: one request at a time, straight to llama-server")
+                cpu = CpuWatch([os.getpid(), *(s.pid for s in servers if s.pid)])
                 turns += run_direct(a, servers)
+                direct_cpu = cpu.stop()
             index = 0
             for rnd in range(1, a.rounds + 1):
                 for affinity in ((True, False) if rnd % 2 else (False, True)):
                     index += 1
                     say(f"bridge phase p{index}: {MODES[affinity]}, round {rnd}")
+                    phases[f"p{index}"] = (MODES[affinity], rnd)
                     got, slots[f"p{index}"] = run_phase(a, broker, servers, affinity=affinity,
                                                         rnd=rnd, index=index, log_dir=log_dir)
                     turns += got
                     say(f"  {len(got)} turns, {sum(t.error is not None for t in got)} "
-                        f"errors; llama-server picked slots {slots[f'p{index}']}")
+                        f"errors; {slots[f'p{index}']}")
     say(f"done in {time.monotonic() - started:.0f} s")
     setup = (f"{a.conversations} conversations x {a.turns} turns, {a.words}-word messages, "
              f"max_tokens {a.max_tokens}, pauses {a.think_min:g}-{a.think_max:g} s; 2 servers x "
@@ -344,11 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Setup: {setup}\n")
     rows = [asdict(t) for t in turns]
     if a.direct_turns:
-        print(direct_table(rows, a.later_from))
-    print(phase_table(rows, a.later_from, slots))
+        print(direct_table(rows, a.later_from, direct_cpu))
+    print(phase_table(rows, a.later_from, slots, phases))
     if a.json:
-        a.json.write_text(json.dumps({"setup": setup, "args": vars(a) | {"json": str(a.json)},
-                                      "slots": slots, "turns": rows}, indent=1))
+        args = {k: str(v) for k, v in vars(a).items()}
+        a.json.write_text(json.dumps({"setup": setup, "args": args,
+                                      "phases": {p: {"mode": m, "round": r, **slots[p]}
+                                                 for p, (m, r) in phases.items()},
+                                      "direct_cpu": direct_cpu,
+                                      "turns": rows}, indent=1))
     return 0
 
 

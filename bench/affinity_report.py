@@ -1,4 +1,8 @@
-"""The tables of :mod:`bench.affinity`: turns grouped by mode and turn number, as Markdown.
+"""The measuring and the tables of :mod:`bench.affinity`.
+
+:class:`CpuWatch` tells the benchmark's CPU time from the rest of the machine's,
+:func:`slot_choices` reads how llama-server picked slots from its log, and the tables
+group turns by mode and turn number, as Markdown.
 
 A row is one turn as :class:`bench.affinity.Turn` turned into a dict. The cache share of
 a group is the share of its prompt tokens that llama-server took from its cache:
@@ -8,11 +12,57 @@ on) that ran on another backend than the conversation's previous turn.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import psutil  # type: ignore[import-untyped]
+
 Row = dict[str, Any]
+
+
+class CpuWatch:
+    """CPU time of the benchmark's processes and of everything else on the machine.
+
+    Other sessions may share the machine: "others" (in % of one core, over the window)
+    says how much of it they took, so a noisy phase can be told apart.
+    """
+
+    def __init__(self, pids: list[int]) -> None:
+        self._procs = [psutil.Process(pid) for pid in pids]
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+        ours = 0.0
+        for proc in self._procs:
+            with contextlib.suppress(psutil.Error):
+                c = proc.cpu_times()
+                ours += c.user + c.system
+        return time.monotonic(), float(busy), ours
+
+    def stop(self) -> dict[str, float]:
+        """CPU % of one core since construction: ``ours`` and ``others``."""
+        (t0, busy0, ours0), (t1, busy1, ours1) = self._start, self._read()
+        wall = max(t1 - t0, 1e-9)
+        return {"ours": round(100 * (ours1 - ours0) / wall, 1),
+                "others": round(100 * max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall, 1)}
+
+
+def slot_choices(logs: list[Path], since: list[int]) -> dict[str, int]:
+    """How llama-server picked slots since the given log offsets (its own words)."""
+    out = {"by prompt similarity": 0, "by least recent use": 0}
+    for path, offset in zip(logs, since, strict=True):
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        out["by prompt similarity"] += text.count("selected slot by LCP similarity")
+        out["by least recent use"] += text.count("selected slot by LRU")
+    return out
 
 
 def _ms(value: float | None) -> str:
@@ -79,7 +129,7 @@ def _later(rows: list[Row], mode: str, later_from: int, rnd: int | None = None) 
             and r["error"] is None and (rnd is None or r["round"] == rnd)]
 
 
-def direct_table(all_rows: list[Row], later_from: int) -> str:
+def direct_table(all_rows: list[Row], later_from: int, cpu: dict[str, float]) -> str:
     """The direct section: pinned, alternating and uncached conversations."""
     rows = [r for r in all_rows if r["section"] == "direct"]
     routes = ["pinned", "alternating", "uncached"]
@@ -91,10 +141,14 @@ def direct_table(all_rows: list[Row], later_from: int) -> str:
         lines.append(f"- turns >= {later_from}, pinned / {other}: TTFT median "
                      f"{_ratio(pinned['median'], s['median'])}, mean "
                      f"{_ratio(pinned['mean'], s['mean'])}")
+    if cpu:
+        lines.append(f"- CPU % of one core meanwhile: benchmark {cpu['ours']:.0f}, others "
+                     f"{cpu['others']:.0f}")
     return "\n".join([*lines, ""])
 
 
-def phase_table(all_rows: list[Row], later_from: int, slots: dict[str, dict[str, int]]) -> str:
+def phase_table(all_rows: list[Row], later_from: int, slots: dict[str, dict[str, float]],
+                phases: dict[str, tuple[str, int]]) -> str:
     """The bridge phases: affinity against no affinity, with the ratios per round."""
     rows = [r for r in all_rows if r["section"] == "bridge"]
     on, off = "affinity", "no affinity"
@@ -113,7 +167,12 @@ def phase_table(all_rows: list[Row], later_from: int, slots: dict[str, dict[str,
     if errors:
         lines += [f"  - {r['mode']} round {r['round']} conversation {r['conversation']} turn "
                   f"{r['turn']}: {r['error']}" for r in rows if r["error"]][:5]
-    lines.append("- llama-server's slot choices per phase: " + "; ".join(
-        f"{phase} {c['by prompt similarity']} by prompt similarity, "
-        f"{c['by least recent use']} by least recent use" for phase, c in slots.items()))
+    lines += ["", "| phase | mode | round | llama-server's slot choices: by prompt similarity "
+              "/ by least recent use | CPU % of one core: benchmark / others |",
+              "|---|---|---:|---:|---:|"]
+    for phase, c in slots.items():
+        mode, rnd = phases.get(phase, ("-", "-"))
+        lines.append(f"| {phase} | {mode} | {rnd} | {c['by prompt similarity']:.0f} / "
+                     f"{c['by least recent use']:.0f} | {c['cpu % ours']:.0f} / "
+                     f"{c['cpu % others']:.0f} |")
     return "\n".join([*lines, ""])
