@@ -41,8 +41,9 @@ def test_phase_table_ratio_cache_share_and_moves() -> None:
         _row("no affinity", 0, 1, 1000, 0, 100, "a"),
         _row("no affinity", 0, 2, 2000, 100, 300, "b"),
     ]
-    slots = {"p1": {"by prompt similarity": 2, "by least recent use": 0,
-                    "cpu % ours": 150, "cpu % others": 5}}
+    slots: dict[str, dict[str, float]] = {"p1": {
+        "by prompt similarity": 2, "by least recent use": 0, "cpu % ours": 150,
+        "cpu % others": 5}}
     text = phase_table(rows, 2, slots, {"p1": ("affinity", 1)})
     assert "| >= 2 | affinity | 1 | 500 | 500 | 500 | 100 | 300 | 75 % | 0/1 (0 %) |" in text
     assert "| >= 2 | no affinity | 1 | 2,000 | 2,000 | 2,000 | 300 | 100 | 25 % | 1/1 (100 %) |" \
