@@ -1,6 +1,6 @@
 """Cache-affine routing: multi-turn conversations over two llama.cpp servers, with and without.
 
-    .venv/bin/python -m bench.affinity                   # ~8 min on 2 cores
+    .venv/bin/python -m bench.affinity                   # ~6 min on 2 idle cores
     .venv/bin/python -m bench.affinity --conversations 2 --turns 8 --rounds 1 --direct-turns 0
 
 Two llama.cpp servers (:class:`~bench.affinity_llama.TunedLlama`, Gemma 3 270M, one
