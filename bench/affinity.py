@@ -35,7 +35,6 @@ import os
 import queue
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -128,35 +127,6 @@ def run_direct(a: argparse.Namespace, servers: list[TunedLlama]) -> list[Turn]:
 # ============================================================================ bridge
 
 
-@contextlib.contextmanager
-def bridge(broker: procs.Broker, urls: list[str], *, affinity: bool, name: str,
-           max_concurrent: int, log_dir: Path) -> Iterator[tuple[Path, int]]:
-    """``python -m bridge run`` in front of both servers; yields its log and pid once it
-    serves."""
-    log = log_dir / f"{name}.log"
-    env = {**os.environ, **procs.BENCH_ENV,
-           "BRIDGE_LLAMA__SESSION_AFFINITY": "true" if affinity else "false"}
-    cmd = [procs.PY, "-m", "bridge", "run", "--mqtt-host", broker.host,
-           "--mqtt-port", str(broker.port), "--mqtt-protocol", "5",
-           "--max-concurrent", str(max_concurrent), "--bridge-id", name,
-           "--log-level", "INFO", "--sessions-db", str(log_dir / f"{name}.db")]
-    for url in urls:
-        cmd += ["--llama-url", url]
-    with open(log, "wb") as out:
-        proc = procs._popen(cmd, cwd=procs.REPO, env=env, stdin=subprocess.DEVNULL,
-                            stdout=out, stderr=out)
-    try:
-        end = time.monotonic() + 60
-        while b" serving " not in log.read_bytes():
-            if proc.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"bridge not serving (exit {proc.poll()}):\n"
-                                   f"{log.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.05)
-        yield log, proc.pid
-    finally:
-        procs._stop(proc)
-
-
 class Devices:
     """One MQTT connection for every conversation; replies routed by client to a queue."""
 
@@ -242,8 +212,11 @@ def run_phase(a: argparse.Namespace, broker: procs.Broker, servers: list[TunedLl
     out: list[Turn] = []
     stop = threading.Event()
     mode = MODES[affinity]
-    with bridge(broker, [s.url for s in servers], affinity=affinity, name=phase,
-                max_concurrent=2 * a.parallel, log_dir=log_dir) as (log, pid):
+    env = {"BRIDGE_LLAMA__SESSION_AFFINITY": "true" if affinity else "false"}
+    with procs.bridge(broker, [s.url for s in servers], bridge_id=phase,
+                      max_concurrent=2 * a.parallel, flush_ms=50.0, qos=1, env=env,
+                      log_dir=log_dir) as proc:
+        log, pid = proc.log, proc.pid
         devices = Devices(broker)
         cpu = CpuWatch([pid, broker.pid, os.getpid(), *(s.pid for s in servers if s.pid)])
         try:

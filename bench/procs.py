@@ -163,13 +163,14 @@ BENCH_ENV = {
 
 
 @contextlib.contextmanager
-def bridge(b: Broker, llama_url: str, *, bridge_id: str, max_concurrent: int,
+def bridge(b: Broker, llama_url: str | list[str], *, bridge_id: str, max_concurrent: int,
            flush_ms: float, qos: int, env: dict[str, str] | None = None,
            log_dir: Path, source: Path | None = None) -> Iterator[BridgeProc]:
     """``python -m bridge run`` as a subprocess; ready once it logged that it serves.
 
     ``source``: a directory holding another copy of the ``bridge`` package to run
     instead of this checkout's (for before/after comparisons, ``BENCH_BRIDGE_SOURCE``).
+    ``llama_url``: one backend or several (``--llama-url`` each).
     """
     source = source or (Path(os.environ["BENCH_BRIDGE_SOURCE"])
                         if os.environ.get("BENCH_BRIDGE_SOURCE") else REPO)
@@ -181,7 +182,9 @@ def bridge(b: Broker, llama_url: str, *, bridge_id: str, max_concurrent: int,
     full_env = {**os.environ, **BENCH_ENV, **(env or {})}
     cmd = [PY, "-m", "bridge", "run", "--config", str(conf),
            "--mqtt-host", b.host, "--mqtt-port", str(b.port),
-           "--llama-url", llama_url, "--max-concurrent", str(max_concurrent),
+           *(arg for url in ([llama_url] if isinstance(llama_url, str) else llama_url)
+             for arg in ("--llama-url", url)),
+           "--max-concurrent", str(max_concurrent),
            "--flush-ms", str(flush_ms), "--bridge-id", bridge_id, "--log-level", "INFO",
            "--sessions-db", str(log_dir / f"{bridge_id}.db"),
            # amqtt speaks 3.1.1 only: skip the bridge's MQTT 5 probe (3 s per start).
