@@ -45,7 +45,14 @@ from redis.retry import Retry
 
 from bridge.protocol.errors import SessionStoreError
 from bridge.protocol.messages import json_text
-from bridge.service.session_store import AppendResult, Message, SessionLimits, Turn, log
+from bridge.service.session_store import (
+    AppendResult,
+    Message,
+    SessionLimits,
+    Turn,
+    log,
+    logged_append,
+)
 
 T = TypeVar("T")
 
@@ -359,14 +366,8 @@ class RedisSessionStore:
             log.info("session %s/%s evicted (least recently used): %s reached", c, s,
                      _text(victims[i + 1]))
         evicted = len(victims) // 2
-        if dropped or evicted:
-            log.info("session %s/%s: dropped %d oldest turn(s), evicted %d other session(s) "
-                     "to stay within the session limits", client, session, dropped, evicted)
-        if not kept:
-            log.warning("session %s/%s: a turn of %d messages / %d bytes exceeds "
-                        "session_max_messages/session_max_bytes and was not kept",
-                        client, session, count, size)
-        return AppendResult(turns_dropped=dropped, sessions_evicted=evicted, turn_kept=kept)
+        return logged_append(client, session, AppendResult(
+            turns_dropped=dropped, sessions_evicted=evicted, turn_kept=kept), count, size)
 
     def clear(self, client: str, session: str) -> bool:
         """Forget a session. Returns True if it existed."""

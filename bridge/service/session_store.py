@@ -95,6 +95,20 @@ class ConversationStore(Protocol):
     def close(self) -> None: ...
 
 
+def logged_append(client: str, session: str, result: AppendResult, messages: int,
+                  size: int) -> AppendResult:
+    """Log what an append did to stay within the bounds (either store); returns ``result``."""
+    if result.turns_dropped or result.sessions_evicted:
+        log.info("session %s/%s: dropped %d oldest turn(s), evicted %d other session(s) "
+                 "to stay within the session limits", client, session, result.turns_dropped,
+                 result.sessions_evicted)
+    if not result.turn_kept:
+        log.warning("session %s/%s: a turn of %d messages / %d bytes exceeds "
+                    "session_max_messages/session_max_bytes and was not kept",
+                    client, session, messages, size)
+    return result
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     client   TEXT NOT NULL,
@@ -286,14 +300,8 @@ class SessionStore:
                            "WHERE client = ? AND session = ?",
                            (oldest[1], oldest[2], client, session))
                 dropped += 1
-        if dropped or evicted:
-            log.info("session %s/%s: dropped %d oldest turn(s), evicted %d other session(s) "
-                     "to stay within the session limits", client, session, dropped, evicted)
-        if not kept:
-            log.warning("session %s/%s: a turn of %d messages / %d bytes exceeds "
-                        "session_max_messages/session_max_bytes and was not kept",
-                        client, session, count, size)
-        return AppendResult(turns_dropped=dropped, sessions_evicted=evicted, turn_kept=kept)
+        return logged_append(client, session, AppendResult(
+            turns_dropped=dropped, sessions_evicted=evicted, turn_kept=kept), count, size)
 
     def _make_room(self, db: sqlite3.Connection, client: str, now: float) -> int:
         """Before creating a session: drop expired ones, then the LRU ones over the limits."""
@@ -330,4 +338,4 @@ class SessionStore:
 
 
 __all__ = ["AppendResult", "ConversationStore", "Message", "SessionLimits", "SessionStore",
-           "SessionStoreError", "Turn"]
+           "SessionStoreError", "Turn", "logged_append"]
