@@ -199,7 +199,7 @@ class Admission:
             self._dedupe.forget(acc.key)
             log.warning("request %s/%s: %s", acc.client, acc.request_id, exc.message)
             self._reject(acc.reply, exc.code, exc.public_message, acc.client, retryable=True,
-                         retry_after_ms=int(max(1.0, shared.lease_ms / 1000) * 1000))
+                         retry_after_ms=max(1000, shared.lease_ms))
             return None
         if claim.state is ClaimState.mine:
             return True

@@ -169,7 +169,8 @@ class Runner:
                                          prefer=prefer)
             if prefer is not None:
                 log.debug("request %s: session backend %s %s", job.acc.request_id, prefer,
-                          "taken" if backend.url == prefer else f"busy, {backend.url} instead")
+                          "taken" if backend.url == prefer
+                          else f"full or down, {backend.url} instead")
             job.backend = backend.url
             try:
                 serve(job, backend)
