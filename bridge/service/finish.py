@@ -107,6 +107,22 @@ class Finisher:
         else:
             self._shared.release(job.acc.client, job.acc.request_id)
 
+    def _settle(self, job: Job) -> bool:
+        """Keep the answer for resends (True), or forget the request so a resend runs."""
+        if job.outcome is Outcome.publish_failed:
+            self._dedupe.forget(job.key)  # nothing complete arrived: a resend must run
+            self._settle_claim(job, None, answered=False)
+            return False
+        if job.ended_in_error and job.channel.first_text_at is None:
+            # Nothing was generated: a retry with the same id (what `retryable` invites)
+            # must be served, not answered with this error again.
+            self._dedupe.forget(job.key)
+            self._settle_claim(job, None, answered=False)
+            return False
+        self._dedupe.finish(job.key, job.channel.record)
+        self._settle_claim(job, job.channel.record)
+        return True
+
     def confirm(self, job: Job, wait: bool) -> str:
         """What became of the terminal message, for the request log.
 
@@ -137,18 +153,16 @@ class Finisher:
         if not self._jobs.finish(job):
             return
         self._limits.finished(job.acc.client)
+        # Settled before the broker acknowledges the terminal message: the device may
+        # already have it, and a resend it sends next (to any bridge) must find the
+        # request answered, not running.
+        claimed = job.claimed
+        answered = self._settle(job)
         terminal = self.confirm(job, wait)
-        if job.outcome is Outcome.publish_failed:
-            self._dedupe.forget(job.key)  # nothing complete arrived: a resend must run
-            self._settle_claim(job, None, answered=False)
-        elif job.ended_in_error and job.channel.first_text_at is None:
-            # Nothing was generated: a retry with the same id (what `retryable` invites)
-            # must be served, not answered with this error again.
+        if answered and job.outcome is Outcome.publish_failed:  # the terminal was refused
             self._dedupe.forget(job.key)
-            self._settle_claim(job, None, answered=False)
-        else:
-            self._dedupe.finish(job.key, job.channel.record)
-            self._settle_claim(job, job.channel.record)
+            if claimed and self._shared is not None:
+                self._shared.forget(job.acc.client, job.acc.request_id)
         t = job.timings(job.usage)
         self._metrics.request_finished(job.label, job.backend, t, job.usage)
         self._ticker.status_changed()

@@ -77,6 +77,10 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+_FORGET = """
+if redis.call('GET', KEYS[1]) == 'done' then return redis.call('DEL', KEYS[1], KEYS[2]) end
+return 0
+"""
 _RENEW = """
 local renewed = 0
 for i, key in ipairs(KEYS) do
@@ -135,6 +139,7 @@ class SharedState:
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._release = client.register_script(_RELEASE)
+        self._forget = client.register_script(_FORGET)
         self._renew = client.register_script(_RENEW)
         self._held: dict[str, str] = {}  # key -> value, renewed until given back
         self._lock = threading.Lock()
@@ -231,6 +236,16 @@ class SharedState:
         """Give a claim back (the request was not answered: a resend must run)."""
         req, _ = self._keys(client, request_id)
         self._give_back(req, f"request {client}/{request_id}")
+
+    def forget(self, client: str, request_id: str) -> None:
+        """Forget an answered request after all (the broker refused its terminal message):
+        a resend runs again instead of replaying an answer the device never got."""
+        req, answer = self._keys(client, request_id)
+        try:
+            self._call("forget", self._forget, keys=[req, answer])
+        except SessionStoreError as exc:
+            log.warning("request %s/%s: still marked answered in the shared store (a resend "
+                        "replays it): %s", client, request_id, exc)
 
     # ------------------------------------------------------------------ session turns
 

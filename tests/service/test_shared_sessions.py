@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ import pytest
 import redis
 
 from bridge.llama.client import LlamaCppClient
+from bridge.mqtt.link import MqttLink
 from bridge.protocol.messages import TERMINAL_TYPES, decode_reply
 from bridge.service.bridge import Bridge
 from tests.support.bridge_proc import bridge_process, running_bridge
@@ -201,10 +203,19 @@ def test_two_turns_at_once_on_two_bridges_are_answered_one_after_the_other(
             llama_pair[0], [(prompts[one], _text(earlier))], prompts[other])
 
 
-@pytest.mark.skip(reason="flaky in one CI run of four (a wait timed out); to diagnose, see the 2026-12-02 note")
 def test_a_resend_is_not_run_twice_and_later_gets_the_same_answer(
         talk: Conversation, mosquitto: MosquittoProcess, llama_pair: list[str],
-        redis_server: RedisProcess) -> None:
+        redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A broker slow to acknowledge the terminal message: the device has the answer
+    # before its bridge hears back, and a resend sent at once must find it answered.
+    acknowledged = MqttLink.delivered
+
+    def slow(link: MqttLink, info: Any, timeout: float) -> bool | None:
+        if timeout > 0:
+            time.sleep(1.0)
+        return acknowledged(link, info, timeout)
+
+    monkeypatch.setattr(MqttLink, "delivered", slow)
     with _two_bridges(mosquitto, llama_pair, redis_server) as bridges:
         request = {"id": "long", "prompt": "Count: one, two, three,", "temperature": 0,
                    "max_tokens": 120}

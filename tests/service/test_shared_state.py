@@ -66,6 +66,17 @@ def test_a_released_claim_runs_again_elsewhere_and_a_large_answer_is_not_kept(
     assert found.state is ClaimState.finished and found.record is None
 
 
+def test_an_answer_whose_terminal_was_refused_is_forgotten_a_running_claim_is_not(
+        pair: tuple[SharedState, SharedState]) -> None:
+    a, b = pair
+    assert a.claim("dev", "r1").state is ClaimState.mine
+    b.forget("dev", "r1")  # only an answered request is forgotten
+    assert b.claim("dev", "r1").state is ClaimState.running
+    a.finished("dev", "r1", [b'{"type":"reply"}'])
+    a.forget("dev", "r1")  # the broker refused that reply: a resend must run
+    assert b.claim("dev", "r1").state is ClaimState.mine
+
+
 def test_a_crashed_bridges_claim_and_turn_end_with_the_lease_a_live_ones_do_not(
         pair: tuple[SharedState, SharedState]) -> None:
     a, b = pair
