@@ -166,7 +166,8 @@ class ReplyChannel:
         self._send(StartMsg, flow_controlled=False, model=model, queue=queue)
 
     def progress(self, **fields: Any) -> None:
-        """Heartbeat (``queued_ms`` or ``prompt_progress``); no-op after the terminal message."""
+        """Heartbeat (``queued_ms``, ``prompt_progress`` or none); no-op after the terminal
+        message."""
         with self.lock:
             if not self.finished:
                 self._send(ProgressMsg, **fields)

@@ -2,8 +2,10 @@
 
 * flushes coalesced text when its ``flush_ms`` is up (workers only flush when a
   new delta arrives, and the next one may be seconds away);
-* sends ``progress`` heartbeats after ``heartbeat_s`` of silence (queued, or
-  waiting for the first token);
+* sends ``progress`` heartbeats after ``heartbeat_s`` of silence: queued
+  (``queued_ms``), waiting for the first token (``prompt_progress``), or mid-answer
+  with no field (a backend that stalls must not look like a lost request, which
+  devices resend after three heartbeats);
 * cancels requests that run past ``max_generation_s``;
 * publishes the status message: every ``status_interval_s``, and soon after anything
   it shows changes (:meth:`Ticker.status_changed`), at most once per
@@ -132,6 +134,8 @@ class Ticker:
                     elif job.state is JobState.running and ch.first_text_at is None:
                         ch.progress(prompt_progress={
                             "waiting_ms": round((now - (job.started_at or now)) * 1000)})
+                    elif job.state is JobState.running:
+                        ch.progress()
                 except PublishError as exc:
                     log.debug("heartbeat for %s skipped: %s", job.acc.request_id, exc)
         return wake
