@@ -29,6 +29,7 @@ from tests.support.browser import PHONE, Browser
 from tests.support.local_broker import require_mosquitto
 from tests.support.processes import REPO
 from tests.support.waiting import LOOPBACK_TIMEOUT, REPLY_TIMEOUT, poll_until
+from tests.web.page import answer_text, card, fill, log_types, open_page, wait_terminal
 
 pytestmark = [pytest.mark.llama, pytest.mark.mosquitto]
 
@@ -114,48 +115,9 @@ def bridge(stack: Stack) -> Iterator[str]:
         yield BRIDGE_ID
 
 
-def card(bridge_id: str) -> str:
-    return f'li[data-bridge="{bridge_id}"]'
-
-
-def open_page(browser: Browser, stack: Stack, bridge_id: str) -> None:
-    """Load the page; wait until it is connected and shows ``bridge_id`` online."""
-    browser.open(stack.web.url)
-    browser.wait(lambda _: browser.text("#connection") == "connected",
-                 message="the page connected")
-    browser.wait(lambda _: browser.find(f'{card(bridge_id)}[data-state="online"]'),
-                 message=f"{bridge_id} online in the grid")
-    browser.wait(lambda _: not browser.find("#send")[0].get_attribute("disabled"),
-                 message="Send enabled")
-
-
-def fill(browser: Browser, values: dict[str, str]) -> None:
-    """Type into the composer's fields as a person would (cleared first)."""
-    for css, value in values.items():
-        field = browser.find(css)[0]
-        field.clear()
-        if value:
-            field.send_keys(value)
-
-
-def answer_text(browser: Browser) -> str:
-    """The answer element's text exactly (whitespace too, which ``.text`` would trim)."""
-    return str(browser.driver.execute_script(
-        "return document.getElementById('answer').textContent"))
-
-
-def log_types(browser: Browser) -> list[str]:
-    return [row.get_attribute("data-type") or "" for row in browser.find("#log tbody tr")]
-
-
-def wait_terminal(browser: Browser, state: str) -> None:
-    browser.wait(lambda _: browser.find(f'#answer-status[data-state="{state}"]'),
-                 timeout=REPLY_TIMEOUT, message=f"the answer status {state}")
-
-
 def test_the_answer_streams_and_equals_the_wire(browser: Browser, stack: Stack,
                                                 bridge: str) -> None:
-    open_page(browser, stack, bridge)
+    open_page(browser, stack.web.url, bridge)
     backend = browser.text(f"{card(bridge)} .backends tbody tr")
     assert "healthy" in backend, backend
     fill(browser, {"#input": SKY, "#max-tokens": "40", "#temperature": "0",
@@ -222,7 +184,7 @@ def test_the_answer_streams_and_equals_the_wire(browser: Browser, stack: Stack,
 
 def test_stop_ends_in_cancelled_and_retry_asks_again(browser: Browser, stack: Stack,
                                                      bridge: str) -> None:
-    open_page(browser, stack, bridge)
+    open_page(browser, stack.web.url, bridge)
     fill(browser, {"#input": STORY, "#max-tokens": "400", "#temperature": "0",
                    "#max-packet": "", "#session": ""})
     ids: list[str] = []
@@ -244,7 +206,7 @@ def test_stop_ends_in_cancelled_and_retry_asks_again(browser: Browser, stack: St
 
 
 def test_a_bad_request_shows_its_error(browser: Browser, stack: Stack, bridge: str) -> None:
-    open_page(browser, stack, bridge)
+    open_page(browser, stack.web.url, bridge)
     fill(browser, {"#input": "hi", "#max-tokens": "8", "#temperature": "99",
                    "#max-packet": "", "#session": ""})
     browser.find("#send")[0].click()
@@ -271,7 +233,7 @@ def test_the_grid_follows_a_bridge_online_then_offline(browser: Browser, stack: 
     bridge_id = "page-leaving"
     with running_bridge("127.0.0.1", stack.broker.port, [stack.llama_url], protocol="5",
                         bridge_id=bridge_id):
-        open_page(browser, stack, bridge_id)
+        open_page(browser, stack.web.url, bridge_id)
         item = card(bridge_id)
         assert browser.text(f"{item} .bridge-state") == "online"
         assert "active 0" in browser.text(f"{item} .load")

@@ -30,17 +30,22 @@ export function showStart(msg) {
   else setStatus("prompt", "processing the prompt");
 }
 
-/** A heartbeat: how long queued, or how far the prompt is. */
+/** A heartbeat: how long queued, how long the backend has had the prompt, or (no field,
+ * mid-answer) that the bridge is alive while the backend is slow. */
 export function showProgress(msg) {
   const bar = byId("prompt-progress");
   if (msg.prompt_progress !== undefined) {
+    const waited = msg.prompt_progress?.waiting_ms;
     bar.hidden = false;
-    bar.value = msg.prompt_progress;
-    setStatus("prompt", `processing the prompt: ${num(msg.prompt_progress * 100, 0)}%`);
+    bar.removeAttribute("value"); // indeterminate: llama-server does not say how far it is
+    setStatus("prompt", waited === undefined ? "processing the prompt"
+      : `processing the prompt for ${ms(waited)}`);
   } else if (msg.queued_ms !== undefined) {
     setStatus("queued", `queued for ${ms(msg.queued_ms)}`);
+  } else if (byId("answer").textContent) {
+    setStatus("slow", "generating: the backend is slow, the bridge is alive");
   } else {
-    setStatus("waiting", "waiting (the bridge is alive)");
+    setStatus("waiting", "waiting: the bridge is alive");
   }
 }
 

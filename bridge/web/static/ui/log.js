@@ -20,7 +20,10 @@ function detail(msg) {
         msg.queue === undefined ? null : msg.queue === 0 ? "running now" : `queue ${msg.queue}`]
         .filter(Boolean).join(", ");
     case "progress":
-      if (msg.prompt_progress !== undefined) return `prompt ${num(msg.prompt_progress * 100, 0)}%`;
+      if (msg.prompt_progress?.waiting_ms !== undefined) {
+        return `prompt, ${ms(msg.prompt_progress.waiting_ms)}`;
+      }
+      if (msg.prompt_progress !== undefined) return "prompt";
       if (msg.queued_ms !== undefined) return `queued ${ms(msg.queued_ms)}`;
       return "heartbeat";
     case "chunk":
