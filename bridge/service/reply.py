@@ -167,9 +167,14 @@ class ReplyChannel:
 
     def progress(self, **fields: Any) -> None:
         """Heartbeat (``queued_ms``, ``prompt_progress`` or none); no-op after the terminal
-        message."""
+        message. Text still being coalesced (a ``flush_ms`` longer than ``heartbeat_s``)
+        goes out instead: it says more than a ``progress`` would."""
         with self.lock:
-            if not self.finished:
+            if self.finished:
+                return
+            if self.due() is not None:
+                self._flush_all()
+            else:
                 self._send(ProgressMsg, **fields)
 
     def text(self, text: str) -> bool:

@@ -164,9 +164,10 @@ async def test_a_restarted_bridge_answers_the_resend(mosquitto: MosquittoProcess
     broker = mosquitto.info("5")
     request = {"id": "r1", "messages": [user("Describe a lighthouse.")], "temperature": 0,
                "seed": SEED, "max_tokens": 40}
-    env = {**os.environ, "BRIDGE_HEARTBEAT_S": "0.5"}
 
     def start_bridge(flush_ms: int) -> RunningBridge:
+        # a heartbeat would send coalesced text early: keep it past the coalescing time
+        env = {**os.environ, "BRIDGE_HEARTBEAT_S": str(max(0.5, 2 * flush_ms / 1000))}
         bridge = RunningBridge("--mqtt-host", broker.host, "--mqtt-port", str(broker.port),
                                "--mqtt-protocol", "5", "--llama-url", llama_server,
                                "--bridge-id", "restarting", "--flush-ms", str(flush_ms),

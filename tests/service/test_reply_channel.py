@@ -166,6 +166,19 @@ def test_seq_is_contiguous_across_message_types_and_every_message_carries_the_ad
     assert channel.seq.next == len(got)
 
 
+def test_a_heartbeat_sends_text_still_being_coalesced_instead_of_a_progress() -> None:
+    clock = FakeClock()
+    channel, fake = fake_channel(10.0, clock)  # a flush_ms longer than heartbeat_s
+    channel.text("first")  # the first text goes at once
+    channel.text(" second")  # buffered for 10 s
+    channel.progress()  # the ticker's heartbeat mid-answer
+    channel.progress()  # nothing buffered now: a progress
+    got = fake.messages()
+    assert [type(m) for m in got] == [ChunkMsg, ChunkMsg, ProgressMsg]
+    assert [m.text for m in got if isinstance(m, ChunkMsg)] == ["first", " second"]
+    assert channel.due() is None
+
+
 def test_exactly_one_terminal_message_and_nothing_after_it() -> None:
     clock = FakeClock()
     channel, fake = fake_channel(0.05, clock)
