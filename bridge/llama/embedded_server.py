@@ -9,8 +9,9 @@ Run it by hand::
 
     python -m bridge.llama.embedded --port 8080 --parallel 2 --ctx 4096
 
-It prints the listening URL (one line) on stdout and serves until stdin closes
-or it gets SIGTERM. llama.cpp's own logs go to stderr.
+It prints the listening URL (one line) on stdout and serves until SIGTERM or Ctrl+C, or,
+when stdin is a pipe (as :class:`~bridge.llama.embedded.EmbeddedLlama` gives it), until
+that pipe closes. llama.cpp's own logs go to stderr.
 
 xllamacpp facts this relies on (xllamacpp 2026.10): ``Server(params)`` loads the
 model, starts the HTTP server and returns; ``listening_address`` gives the URL
@@ -25,6 +26,7 @@ import argparse
 import importlib.util
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 
@@ -194,8 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     os.close(url_out)
 
     try:
-        while os.read(0, 4096):
-            pass
+        if stat.S_ISFIFO(os.fstat(0).st_mode):
+            # The parent's pipe: it closes when the parent ends, even by SIGKILL.
+            while os.read(0, 4096):
+                pass
+        else:
+            # By hand: a terminal, or /dev/null for a background job (at end of file
+            # at once), so serve until a signal.
+            while True:
+                signal.pause()
     except KeyboardInterrupt:
         pass
     # Skip interpreter teardown: the server's destructor joins its threads, which

@@ -7,6 +7,7 @@ session server (``llama``) otherwise.
 from __future__ import annotations
 
 import select
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -64,22 +65,14 @@ def _readline(proc: subprocess.Popen[bytes], timeout: float) -> str:
     return proc.stdout.readline().decode().strip()
 
 
+BY_HAND = [sys.executable, "-m", "bridge.llama.embedded", "--port", "0", "--parallel", "1",
+           "--ctx", "512", "--threads", "1"]
+
+
 def test_child_exits_when_stdin_closes(tmp_path: Path) -> None:
     """The server cannot outlive its parent: it serves only while stdin is open."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bridge.llama.embedded",
-            "--port",
-            "0",
-            "--parallel",
-            "1",
-            "--ctx",
-            "512",
-            "--threads",
-            "1",
-        ],
+        BY_HAND,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -92,6 +85,24 @@ def test_child_exits_when_stdin_closes(tmp_path: Path) -> None:
         assert requests.get(line + "/health", timeout=TIMEOUT).status_code == 200
         proc.stdin.close()
         assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+
+
+def test_started_in_the_background_it_serves_until_sigterm() -> None:
+    """Run by hand as a background job (stdin on /dev/null, at its end at once), the
+    server keeps serving; SIGTERM ends it."""
+    proc = subprocess.Popen(BY_HAND, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[2])
+    try:
+        line = _readline(proc, 120)
+        assert line.startswith("http://127.0.0.1:"), line
+        assert requests.get(line + "/health", timeout=TIMEOUT).status_code == 200
+        assert proc.poll() is None, "it stopped at the end of stdin"
+        proc.terminate()
+        assert proc.wait(TIMEOUT) == -signal.SIGTERM
     finally:
         if proc.poll() is None:
             proc.kill()
