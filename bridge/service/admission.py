@@ -230,6 +230,15 @@ class Admission:
         if not finished:
             log.info("duplicate of running request %s/%s ignored: its answer is on its way",
                      acc.client, acc.request_id)
+        elif record and acc.reply.max_payload is not None \
+                and max(map(len, record)) > acc.reply.max_payload:
+            # The kept messages were cut for a larger max_packet: replaying them would
+            # overflow this device's buffer.
+            log.info("duplicate of finished request %s/%s with a smaller max_packet: its kept "
+                     "answer does not fit, not replayed", acc.client, acc.request_id)
+            self._reject(acc.reply, ErrorCode.bad_request,
+                         "this id was answered in messages larger than this max_packet "
+                         "allows: use a new id", acc.client)
         elif record:
             log.info("duplicate of finished request %s/%s: replaying %d messages",
                      acc.client, acc.request_id, len(record))

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from bridge.protocol.messages import decode_reply
+from bridge.protocol.packet import packet_bytes
 from tests.support.bridge_proc import running_bridge
 from tests.support.device import bridge_client
 from tests.support.fake_llama import FakeLlama, answer_with
@@ -204,3 +206,34 @@ def test_long_reply_from_llama_server_matches_its_own_answer(
     assert len(json.dumps(answer).encode()) > MAX_MESSAGE, f"answer too short: {answer!r}"
     _check_chunked_reply(msgs, answer, [p.payload for p in recorder.on_topic(topic)])
     assert msgs[-1].usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize("broker", ["mosquitto-v5"], indirect=True)
+def test_a_resend_with_a_smaller_max_packet_gets_an_error_not_the_larger_messages(
+    broker: Any, recorder: Recorder
+) -> None:
+    """A resend of an answered id is sent the kept messages again, unless one of them
+    exceeds the resend's ``max_packet``: then one ``bad_request`` that fits it."""
+    topic = "llm/reply/dev-mp/big"
+    request = {"id": "big", "prompt": "x", "stream": False, "max_packet": 2000}
+
+    def received() -> list[bytes]:
+        return [m.payload for m in recorder.on_topic(topic)]
+
+    with FakeLlama(answer_with(lambda body: ["word "] * 200)) as fake, \
+            running_bridge(broker.host, broker.port, [fake.url], protocol="5"), \
+            bridge_client(broker, "dev-mp") as dev:
+        dev.send(request)
+        recorder.wait_terminal(topic, TIMEOUT)
+        first = received()
+        assert max(map(len, first)) > 600  # the premise: too big for the next max_packet
+        dev.send({**request, "max_packet": 600})
+        dev.send(request)  # the first max_packet again: the kept answer
+        assert recorder.wait_for(lambda _: len(received()) >= 2 * len(first) + 1, TIMEOUT)
+        assert len(fake.generations) == 1  # answered once
+    error, *replayed = received()[len(first):]
+    assert replayed == first
+    message = decode_reply(error)
+    assert (message.type, message.seq, message.code) == ("error", 0, "bad_request"), message
+    assert "max_packet" in message.message and "new id" in message.message, message
+    assert packet_bytes(topic, len(error), None) <= 600
