@@ -234,12 +234,15 @@ class SessionStore:
 
     def sessions(self, client: str | None = None) -> list[tuple[str, str]]:
         """``(client, session)`` of every stored session (of one client), oldest use first."""
+        # Expired sessions stay in the file until the next append sweeps them.
+        since = self._clock() - self.limits.ttl_s if self.limits.ttl_s > 0 else float("-inf")
         with self._db() as db:
             if client is None:
-                rows = db.execute("SELECT client, session FROM sessions ORDER BY updated")
+                rows = db.execute("SELECT client, session FROM sessions WHERE updated >= ? "
+                                  "ORDER BY updated", (since,))
             else:
                 rows = db.execute("SELECT client, session FROM sessions WHERE client = ? "
-                                  "ORDER BY updated", (client,))
+                                  "AND updated >= ? ORDER BY updated", (client, since))
             return [(c, s) for c, s in rows.fetchall()]
 
     def _expired(self, updated: float) -> bool:
@@ -329,12 +332,12 @@ class SessionStore:
         db.execute("DELETE FROM sessions WHERE client = ? AND session = ?", (client, session))
 
     def clear(self, client: str, session: str) -> bool:
-        """Forget a session. Returns True if it existed."""
+        """Forget a session. Returns True if it existed (and had not expired)."""
         with self._db(write=True) as db:
-            existed = db.execute("SELECT 1 FROM sessions WHERE client = ? AND session = ?",
-                                 (client, session)).fetchone() is not None
+            row = db.execute("SELECT updated FROM sessions WHERE client = ? AND session = ?",
+                             (client, session)).fetchone()
             self._delete(db, client, session)
-        return existed
+        return row is not None and not self._expired(row[0])
 
 
 __all__ = ["AppendResult", "ConversationStore", "Message", "SessionLimits", "SessionStore",

@@ -228,6 +228,13 @@ def test_idle_sessions_expire(make_store: MakeStore) -> None:
                       interval=0.1)
     assert gone == []
     assert store.last_backend("dev", "old") is None
+    # nor is it listed, or cleared, before anything sweeps it
+    assert ("dev", "old") not in store.sessions()
+    assert ("dev", "old") not in store.sessions("dev")
+    assert store.clear("dev", "old") is False
+    store.append("dev", "old", qa("old"))
+    gone = poll_until(lambda: store.history("dev", "old"), lambda h: h == [], LOOPBACK_TIMEOUT,
+                      interval=0.1)
     # an expired session does not count against the limits: nothing is evicted
     assert store.append("dev", "new", qa("new")).sessions_evicted == 0
     assert ("dev", "old") not in store.sessions()
