@@ -16,17 +16,7 @@ import pytest
 
 from tests.support.bridge_proc import running_bridge
 from tests.support.device import bridge_client
-from tests.support.fake_llama import (
-    DONE,
-    FakeLlama,
-    Hold,
-    Script,
-    Send,
-    SSEHeaders,
-    chat_chunk,
-    event,
-    usage_chunk,
-)
+from tests.support.fake_llama import FakeLlama, Script, held_chat_stream
 from tests.support.processes import MosquittoProcess
 from tests.support.recorder import check_reply_stream, text_of
 from tests.support.waiting import REPLY_TIMEOUT
@@ -41,10 +31,7 @@ def test_heartbeats_come_before_the_first_token_and_mid_answer(
     first_token, next_token = threading.Event(), threading.Event()
 
     def script_for(path: str, body: dict[str, Any]) -> Script:
-        return [SSEHeaders(), Hold(first_token, HELD_S), Send(event(chat_chunk("Hello"))),
-                Hold(next_token, HELD_S), Send(event(chat_chunk(" there."))),
-                Send(event(chat_chunk(finish="stop"))), Send(event(usage_chunk(3, 2))),
-                Send(DONE)]
+        return held_chat_stream(first_token, next_token, max_seconds=HELD_S)
 
     seen: list[Any] = []
     with FakeLlama(script_for) as fake, \

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from bridge.mqtt.brokers.local import EmbeddedMosquitto
 from tests.support.browser import Browser
 from tests.support.waiting import REPLY_TIMEOUT
+
+
+def page_config(broker: EmbeddedMosquitto) -> dict[str, Any]:
+    """The page's config.json for ``broker``'s WebSocket listener and account."""
+    assert broker.ws_port is not None and broker.ws_account is not None
+    username, password = broker.ws_account
+    return {"mqtt_url": f"ws://127.0.0.1:{broker.ws_port}", "prefix": "llm",
+            "heartbeat_s": 5.0, "protocol_version": 5,
+            "username": username, "password": password}
 
 
 def card(bridge_id: str) -> str:

@@ -29,7 +29,15 @@ from tests.support.browser import PHONE, Browser
 from tests.support.local_broker import require_mosquitto
 from tests.support.processes import REPO
 from tests.support.waiting import LOOPBACK_TIMEOUT, REPLY_TIMEOUT, poll_until
-from tests.web.page import answer_text, card, fill, log_types, open_page, wait_terminal
+from tests.web.page import (
+    answer_text,
+    card,
+    fill,
+    log_types,
+    open_page,
+    page_config,
+    wait_terminal,
+)
 
 pytestmark = [pytest.mark.llama, pytest.mark.mosquitto]
 
@@ -94,11 +102,7 @@ def stack(llama_server: str) -> Iterator[Stack]:
     """Mosquitto (TCP + WebSockets with the page's account) and the page served with a
     config.json naming that listener: the page stays connected when a bridge stops."""
     with EmbeddedMosquitto(require_mosquitto(), port=0, ws_port=0) as broker:
-        assert broker.ws_port is not None and broker.ws_account is not None
-        username, password = broker.ws_account
-        config = {"mqtt_url": f"ws://127.0.0.1:{broker.ws_port}", "prefix": "llm",
-                  "heartbeat_s": 5.0, "protocol_version": 5,
-                  "username": username, "password": password}
+        config = page_config(broker)
         sniffer = ReplySniffer(broker.port)
         try:
             with WebServer(page_config=config) as web:

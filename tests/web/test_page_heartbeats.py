@@ -16,20 +16,10 @@ from bridge.mqtt.brokers.local import EmbeddedMosquitto
 from bridge.web.server import WebServer
 from tests.support.bridge_proc import running_bridge
 from tests.support.browser import Browser
-from tests.support.fake_llama import (
-    DONE,
-    FakeLlama,
-    Hold,
-    Script,
-    Send,
-    SSEHeaders,
-    chat_chunk,
-    event,
-    usage_chunk,
-)
+from tests.support.fake_llama import FakeLlama, Script, held_chat_stream
 from tests.support.local_broker import require_mosquitto
 from tests.support.waiting import REPLY_TIMEOUT
-from tests.web.page import answer_text, fill, open_page, wait_terminal
+from tests.web.page import answer_text, fill, open_page, page_config, wait_terminal
 
 pytestmark = pytest.mark.mosquitto
 
@@ -41,11 +31,7 @@ HELD_S = 60.0  # how long a hold lasts if the page never shows what the test wai
 def page() -> Iterator[tuple[EmbeddedMosquitto, str]]:
     """Mosquitto (TCP for the bridge, WebSockets for the page) and the page's URL."""
     with EmbeddedMosquitto(require_mosquitto(), port=0, ws_port=0) as broker:
-        assert broker.ws_port is not None and broker.ws_account is not None
-        username, password = broker.ws_account
-        config = {"mqtt_url": f"ws://127.0.0.1:{broker.ws_port}", "prefix": "llm",
-                  "heartbeat_s": 5.0, "protocol_version": 5,
-                  "username": username, "password": password}
+        config = page_config(broker)
         with WebServer(page_config=config) as web:
             yield broker, web.url
 
@@ -56,10 +42,7 @@ def test_the_answer_panel_follows_the_heartbeats(
     first_token, next_token = threading.Event(), threading.Event()
 
     def script_for(path: str, body: dict[str, Any]) -> Script:
-        return [SSEHeaders(), Hold(first_token, HELD_S), Send(event(chat_chunk("Hello"))),
-                Hold(next_token, HELD_S), Send(event(chat_chunk(" there."))),
-                Send(event(chat_chunk(finish="stop"))), Send(event(usage_chunk(3, 2))),
-                Send(DONE)]
+        return held_chat_stream(first_token, next_token, max_seconds=HELD_S)
 
     def status() -> str:
         return browser.text("#answer-status")

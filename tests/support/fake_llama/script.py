@@ -180,6 +180,16 @@ def stream_script(path: str, texts: Sequence[str] = DEFAULT_TEXTS, *, gap_s: flo
             Send(event(usage_chunk(prompt_tokens, completion_tokens=len(texts)))), Send(DONE)]
 
 
+def held_chat_stream(first_token: threading.Event, next_token: threading.Event, *,
+                     max_seconds: float = 60.0) -> list[Action]:
+    """A chat stream of "Hello" and " there." that waits for ``first_token`` before its
+    first token and for ``next_token`` after it (each at most ``max_seconds``): a backend
+    slow to read the prompt, then stalling mid-answer, for as long as a test needs."""
+    return [SSEHeaders(), Hold(first_token, max_seconds), Send(event(chat_chunk("Hello"))),
+            Hold(next_token, max_seconds), Send(event(chat_chunk(" there."))),
+            Send(event(chat_chunk(finish="stop"))), Send(event(usage_chunk(3, 2))), Send(DONE)]
+
+
 def chat_stream(texts: Sequence[str], finish: str = "stop") -> list[Action]:
     """:func:`stream_script` of a chat request: what one client call reads."""
     return stream_script(CHAT_PATH, texts, finish=finish)
