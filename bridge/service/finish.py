@@ -109,13 +109,10 @@ class Finisher:
 
     def _settle(self, job: Job) -> bool:
         """Keep the answer for resends (True), or forget the request so a resend runs."""
-        if job.outcome is Outcome.publish_failed:
-            self._dedupe.forget(job.key)  # nothing complete arrived: a resend must run
-            self._settle_claim(job, None, answered=False)
-            return False
-        if job.ended_in_error and job.channel.first_text_at is None:
-            # Nothing was generated: a retry with the same id (what `retryable` invites)
-            # must be served, not answered with this error again.
+        # Nothing complete arrived, or nothing was generated: a resend or a retry with the
+        # same id (what `retryable` invites) must be served, not answered with this again.
+        if job.outcome is Outcome.publish_failed \
+                or (job.ended_in_error and job.channel.first_text_at is None):
             self._dedupe.forget(job.key)
             self._settle_claim(job, None, answered=False)
             return False
