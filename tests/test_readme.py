@@ -306,16 +306,21 @@ def test_profile_example_is_a_valid_config() -> None:
 def test_llama_client_snippet_prints_what_llama_server_sent(readme_llama: str) -> None:
     code = code_block("python", "for chunk in client.generate_stream(messages):")
     assert 'DeploymentConfig(server_url="http://localhost:8080")' in code
-    with HttpTap(readme_llama) as tap:
-        done = run_python(on_llama(code, tap.url))
-        sent = tap.generations()
-    assert len(sent) == 1 and sent[0].finished
-    assert sent[0].json()["messages"] == [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "Tell me about AI."}]
-    answer = sent[0].sse_text()
-    assert answer.strip(), "llama-server sent no text"
-    assert done.stdout == answer  # every chunk printed as it came, nothing else
+    # The snippet sets no seed, so the packaged model samples at random, and now and then
+    # it ends at once: run it again (at most 3 times) until there is text to compare.
+    for _ in range(3):
+        with HttpTap(readme_llama) as tap:
+            done = run_python(on_llama(code, tap.url))
+            sent = tap.generations()
+        assert len(sent) == 1 and sent[0].finished
+        assert sent[0].json()["messages"] == [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Tell me about AI."}]
+        answer = sent[0].sse_text()
+        assert done.stdout == answer  # every chunk printed as it came, nothing else
+        if answer.strip():
+            break
+    assert answer.strip(), "llama-server sent no text in 3 runs"
     assert not any(marker in answer for marker in TEMPLATE_MARKERS)
 
 
